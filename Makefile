@@ -1,0 +1,41 @@
+# The whole developer interface. `make demo` and `make test` create .venv/ when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST := $(PY) -m pytest -q
+
+.PHONY: demo test test-cpu test-interpret test-gpu lint bench install clean
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# CPU torch from local disk where no torch is installed; a CUDA machine keeps the torch it has.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q setuptools wheel cmake
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hermesflow demo
+
+test: test-cpu test-interpret
+
+test-cpu: $(STAMP)
+	$(PYTEST) -m "not interpret" tests
+
+test-interpret: $(STAMP)
+	TRITON_INTERPRET=1 $(PYTEST) -m interpret tests
+
+test-gpu: $(STAMP)
+	$(PYTEST) -m gpu tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV)/bin/hermesflow bench logprobs
+
+clean:
+	rm -rf build *.egg-info hermesflow_fast/_C*.so

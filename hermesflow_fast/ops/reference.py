@@ -1,0 +1,302 @@
+"""Plain-torch twins of every public op: the test oracle, the CPU fallback and the benchmark baseline.
+
+Nothing here is clever. Each function states the math in the most direct torch it can, materializing whatever it
+needs (full logits included); the fast paths in ``hermesflow_fast.ops`` and ``kernels/`` must agree with it.
+
+    LFQ (Show-o's MAGVIT-v2 quantizer), over the last dim C of z:
+        bit_c = [z_c > 0],  index = Σ_c bit_c · 2^(C−1−c)          (most significant channel first)
+        code_c = +1 if bit_c else −1
+    per-token log-prob of a linear head:
+        logp_t = (x_t Wᵀ + b)[y_t] − logsumexp(x_t Wᵀ + b),  0 where y_t == ignore_index
+    DPO, per pair (TRL's names):
+        chosen_logratios   = π_c − ref_c,   rejected_logratios = π_r − ref_r
+        z = β (chosen_logratios − rejected_logratios);  sigmoid loss = −logσ(z)   (and the variants below)
+    Pair-DPO (HermesFlow), per pair b:
+        L = mean_b [ c_und · ℓ(z_und,b) + c_gen · ℓ(z_gen,b) ]
+
+Used by: tests/ops/*, bench/bench_logprobs.py, and the CPU fallback of ``ops.lfq``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "dpo_loss",
+    "dpo_per_pair_losses",
+    "fused_linear_dpo",
+    "lfq_codes",
+    "lfq_quantize",
+    "linear_logprobs",
+    "pair_dpo_loss",
+    "selective_logprobs",
+]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LFQ
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def lfq_quantize(z: torch.Tensor) -> torch.Tensor:
+    """(..., C) float -> (...,) int64 index, channel 0 is the most significant bit."""
+    c = z.shape[-1]
+    weights = 2 ** torch.arange(c - 1, -1, -1, device=z.device, dtype=torch.int64)  # (C,)
+    return ((z > 0).to(torch.int64) * weights).sum(-1)
+
+
+def lfq_codes(indices: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(...,) int index -> (..., bits) ±1 code vectors, inverse of :func:`lfq_quantize` on the signs."""
+    shifts = torch.arange(bits - 1, -1, -1, device=indices.device, dtype=torch.int64)  # (bits,)
+    bit = (indices.to(torch.int64).unsqueeze(-1) >> shifts) & 1
+    return (bit * 2 - 1).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-token log-probs of a linear head (materializes the logits)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """log p(target) per token, the naive way: full logits, log_softmax, gather.
+
+    Computes in float32 at least (float64 stays float64), so it is the oracle for any input dtype.
+    hidden (..., H), weight (V, H), targets (...) -> (...)
+    """
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(dtype) @ weight.to(dtype).t()  # (..., V)
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    keep = targets != ignore_index
+    safe = torch.where(keep, targets, torch.zeros_like(targets))
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, logp, torch.zeros_like(logp))
+
+
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """TRL-style ``selective_log_softmax``: gather minus a row-by-row logsumexp over materialized logits.
+
+    Only the temporary of the normalizer is capped; the logits themselves are whole. Benchmark baseline.
+    logits (N, V), targets (N,) in range -> (N,)
+    """
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    return picked - lse
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DPO losses
+# ---------------------------------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+)
+
+
+def check_dpo_args(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """Raise ``ValueError`` for an unknown loss type or a label smoothing the type cannot take."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not supported; choose one of {', '.join(DPO_LOSS_TYPES)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+    if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in (0, 1) for loss_type='exo_pair' (EXO uses 1e-3), got {label_smoothing}")
+    if not 0.0 <= label_smoothing <= 0.5 and loss_type != "exo_pair":
+        raise ValueError(f"label_smoothing must lie in [0, 0.5], got {label_smoothing}")
+
+
+def dpo_per_pair_losses(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+) -> torch.Tensor:
+    """(B,) loss of each pair. Formulas follow TRL's DPOTrainer; ``logsigmoid`` throughout, never log(sigmoid)."""
+    check_dpo_args(beta, loss_type, label_smoothing)
+    a = policy_chosen_logps - ref_chosen_logps  # chosen log-ratio
+    r = policy_rejected_logps - ref_rejected_logps  # rejected log-ratio
+    z = beta * (a - r)
+    ls = label_smoothing
+    if loss_type == "sigmoid":  # DPO; cDPO when label_smoothing > 0
+        return -F.logsigmoid(z) * (1 - ls) - F.logsigmoid(-z) * ls
+    if loss_type == "hinge":  # SLiC
+        return torch.relu(1 - z)
+    if loss_type == "ipo":  # IPO: squared distance of the log-ratio margin to 1/(2β)
+        return (a - r - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":  # rDPO: unbiased under a label-flip rate ls
+        return (-F.logsigmoid(z) * (1 - ls) + F.logsigmoid(-z) * ls) / (1 - 2 * ls)
+    if loss_type == "exo_pair":  # EXO, K=2
+        eps = torch.tensor(ls, dtype=z.dtype, device=z.device)
+        return torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-eps)) + torch.sigmoid(-z) * (
+            F.logsigmoid(-z) - torch.log(eps)
+        )
+    if loss_type == "nca_pair":
+        cr, rr = beta * a, beta * r
+        return -F.logsigmoid(cr) - 0.5 * F.logsigmoid(-cr) - 0.5 * F.logsigmoid(-rr)
+    if loss_type == "sppo_hard":
+        return (a - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return (1 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * a) + (1 - torch.sigmoid(z))
+    # discopop
+    mod = torch.sigmoid(z / discopop_tau)
+    return -F.logsigmoid(z) * (1 - mod) + torch.exp(-z) * mod
+
+
+def dpo_metrics(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> dict[str, torch.Tensor]:
+    """TRL's logged DPO metrics, as detached 0-d tensors (no host sync)."""
+    with torch.no_grad():
+        chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+        return {
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "logps/chosen": policy_chosen_logps.mean(),
+            "logps/rejected": policy_rejected_logps.mean(),
+        }
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean over pairs of :func:`dpo_per_pair_losses`, plus TRL's metrics."""
+    losses = dpo_per_pair_losses(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+        label_smoothing,
+    )
+    metrics = dpo_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    return losses.mean(), metrics
+
+
+def pair_dpo_loss(
+    und: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    gen: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    beta: float = 0.2,
+    und_coeff: float = 1.0,
+    gen_coeff: float = 1.0,
+    loss_type: str = "sigmoid",
+) -> torch.Tensor:
+    """HermesFlow's objective, per pair: mean_b [c_und·ℓ_und,b + c_gen·ℓ_gen,b]."""
+    lu = dpo_per_pair_losses(*und, beta=beta, loss_type=loss_type)
+    lg = dpo_per_pair_losses(*gen, beta=beta, loss_type=loss_type)
+    return (und_coeff * lu + gen_coeff * lg).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Linear head + DPO, liger's calling convention (chosen rows stacked over rejected rows), fully materialized
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    average_log_prob: bool,
+) -> torch.Tensor:
+    """(S, T, H) -> (S,) sum (or mean) over the non-ignored tokens of each sequence."""
+    logp = linear_logprobs(hidden, weight, targets, bias, ignore_index)
+    keep = (targets != ignore_index).to(logp.dtype)
+    total = logp.sum(-1)
+    return total / keep.sum(-1).clamp_min(1) if average_log_prob else total
+
+
+def fused_linear_dpo(
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    average_log_prob: bool = False,
+    compute_nll_loss: bool = False,
+    alpha: float = 1.0,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The naive twin of ``FusedLinearDPOLoss``: HermesFlow's path (materialized logits + log_softmax + gather).
+
+    hidden (2B, T, H): chosen rows [0, B) over rejected rows [B, 2B); targets (2B, T).
+    Returns (loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
+    chosen_rewards, rejected_rewards)), the tuple liger-kernel returns.
+    IPO uses per-token averaged log-probs (as TRL does), whatever ``average_log_prob`` says.
+    """
+    n = hidden.shape[0] // 2
+    average = average_log_prob or loss_type == "ipo"
+    logps = sequence_logps(hidden, weight, targets, bias, ignore_index, average)
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref = sequence_logps(
+                ref_hidden, weight if ref_weight is None else ref_weight, targets, ref_bias, ignore_index, average
+            )
+    else:
+        ref = torch.zeros_like(logps)
+    losses = dpo_per_pair_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, label_smoothing)
+    loss = losses.mean()
+
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(dtype) @ weight.to(dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    denom = n * hidden.shape[1] * weight.shape[0]
+    chosen_logits_mean = logits[:n].sum().detach() / denom
+    rejected_logits_mean = logits[n:].sum().detach() / denom
+    nll = -linear_logprobs(hidden[:n], weight, targets[:n], bias, ignore_index).sum()
+    nll = nll / (targets[:n] != ignore_index).sum().clamp_min(1)
+    if compute_nll_loss:
+        loss = loss + alpha * nll
+    with torch.no_grad():
+        chosen_rewards = beta * (logps[:n] - ref[:n])
+        rejected_rewards = beta * (logps[n:] - ref[n:])
+    aux = (
+        logps[:n],
+        logps[n:],
+        chosen_logits_mean,
+        rejected_logits_mean,
+        nll.detach() if compute_nll_loss else torch.zeros((), dtype=dtype, device=hidden.device),
+        chosen_rewards,
+        rejected_rewards,
+    )
+    return loss, aux

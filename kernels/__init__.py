@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA), one op per file. Importing this package never requires Triton."""
