@@ -1,0 +1,219 @@
+"""Fused linear + log-softmax + gather: per-token log p(target) without ever materializing [tokens × V] logits.
+
+    z_t = x_t Wᵀ + b,   logp_t = z_t[y_t] − logsumexp_v z_t[v]          (0 where y_t == ignore_index)
+    backward, upstream g_t:  dz_t = g_t (onehot(y_t) − softmax(z_t)),  dx = dz W,  dW = dzᵀ x,  db = Σ_t dz_t
+
+Paths (``backend=``):
+  "triton"  CUDA: kernels/linear_logprobs.py, tiles of z in SRAM, online logsumexp, recompute in backward.
+  "torch"   any device: rows chunked so a chunk of logits stays under ``chunk_bytes``; forward keeps only the
+            logsumexp (N floats); backward recomputes each chunk's logits (the two-pass design of CCE / torch's
+            ``reduction='none'``): 4 GEMMs for forward + backward. Ignored rows never reach a GEMM.
+  "auto"    triton on CUDA when Triton imports, else torch (said once).
+Accumulation is fp32 whatever the input dtype: softmax math in fp32, dW and db accumulated in fp32 buffers.
+
+    python -m bench.bench_logprobs --help
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hermesflow_fast._notice import say_once
+from hermesflow_fast.ops._checks import check_linear_head
+
+__all__ = ["linear_logprobs", "LinearLogprobs", "default_chunk_bytes"]
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    """Bytes of fp32 logits one chunk may hold: 64 MiB on CPU (cache-friendly, small peak), 512 MiB on GPUs."""
+    return (512 if device.type == "cuda" else 64) * 2**20
+
+
+def rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building blocks, shared with the fused DPO op
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32 for half/bfloat16/float32 inputs, float64 for float64 (tests, gradcheck)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(R, H) @ (V, H)ᵀ + b -> (R, V) in acc_dtype. The GEMM runs in the input dtype (fp32 accumulate in BLAS)."""
+    z = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    return z.to(acc_dtype(z))
+
+
+def logsumexp_target(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z (R, V) fp32, y (R,) -> (lse (R,), target logit (R,)). z is left untouched."""
+    return torch.logsumexp(z, dim=-1), z.gather(1, y.unsqueeze(1)).squeeze(1)
+
+
+def logits_to_grad_(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """In place: z <- coeff·(onehot(y) − exp(z − lse)), the gradient of Σ_t coeff_t·logp_t w.r.t. the logits."""
+    z.sub_(lse.unsqueeze(1)).exp_().mul_(-coeff.unsqueeze(1))
+    z.scatter_add_(1, y.unsqueeze(1), coeff.unsqueeze(1))
+    return z
+
+
+def accumulate_head_grads(
+    dz: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+    need_x: bool,
+) -> torch.Tensor | None:
+    """dz (R, V) fp32 -> dx (R, H) in x.dtype; adds dzᵀ x into grad_w (fp32) and Σ dz into grad_b (fp32)."""
+    if grad_w is not None:
+        grad_w.addmm_(dz.t(), x.to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b.add_(dz.sum(0))
+    if not need_x:
+        return None
+    return dz.to(weight.dtype) @ weight
+
+
+def chunked_token_logprobs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, chunk_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, H), y (R,) all valid -> (logp (R,) fp32, lse (R,) fp32), one chunk of logits alive at a time."""
+    logp = torch.empty(x.shape[0], dtype=acc_dtype(x), device=x.device)
+    lse = torch.empty_like(logp)
+    for s in range(0, x.shape[0], chunk_rows):
+        e = min(s + chunk_rows, x.shape[0])
+        z = chunk_logits(x[s:e], weight, bias)  # (r, V)
+        lse[s:e], tgt = logsumexp_target(z, y[s:e])
+        logp[s:e] = tgt - lse[s:e]
+        del z
+    return logp, lse
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch path
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """Two-pass chunked path: forward saves the logsumexp, backward recomputes each chunk of logits."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, y, ignore_index: int, chunk_bytes: int):
+        keep = (y != ignore_index).nonzero().squeeze(1)  # (R,) rows that count
+        xk, yk = x.index_select(0, keep), y.index_select(0, keep).long()
+        rows = rows_per_chunk(weight.shape[0], chunk_bytes)
+        logp_k, lse_k = chunked_token_logprobs(xk, weight, bias, yk, rows)
+        out = torch.zeros(x.shape[0], dtype=logp_k.dtype, device=x.device)
+        out.index_copy_(0, keep, logp_k)
+        ctx.save_for_backward(xk, weight, bias, yk, keep, lse_k)
+        ctx.rows, ctx.n = rows, x.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xk, weight, bias, yk, keep, lse_k = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        acc = acc_dtype(xk)
+        g = grad_out.to(acc).index_select(0, keep)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        dx_k = torch.empty_like(xk) if need_x else None
+        for s in range(0, xk.shape[0], ctx.rows):
+            e = min(s + ctx.rows, xk.shape[0])
+            z = chunk_logits(xk[s:e], weight, bias)
+            dz = logits_to_grad_(z, lse_k[s:e], yk[s:e], g[s:e])
+            dx = accumulate_head_grads(dz, xk[s:e], weight, grad_w, grad_b, need_x)
+            if need_x:
+                dx_k[s:e] = dx
+            del z, dz
+        dx_full = None
+        if need_x:
+            dx_full = torch.zeros((ctx.n, xk.shape[1]), dtype=xk.dtype, device=xk.device)
+            dx_full.index_copy_(0, keep, dx_k)
+        dw = grad_w.to(weight.dtype) if need_w else None
+        db = grad_b.to(bias.dtype) if need_b else None
+        return dx_full, dw, db, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# public op
+# ---------------------------------------------------------------------------------------------------------------------
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA when Triton is importable, else 'torch'. Unknown names raise ValueError."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return "torch"
+    from hermesflow_fast.kernels import linear_logprobs as kern
+
+    if kern.HAS_TRITON and device.type == "cuda":
+        return "triton"
+    if backend == "triton":
+        raise ValueError(
+            f"backend='triton' needs Triton and a CUDA tensor (Triton importable: {kern.HAS_TRITON}, device: {device})"
+        )
+    say_once(
+        "linear_logprobs.triton",
+        "hermesflow_fast: Triton is not importable, linear_logprobs runs its chunked torch path on CUDA; "
+        "`pip install triton` for the fused kernel.",
+    )
+    return "torch"
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    *,
+    backend: str = "auto",
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """Per-token log p(target) of a linear head, without materializing the [tokens × V] logits.
+
+    Args:
+        hidden: (N, H) or (B, T, H) hidden states (any float dtype; fp32 accumulation).
+        weight: (V, H) LM-head weight. bias: optional (V,).
+        targets: (N,) or (B, T) integer ids in [0, V), or ``ignore_index``.
+        backend: "auto" | "torch" | "triton" (see module docstring). chunk_bytes: logits budget of the torch path.
+    Returns:
+        float32 (float64 for float64 inputs), (N,) or (B, T): log p(target), 0 at ``ignore_index``. Differentiable in hidden, weight and bias.
+    """
+    check_linear_head("linear_logprobs", hidden, weight, targets, bias, ignore_index)
+    lead = targets.shape
+    x = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    path = resolve_backend(backend, x.device)
+    if path == "triton":
+        from hermesflow_fast.kernels.linear_logprobs import LinearLogprobsFunction
+
+        out = LinearLogprobsFunction.apply(x.contiguous(), weight.contiguous(), y.long().contiguous(), bias, ignore_index)
+    else:
+        budget = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(x.device)
+        out = _ChunkedLinearLogprobs.apply(x, weight, bias, y, ignore_index, budget)
+    return out.reshape(lead)
+
+
+class LinearLogprobs(torch.nn.Module):
+    """Module twin of :func:`linear_logprobs`: ``forward(hidden, weight, targets, bias=None)``."""
+
+    def __init__(self, ignore_index: int = -100, backend: str = "auto", chunk_bytes: int | None = None):
+        super().__init__()
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
+        self.ignore_index, self.backend, self.chunk_bytes = ignore_index, backend, chunk_bytes
+
+    def forward(self, hidden, weight, targets, bias=None):
+        return linear_logprobs(
+            hidden, weight, targets, bias, self.ignore_index, backend=self.backend, chunk_bytes=self.chunk_bytes
+        )
