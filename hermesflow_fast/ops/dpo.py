@@ -213,28 +213,27 @@ def pair_dpo_loss(
     """
     if und is None and gen is None:
         raise ValueError("pair_dpo_loss needs at least one of und=(4 tensors) or gen=(4 tensors)")
-    total: torch.Tensor | None = None
-    metrics: dict[str, torch.Tensor] = {}
-    sizes = {}
-    for side, coeff, parts in (("und", und_coeff, und), ("gen", gen_coeff, gen)):
-        if parts is None:
-            continue
+    sides = [(name, coeff, parts) for name, coeff, parts in (("und", und_coeff, und), ("gen", gen_coeff, gen))
+             if parts is not None]
+    for side, _, parts in sides:
         if len(parts) != 4:
             raise ValueError(
                 f"{side} must be (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps),"
                 f" got {len(parts)} items"
             )
         _check_logps(parts, [f"{side}[{i}] ({n})" for i, n in enumerate(_NAMES)])
+    if len(sides) == 2 and und[0].shape != gen[0].shape:
+        raise ValueError(
+            f"und has {und[0].shape[0]} pairs but gen has {gen[0].shape[0]}: Pair-DPO pairs both sides of the same "
+            "records"
+        )
+    total = 0.0
+    metrics: dict[str, torch.Tensor] = {}
+    for side, coeff, parts in sides:
         losses = dpo_losses(*parts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-        sizes[side] = losses.shape[0]
-        term = coeff * losses
-        total = term if total is None else total + term
+        total = total + coeff * losses  # (B,): the two terms of pair b are added before the mean over pairs
         metrics.update(_metrics(*parts, beta=beta, prefix=f"{side}/"))
         metrics[f"{side}/loss"] = losses.detach().mean()
-    if len(sizes) == 2 and sizes["und"] != sizes["gen"]:
-        raise ValueError(
-            f"und has {sizes['und']} pairs but gen has {sizes['gen']}: Pair-DPO pairs both sides of the same records"
-        )
     loss = total.mean()
     metrics["loss"] = loss.detach()
     return loss, metrics

@@ -59,12 +59,12 @@ def _seq_logps(tok: torch.Tensor, seq: torch.Tensor, n_seq: int, counts: torch.T
     return out / counts.clamp_min(1) if counts is not None else out
 
 
-def _ref_logps(ref_x, ref_w, ref_b, y, keep_idx, seq_of, n_seq, counts, rows, given):
+def _ref_logps(ref_x, ref_w, ref_b, y, keep_idx, seq_of, n_seq, counts, rows, given, dtype):
     """(2B,) reference sequence log-probs: given ones, the reference head, or zeros (no reference model)."""
     if given is not None:
-        return given.to(acc_dtype(given))
+        return given.to(dtype)
     if ref_x is None:
-        return torch.zeros(n_seq, dtype=acc_dtype(ref_w), device=y.device)
+        return torch.zeros(n_seq, dtype=dtype, device=y.device)
     with torch.no_grad():
         xr = ref_x.reshape(-1, ref_x.shape[-1]).index_select(0, keep_idx)
         tok, _ = chunked_token_logprobs(xr, ref_w, ref_b, y.index_select(0, keep_idx), rows)
@@ -103,10 +103,10 @@ class _ChunkedFusedDPO(torch.autograd.Function):
             offsets.append(offsets[-1] + c)
         avg_counts = counts if average else None
         rows = rows_per_chunk(weight.shape[0], opts["chunk_bytes"])
-        ref = _ref_logps(ref_x, ref_w, ref_b, yf, keep_idx, seq_of, s_seq, avg_counts, rows, ref_given)
+        acc = acc_dtype(x)
+        ref = _ref_logps(ref_x, ref_w, ref_b, yf, keep_idx, seq_of, s_seq, avg_counts, rows, ref_given, acc)
 
         grad_x = torch.zeros_like(xf) if need_x else None
-        acc = acc_dtype(x)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         logps = torch.zeros(s_seq, dtype=acc, device=x.device)

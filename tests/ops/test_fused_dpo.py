@@ -1,0 +1,159 @@
+"""FusedLinearDPOLoss against the materialized oracle and liger-kernel: loss, aux tuple, gradients of every input."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from hermesflow_fast.ops import FusedLinearDPOLoss, fused_linear_dpo_loss
+from hermesflow_fast.ops import logprobs as lp_mod
+from hermesflow_fast.ops import reference
+
+HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+
+
+def _batch(pairs=3, t=13, h=31, v=123, bias=True, dtype=torch.float32, ignore_index=-100):
+    x = torch.randn(2 * pairs, t, h, dtype=dtype, requires_grad=True)
+    rx = torch.randn(2 * pairs, t, h, dtype=dtype)
+    w = (torch.randn(v, h, dtype=dtype) * 0.3).requires_grad_()
+    b = torch.randn(v, dtype=dtype).requires_grad_() if bias else None
+    y = torch.randint(0, v, (2 * pairs, t))
+    y[:, :4] = ignore_index  # a prompt
+    y[1, 9:] = ignore_index  # ragged lengths
+    return x, w, b, y, rx
+
+
+def _params(x, w, b):
+    return [p for p in (x, w, b) if p is not None]
+
+
+def _double(ts):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
+LOSS_CASES = [
+    ("sigmoid", 0.0), ("sigmoid", 0.1), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2), ("exo_pair", 1e-3),
+    ("nca_pair", 0.0), ("sppo_hard", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0), ("discopop", 0.0),
+]
+
+
+@pytest.mark.parametrize("loss_type,ls", LOSS_CASES)
+@pytest.mark.parametrize("backend", ["chunked", "twopass"])
+def test_loss_types_match_oracle(loss_type, ls, backend):
+    x, w, b, y, rx = _batch()
+    kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=ls)
+    loss, aux = fused_linear_dpo_loss(x, w, y, b, rx, w, b, backend=backend, **kw)
+    xd, wd, bd, rxd = _double([x, w, b, rx])
+    ref_loss, ref_aux = reference.fused_linear_dpo(wd, xd, y, bd, rxd, wd, bd, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
+    for got, want in zip(aux, ref_aux):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-5)
+    for got, want in zip(torch.autograd.grad(loss, _params(x, w, b)), torch.autograd.grad(ref_loss, [xd, wd, bd])):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("average,nll", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("chunking", [{}, {"pairs_per_chunk": 1}, {"chunk_bytes": 4 * 123 * 5}])
+def test_options_and_chunkings_in_float64(bias, average, nll, chunking):
+    """float64 inputs run the whole op in float64: agreement to 1e-10 shows the math is the same, not just close."""
+    x, w, b, y, rx = _batch(pairs=4, bias=bias, dtype=torch.float64)
+    kw = dict(beta=0.2, average_log_prob=average, compute_nll_loss=nll, alpha=0.5)
+    loss, aux = fused_linear_dpo_loss(x, w, y, b, rx, w, b, **kw, **chunking)
+    ref_loss, ref_aux = reference.fused_linear_dpo(w, x, y, b, rx, w, b, **kw)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-10, rtol=1e-10)
+    for got, want in zip(aux, ref_aux):
+        torch.testing.assert_close(got, want.to(got.dtype), atol=1e-10, rtol=1e-10)
+    for got, want in zip(torch.autograd.grad(loss, _params(x, w, b)), torch.autograd.grad(ref_loss, _params(x, w, b))):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_reference_free_and_precomputed_reference():
+    x, w, b, y, rx = _batch(dtype=torch.float64)
+    free, _ = fused_linear_dpo_loss(x, w, y, b)
+    torch.testing.assert_close(free, reference.fused_linear_dpo(w, x, y, b)[0])
+    with torch.no_grad():
+        ref_lp = reference.sequence_logps(rx, w, y, b, -100, False)
+    pre, _ = fused_linear_dpo_loss(x, w, y, b, ref_chosen_logps=ref_lp[:3], ref_rejected_logps=ref_lp[3:])
+    full, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b)
+    torch.testing.assert_close(pre, full)
+
+
+def test_grad_output_scales_and_no_grad_skips_work():
+    x, w, b, y, rx = _batch()
+    loss, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b)
+    g1 = torch.autograd.grad(loss, [x, w])
+    loss, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b)
+    g3 = torch.autograd.grad(3 * loss, [x, w])
+    for a, c in zip(g1, g3):
+        torch.testing.assert_close(3 * a, c)
+    with torch.no_grad():
+        nl, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b)
+    assert not nl.requires_grad
+    torch.testing.assert_close(nl, loss.detach())
+
+
+def test_one_chunk_of_whole_pairs_at_a_time(monkeypatch):
+    seen = []
+    real = lp_mod.chunk_logits
+
+    def spy(x, w, b):
+        z = real(x, w, b)
+        seen.append(z.shape[0])
+        return z
+
+    import hermesflow_fast.ops.fused_dpo as fd
+
+    monkeypatch.setattr(fd, "chunk_logits", spy)
+    monkeypatch.setattr(lp_mod, "chunk_logits", spy)
+    x, w, b, y, rx = _batch(pairs=6, t=20)
+    loss, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b, chunk_bytes=4 * 123 * 40)
+    loss.backward()
+    rows_per_pair = [int((y[p] != -100).sum() + (y[6 + p] != -100).sum()) for p in range(6)]
+    assert max(seen) <= max(40, max(rows_per_pair))  # never more than the budget, or one pair if a pair is larger
+    assert sum(seen) == 2 * int((y != -100).sum())  # policy rows once (grads in forward) + reference rows once
+
+
+def test_bf16_close_to_fp32():
+    x, w, b, y, rx = _batch(pairs=2, t=16, h=64, v=400)
+    loss32, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b)
+    xb, wb, bb = (t.detach().bfloat16().requires_grad_() for t in (x, w, b))
+    loss16, _ = fused_linear_dpo_loss(xb, wb, y, bb, rx.bfloat16(), wb, bb)
+    loss16.backward()
+    assert loss16.dtype == torch.float32 and wb.grad.dtype == torch.bfloat16
+    assert abs(loss16.item() - loss32.item()) < 5e-2
+
+
+def test_module_validates_eagerly_and_inputs():
+    with pytest.raises(ValueError, match="sigmoid"):
+        FusedLinearDPOLoss(loss_type="nope")
+    with pytest.raises(ValueError, match="robust"):
+        FusedLinearDPOLoss(loss_type="robust", label_smoothing=0.6)
+    x, w, b, y, rx = _batch()
+    mod = FusedLinearDPOLoss()
+    with pytest.raises(ValueError, match=r"\(2B, T, H\)"):
+        mod(w, x[:5], y[:5], b)
+    with pytest.raises(ValueError, match="ref_hidden"):
+        mod(w, x, y, b, rx[:, :5])
+    with pytest.raises(ValueError, match="ref_bias"):
+        mod(w, x, y, b, rx, w, torch.randn(7))
+
+
+@pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel not installed")
+@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("hinge", 0.0), ("robust", 0.1), ("apo_zero", 0.0)])
+@pytest.mark.parametrize("average,nll", [(False, False), (True, True)])
+def test_drop_in_for_liger(loss_type, ls, average, nll):
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    x, w, b, y, rx = _batch(pairs=2, t=16, h=32, v=200)
+    kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=ls, average_log_prob=average, compute_nll_loss=nll)
+    liger = LigerFusedLinearDPOLoss(compiled=False, **kw)
+    ours = FusedLinearDPOLoss(**kw)
+    l_loss, l_aux = liger(w, x, y, b, rx, w.detach(), b.detach())
+    o_loss, o_aux = ours(w, x, y, b, rx, w.detach(), b.detach())
+    torch.testing.assert_close(o_loss, l_loss, atol=1e-5, rtol=1e-5)
+    assert len(o_aux) == len(l_aux)
+    for got, want in zip(o_aux, l_aux):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got, want in zip(torch.autograd.grad(o_loss, [x, w, b]), torch.autograd.grad(l_loss, [x, w, b])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
