@@ -5,7 +5,7 @@
 | per-token log-probs of a linear head | ``linear_logprobs`` | ``LinearLogprobs`` | ``reference.linear_logprobs`` |
 | DPO loss, per pair | ``dpo_loss`` | | ``reference.dpo_per_pair_losses`` |
 | HermesFlow Pair-DPO | ``pair_dpo_loss`` | | ``reference.pair_dpo_loss`` |
-| linear head + DPO, policy and reference in one call | ``fused_linear_dpo_loss`` | ``FusedLinearDPOLoss`` | ``reference.fused_linear_dpo`` |
+| head + DPO, policy + ref | ``fused_linear_dpo_loss`` | ``FusedLinearDPOLoss`` | ``reference.fused_linear_dpo`` |
 | LFQ quantize / codes | ``lfq_quantize``, ``lfq_codes`` | | ``reference.lfq_quantize``, ``reference.lfq_codes`` |
 """
 

@@ -50,19 +50,25 @@ def check_linear_head(
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"{op}: targets must be an integer tensor, got {targets.dtype}")
     if not hidden.is_floating_point() or not weight.is_floating_point():
-        raise ValueError(f"{op}: {hidden_name} and {weight_name} must be floating point, got {hidden.dtype}, {weight.dtype}")
+        raise ValueError(
+            f"{op}: {hidden_name} and {weight_name} must be floating point, got {hidden.dtype}, {weight.dtype}"
+        )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"{op}: {hidden_name} is {hidden.dtype} but {weight_name} is {weight.dtype}; cast one of them")
     devices = {hidden_name: hidden.device, weight_name: weight.device, "targets": targets.device}
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != v:
             shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"{op}: {bias_name} must have shape (V,)=({v},) to match {weight_name} {tuple(weight.shape)}, got {shape}")
+            raise ValueError(
+                f"{op}: {bias_name} must have shape (V,)=({v},) to match {weight_name} {tuple(weight.shape)}, "
+                f"got {shape}"
+            )
         if bias.dtype != weight.dtype:
             raise ValueError(f"{op}: {bias_name} is {bias.dtype} but {weight_name} is {weight.dtype}")
         devices[bias_name] = bias.device
     if len(set(devices.values())) > 1:
-        raise ValueError(f"{op}: all inputs must be on one device, got " + ", ".join(f"{k}={d}" for k, d in devices.items()))
+        where = ", ".join(f"{k}={d}" for k, d in devices.items())
+        raise ValueError(f"{op}: all inputs must be on one device, got {where}")
     if hidden.numel() == 0 or v == 0 or h == 0:
         raise ValueError(
             f"{op}: empty input: {hidden_name} {tuple(hidden.shape)}, {weight_name} {tuple(weight.shape)}"

@@ -26,8 +26,8 @@ import torch
 from hermesflow_fast.ops._checks import check_linear_head
 from hermesflow_fast.ops.dpo import check_dpo_options, dpo_losses
 from hermesflow_fast.ops.logprobs import (
-    accumulate_head_grads,
     acc_dtype,
+    accumulate_head_grads,
     chunk_logits,
     chunked_token_logprobs,
     default_chunk_bytes,
@@ -120,7 +120,9 @@ class _ChunkedFusedDPO(torch.autograd.Function):
             idx = torch.cat([keep_idx[offsets[p0] : offsets[p1]], keep_idx[offsets[n + p0] : offsets[n + p1]]])
             n_c = offsets[p1] - offsets[p0]  # chosen rows come first in idx
             seqs = torch.cat([torch.arange(p0, p1), torch.arange(n + p0, n + p1)]).to(x.device)
-            local = torch.cat([seq_of[offsets[p0] : offsets[p1]] - p0, seq_of[offsets[n + p0] : offsets[n + p1]] - n - p0 + k])
+            local = torch.cat(  # sequence of each row inside the chunk: chosen 0..k-1, rejected k..2k-1
+                [seq_of[offsets[p0] : offsets[p1]] - p0, seq_of[offsets[n + p0] : offsets[n + p1]] - n - p0 + k]
+            )
             if idx.numel():
                 z = chunk_logits(xf.index_select(0, idx), weight, bias)  # (r, V) fp32
                 y_c = yf.index_select(0, idx)
@@ -191,13 +193,14 @@ def _twopass(x, weight, bias, y, ref_x, ref_w, ref_b, ref_given, opts):
     ig = opts["ignore_index"]
     keep = (y != ig).float()
     counts = keep.sum(1)
-    tok = linear_logprobs(x, weight, y, bias, ig, backend=opts["kernel_backend"], chunk_bytes=opts["chunk_bytes"])
+    head = {"backend": opts["kernel_backend"], "chunk_bytes": opts["chunk_bytes"]}
+    tok = linear_logprobs(x, weight, y, bias, ig, **head)
     logps = tok.sum(1) / counts.clamp_min(1) if opts["average"] else tok.sum(1)
     if ref_given is not None:
         ref = ref_given.to(logps.dtype)
     elif ref_x is not None:
         with torch.no_grad():
-            rt = linear_logprobs(ref_x, ref_w, y, ref_b, ig, backend=opts["kernel_backend"], chunk_bytes=opts["chunk_bytes"])
+            rt = linear_logprobs(ref_x, ref_w, y, ref_b, ig, **head)
             ref = rt.sum(1) / counts.clamp_min(1) if opts["average"] else rt.sum(1)
     else:
         ref = torch.zeros_like(logps)
@@ -280,7 +283,8 @@ def fused_linear_dpo_loss(
         ref_weight = weight if ref_weight is None else ref_weight
         if ref_hidden.shape[:2] != hidden.shape[:2]:
             raise ValueError(
-                f"ref_hidden has shape {tuple(ref_hidden.shape)}, expected (2B, T, H') with (2B, T) = {tuple(hidden.shape[:2])}"
+                f"ref_hidden has shape {tuple(ref_hidden.shape)}, expected (2B, T, H') with (2B, T) = "
+                f"{tuple(hidden.shape[:2])}"
             )
         check_linear_head(
             "fused_linear_dpo_loss", ref_hidden, ref_weight, targets, ref_bias, ignore_index,

@@ -187,7 +187,8 @@ def linear_logprobs(
         targets: (N,) or (B, T) integer ids in [0, V), or ``ignore_index``.
         backend: "auto" | "torch" | "triton" (see module docstring). chunk_bytes: logits budget of the torch path.
     Returns:
-        float32 (float64 for float64 inputs), (N,) or (B, T): log p(target), 0 at ``ignore_index``. Differentiable in hidden, weight and bias.
+        float32 (float64 for float64 inputs), (N,) or (B, T): log p(target), 0 at ``ignore_index``.
+        Differentiable in hidden, weight and bias.
     """
     check_linear_head("linear_logprobs", hidden, weight, targets, bias, ignore_index)
     lead = targets.shape
@@ -197,7 +198,8 @@ def linear_logprobs(
     if path == "triton":
         from hermesflow_fast.kernels.linear_logprobs import LinearLogprobsFunction
 
-        out = LinearLogprobsFunction.apply(x.contiguous(), weight.contiguous(), y.long().contiguous(), bias, ignore_index)
+        xc, wc, yc = x.contiguous(), weight.contiguous(), y.long().contiguous()
+        out = LinearLogprobsFunction.apply(xc, wc, yc, bias, ignore_index)
     else:
         budget = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(x.device)
         out = _ChunkedLinearLogprobs.apply(x, weight, bias, y, ignore_index, budget)

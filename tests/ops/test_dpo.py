@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from hermesflow_fast.ops import DPO_LOSS_TYPES, dpo_loss, dpo_losses, pair_dpo_loss
-from hermesflow_fast.ops import reference
+from hermesflow_fast.ops import DPO_LOSS_TYPES, dpo_loss, dpo_losses, pair_dpo_loss, reference
 
 TRL_METRICS = {
     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
@@ -120,7 +119,9 @@ def test_pair_dpo_is_per_pair_not_per_batch():
     und, gen = _logps(4, scale=3.0), _logps(4, scale=3.0)
     loss, _ = pair_dpo_loss(und, gen, beta=0.2)
     per_pair = sum(reference.dpo_per_pair_losses(*side, beta=0.2) for side in (und, gen)).mean()
-    summed = sum(reference.dpo_per_pair_losses(*(t.sum(0, keepdim=True) for t in side), beta=0.2) for side in (und, gen))
+    summed = sum(
+        reference.dpo_per_pair_losses(*(t.sum(0, keepdim=True) for t in side), beta=0.2) for side in (und, gen)
+    )
     torch.testing.assert_close(loss, per_pair)
     assert not torch.allclose(loss, summed.squeeze())
 

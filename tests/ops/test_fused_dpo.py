@@ -5,9 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from hermesflow_fast.ops import FusedLinearDPOLoss, fused_linear_dpo_loss
+from hermesflow_fast.ops import FusedLinearDPOLoss, fused_linear_dpo_loss, reference
 from hermesflow_fast.ops import logprobs as lp_mod
-from hermesflow_fast.ops import reference
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from hermesflow_fast.ops import LinearLogprobs, linear_logprobs
+from hermesflow_fast.ops import LinearLogprobs, linear_logprobs, reference
 from hermesflow_fast.ops import logprobs as lp_mod
-from hermesflow_fast.ops import reference
 
 SHAPES = [  # (leading shape, H, V): one realistic-ish, two odd
     ((3, 37), 64, 1000),

@@ -1,0 +1,135 @@
+"""The ``hermesflow`` command line.
+
+    hermesflow env                       what a bug report needs: torch, CUDA, Triton, extension, optional extras
+    hermesflow bench logprobs [ARGS...]  fused head + DPO benchmark (bench/bench_logprobs.py; --help for its flags)
+    hermesflow bench dpo [ARGS...]       DPO / Pair-DPO loss benchmark (bench/bench_dpo.py)
+    hermesflow demo                      the fused-op demo: ours vs the naive path at Show-o's head shape
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "n/a"
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+
+
+def env_report() -> list[tuple[str, str]]:
+    """(name, value) rows describing this environment."""
+    import torch
+
+    from hermesflow_fast import __version__, _native
+
+    rows = [
+        ("hermesflow_fast", f"{__version__} ({_git_commit()})"),
+        ("python", sys.version.split()[0]),
+        ("platform", platform.platform()),
+        ("cpu cores", str(os.cpu_count())),
+        ("torch", torch.__version__),
+        ("torch CUDA build", str(torch.version.cuda)),
+        ("CUDA available", str(torch.cuda.is_available())),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            rows.append((f"cuda:{i}", f"{torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})"))
+    try:
+        import triton
+
+        rows.append(("triton", triton.__version__))
+    except Exception as exc:  # noqa: BLE001 - any import failure is worth reporting
+        rows.append(("triton", f"not importable ({type(exc).__name__}: {exc})"))
+    if _native.has_extension():
+        kinds = "CPU + CUDA kernels" if _native.has_cuda_kernels() else "CPU kernels only"
+        rows.append(("extension hermesflow_fast._C", f"built ({kinds})"))
+    else:
+        rows.append(("extension hermesflow_fast._C", f"missing: {_native.extension_error()}"))
+    for dist in ("flash-attn", "flash-attn-4", "liger-kernel", "transformers", "numba"):
+        rows.append((dist, _version(dist) or "not installed"))
+    rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
+    return rows
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """hermesflow_fast: HermesFlow Pair-DPO, fast."""
+
+
+@main.command()
+def env() -> None:
+    """Print the environment (paste it into bug reports)."""
+    rows = env_report()
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+def _run_bench(module: str, args: tuple[str, ...]) -> None:
+    script = REPO_ROOT / "bench" / (module.split(".")[-1] + ".py")
+    if not script.exists():
+        raise click.ClickException(
+            f"{script} not found: the benchmarks live in the source tree; run from a checkout installed with "
+            "`pip install -e .`"
+        )
+    cmd = [sys.executable, "-m", module, *args]
+    click.echo("$ " + " ".join(cmd), err=True)
+    raise SystemExit(subprocess.call(cmd, cwd=REPO_ROOT))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (thin wrappers over bench/*.py; results append to bench/results/*.csv)."""
+
+
+@bench.command("logprobs", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_logprobs(args: tuple[str, ...]) -> None:
+    """Fused head + DPO, fwd+bwd of policy + reference: ours vs naive, TRL, liger, torch chunked, GEMM floor."""
+    _run_bench("bench.bench_logprobs", args)
+
+
+@bench.command("dpo", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_dpo(args: tuple[str, ...]) -> None:
+    """DPO / Pair-DPO loss on sequence log-probs."""
+    _run_bench("bench.bench_dpo", args)
+
+
+@main.command()
+@click.option("--tokens", default="1024", show_default=True, help="policy tokens (plus as many reference tokens)")
+@click.option("--out", default="runs/demo/logprobs.csv", show_default=True, help="CSV to append to")
+def demo(tokens: str, out: str) -> None:
+    """Fused-op demo at Show-o's head shape (H=2048, V=58498, fp32): GEMM floor, naive path, ours."""
+    Path(REPO_ROOT / out).parent.mkdir(parents=True, exist_ok=True)
+    _run_bench(
+        "bench.bench_logprobs",
+        ("--tokens", tokens, "--providers", "gemm_floor,naive,ours", "--reps", "1", "--out", out),
+    )
+
+
+if __name__ == "__main__":
+    main()
