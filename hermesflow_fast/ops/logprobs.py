@@ -16,6 +16,8 @@ Accumulation is fp32 whatever the input dtype: softmax math in fp32, dW and db a
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hermesflow_fast._notice import say_once
@@ -155,7 +157,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "torch"
     from hermesflow_fast.kernels import linear_logprobs as kern
 
-    if kern.HAS_TRITON and device.type == "cuda":
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors run the kernels in Triton's interpreter
+    if kern.HAS_TRITON and (device.type == "cuda" or (backend == "triton" and interpreting)):
         return "triton"
     if backend == "triton":
         raise ValueError(
