@@ -205,10 +205,21 @@ def sequence_logps(
     average_log_prob: bool,
 ) -> torch.Tensor:
     """(S, T, H) -> (S,) sum (or mean) over the non-ignored tokens of each sequence."""
-    logp = linear_logprobs(hidden, weight, targets, bias, ignore_index)
-    keep = (targets != ignore_index).to(logp.dtype)
-    total = logp.sum(-1)
-    return total / keep.sum(-1).clamp_min(1) if average_log_prob else total
+    return _sequence_logps(_logits(hidden, weight, bias), targets, ignore_index, average_log_prob)[0]
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(dtype) @ weight.to(dtype).t()  # (S, T, V)
+    return logits if bias is None else logits + bias.to(dtype)
+
+
+def _sequence_logps(logits, targets, ignore_index, average):
+    keep = targets != ignore_index
+    safe = torch.where(keep, targets, torch.zeros_like(targets))
+    tok = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1) * keep  # (S, T)
+    total = tok.sum(-1)
+    return (total / keep.sum(-1).clamp_min(1) if average else total), tok
 
 
 def fused_linear_dpo(
@@ -230,45 +241,35 @@ def fused_linear_dpo(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The naive twin of ``FusedLinearDPOLoss``: HermesFlow's path (materialized logits + log_softmax + gather).
 
-    hidden (2B, T, H): chosen rows [0, B) over rejected rows [B, 2B); targets (2B, T).
+    hidden (2B, T, H): chosen rows [0, B) over rejected rows [B, 2B); targets (2B, T). The policy logits are built
+    once, in full, and kept for backward; the reference's under no_grad.
     Returns (loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
     chosen_rewards, rejected_rewards)), the tuple liger-kernel returns.
     IPO uses per-token averaged log-probs (as TRL does), whatever ``average_log_prob`` says.
     """
     n = hidden.shape[0] // 2
     average = average_log_prob or loss_type == "ipo"
-    logps = sequence_logps(hidden, weight, targets, bias, ignore_index, average)
+    logits = _logits(hidden, weight, bias)  # (2B, T, V)
+    logps, tok = _sequence_logps(logits, targets, ignore_index, average)
     if ref_hidden is not None:
         with torch.no_grad():
-            ref = sequence_logps(
-                ref_hidden, weight if ref_weight is None else ref_weight, targets, ref_bias, ignore_index, average
-            )
+            rw = weight if ref_weight is None else ref_weight
+            ref = _sequence_logps(_logits(ref_hidden, rw, ref_bias), targets, ignore_index, average)[0]
     else:
         ref = torch.zeros_like(logps)
-    losses = dpo_per_pair_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, label_smoothing)
-    loss = losses.mean()
-
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logits = hidden.to(dtype) @ weight.to(dtype).t()
-    if bias is not None:
-        logits = logits + bias.to(dtype)
+    loss = dpo_per_pair_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, label_smoothing).mean()
     denom = n * hidden.shape[1] * weight.shape[0]
-    chosen_logits_mean = logits[:n].sum().detach() / denom
-    rejected_logits_mean = logits[n:].sum().detach() / denom
-    nll = -linear_logprobs(hidden[:n], weight, targets[:n], bias, ignore_index).sum()
-    nll = nll / (targets[:n] != ignore_index).sum().clamp_min(1)
+    nll = -tok[:n].sum() / (targets[:n] != ignore_index).sum().clamp_min(1)
     if compute_nll_loss:
         loss = loss + alpha * nll
     with torch.no_grad():
-        chosen_rewards = beta * (logps[:n] - ref[:n])
-        rejected_rewards = beta * (logps[n:] - ref[n:])
-    aux = (
-        logps[:n],
-        logps[n:],
-        chosen_logits_mean,
-        rejected_logits_mean,
-        nll.detach() if compute_nll_loss else torch.zeros((), dtype=dtype, device=hidden.device),
-        chosen_rewards,
-        rejected_rewards,
-    )
+        aux = (
+            logps[:n].detach(),
+            logps[n:].detach(),
+            logits[:n].sum() / denom,
+            logits[n:].sum() / denom,
+            nll.detach() if compute_nll_loss else torch.zeros((), dtype=logits.dtype, device=hidden.device),
+            beta * (logps[:n] - ref[:n]),
+            beta * (logps[n:] - ref[n:]),
+        )
     return loss, aux

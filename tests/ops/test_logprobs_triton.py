@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from hermesflow_fast.ops import linear_logprobs
-from hermesflow_fast.ops import reference
+from hermesflow_fast.ops import linear_logprobs, reference
 
 pytestmark = pytest.mark.interpret
 

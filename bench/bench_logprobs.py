@@ -1,0 +1,613 @@
+"""Fused LM head + log-softmax + gather + DPO loss, fwd+bwd of policy and reference: ours vs naive, TRL, liger, torch.
+
+Workload (Show-o Pair-DPO's head, perf-anchors §2). At x = T_policy tokens per step (chosen + rejected):
+    B = T_policy / (2·seq) pairs of ``seq``-token sequences (256 by default; shorter when T_policy < 2·seq),
+    hidden (2B, seq, H) with grad, head weight (V, H) and bias (V,) with grad (Show-o's head has a bias),
+    reference hidden (2B, seq, H) without grad through the same head (the same tensors, detached),
+    targets random with ~5% ignore_index, DPO sigmoid loss (β = 0.1) on the summed sequence log-probs.
+One timed call = forward + ``loss.backward()``. Defaults: CPU, H=2048, V=58498 (Show-o), fp32, 512..8192 tokens.
+
+Providers (all compute the same loss on the same inputs; ``--check`` asserts it, and the gradients, at a tiny shape):
+    gemm_floor     the 4 GEMMs any exact method needs, over the non-ignored rows R: X Wᵀ, G W, Gᵀ X (policy fwd,
+                   dX, dW) and Xr Wᵀ (reference fwd); G (R, V) is made outside the timed region. Time only.
+    naive          ``reference.fused_linear_dpo``: HermesFlow's path, materialized logits + log_softmax + gather
+                   (it also computes liger's aux outputs, logits mean and NLL, the naive way).
+    trl            TRL's path: full logits X Wᵀ + b, ``reference.selective_logprobs`` (gather − per-sequence
+                   logsumexp) with ignored targets set to 0 and masked, summed per sequence, ``ops.dpo_loss``.
+    liger          ``liger_kernel.chunked_loss.LigerFusedLinearDPOLoss(compiled=False)``, when importable.
+    liger_compiled the same with compiled=True (only via --providers: its first call compiles, ~30 s on CPU).
+    torch_lce      ``F.linear_cross_entropy(..., reduction='none', options=LinearCrossEntropyOptions())``,
+                   torch's chunked path; logp = −nll, summed per sequence, then ``ops.dpo_loss``.
+    ours           ``ops.FusedLinearDPOLoss()``: default backend, chunked, gradients computed in forward.
+    ours_twopass   ``ops.fused_linear_dpo_loss(..., backend="twopass")``: linear_logprobs + dpo_loss.
+
+Memory ("memory_extra", MB) = peak − (memory with the inputs built) − (sizes of hidden.grad, weight.grad and
+bias.grad in the input dtype), the same subtraction for every provider: the bytes an op needs beyond its inputs and
+their unavoidable gradients. On CPU each (provider, size) runs in a fresh process started with
+MALLOC_MMAP_THRESHOLD_=65536; after one warm-up call VmHWM is reset via /proc/self/clear_refs and the first timed
+call is measured (see bench/utils.py). On CUDA: torch.cuda max_memory_allocated. Sizes whose estimated need exceeds
+--mem-fraction (0.8) of the available memory are skipped, as are larger sizes of a provider that failed.
+
+    python -m bench.bench_logprobs                                   # the full CPU sweep (slow: minutes per size)
+    python -m bench.bench_logprobs --H 256 --V 4000 --tokens 256,512 --reps 2 --out /tmp/x.csv --check
+    python -m bench.bench_logprobs --device cuda --dtype bf16 --tokens 1024,2048,4096,8192,16384 --reps 10
+    python -m bench.plot bench/results/logprobs.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench import utils
+from hermesflow_fast.ops import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss, reference
+
+KERNEL = "fused_linear_dpo"
+BETA = 0.1
+IGNORE_INDEX = -100
+IGNORE_FRAC = 0.05
+SHOW_O_H, SHOW_O_V = 2048, 58498
+DEFAULT_TOKENS = (512, 1024, 2048, 4096, 8192)
+RESULT_TAG = "@@RESULT "
+
+# ---------------------------------------------------------------------------------------------------------------------
+# problem and inputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    tokens: int  # T_policy: policy tokens per step, chosen + rejected
+    seq: int  # tokens per sequence
+    H: int
+    V: int
+    dtype: str = "fp32"
+    device: str = "cpu"
+    bias: bool = True
+    seed: int = 0
+
+    @classmethod
+    def make(cls, tokens: int, seq: int, H: int, V: int, **kw) -> Problem:
+        """Shorten ``seq`` to tokens // 2 when tokens < 2·seq (one pair); tokens must be a multiple of 2·seq."""
+        seq = min(seq, tokens // 2)
+        if seq < 1 or tokens % (2 * seq):
+            raise ValueError(f"--tokens {tokens} must be a multiple of 2·seq = {2 * seq} (chosen + rejected)")
+        return cls(tokens=tokens, seq=seq, H=H, V=V, **kw)
+
+    @property
+    def pairs(self) -> int:
+        return self.tokens // (2 * self.seq)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return utils.DTYPES[self.dtype]
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor  # (2B, T, H) policy hidden, requires grad; chosen rows over rejected rows
+    w: torch.Tensor  # (V, H) head weight, requires grad
+    b: torch.Tensor | None  # (V,) head bias, requires grad
+    y: torch.Tensor  # (2B, T) targets, ~5% IGNORE_INDEX
+    xr: torch.Tensor  # (2B, T, H) reference hidden, no grad
+
+    def zero_grads(self) -> None:
+        for t in (self.x, self.w, self.b):
+            if t is not None:
+                t.grad = None
+
+    def grad_bytes(self) -> int:
+        """Bytes of hidden.grad + weight.grad + bias.grad (autograd makes them in the input dtype)."""
+        return sum(t.numel() * t.element_size() for t in (self.x, self.w, self.b) if t is not None)
+
+    @property
+    def valid_rows(self) -> int:
+        return int((self.y != IGNORE_INDEX).sum())
+
+
+def build_inputs(p: Problem) -> Inputs:
+    """Deterministic inputs; logits ~ N(0, 1), reference hidden = policy hidden + 0.1 noise (so z = β(a − r) ~ 0.1)."""
+    dev, dt = torch.device(p.device), p.torch_dtype
+    g = torch.Generator(device=dev).manual_seed(p.seed)
+    s, t = 2 * p.pairs, p.seq
+    x = torch.randn(s, t, p.H, generator=g, device=dev)
+    xr = (x + 0.1 * torch.randn(s, t, p.H, generator=g, device=dev)).to(dt)
+    x = x.to(dt).requires_grad_()
+    w = (torch.randn(p.V, p.H, generator=g, device=dev) / math.sqrt(p.H)).to(dt).requires_grad_()
+    b = (0.1 * torch.randn(p.V, generator=g, device=dev)).to(dt).requires_grad_() if p.bias else None
+    y = torch.randint(0, p.V, (s, t), generator=g, device=dev)
+    y[torch.rand(s, t, generator=g, device=dev) < IGNORE_FRAC] = IGNORE_INDEX
+    return Inputs(x=x, w=w, b=b, y=y, xr=xr)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# providers: each builds, from the inputs, a forward fn returning the scalar loss (None: nothing to backprop)
+# ---------------------------------------------------------------------------------------------------------------------
+
+Forward = Callable[[], "torch.Tensor | None"]
+
+
+def _detached(inp: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference head: the policy's own tensors, detached (no second weight is allocated)."""
+    return inp.w.detach(), None if inp.b is None else inp.b.detach()
+
+
+def _gemm_floor(inp: Inputs) -> Forward:
+    h = inp.x.shape[-1]
+    keep = (inp.y != IGNORE_INDEX).reshape(-1)
+    xv = inp.x.detach().reshape(-1, h)[keep]  # (R, H), built outside the timed region
+    xrv = inp.xr.reshape(-1, h)[keep]
+    w = inp.w.detach()
+    g = torch.randn(xv.shape[0], w.shape[0], dtype=w.dtype, device=w.device)  # (R, V) stand-in for dlogits
+
+    def run() -> None:
+        torch.mm(xv, w.t())  # policy logits
+        torch.mm(g, w)  # dX
+        torch.mm(g.t(), xv)  # dW
+        torch.mm(xrv, w.t())  # reference logits
+
+    return run
+
+
+def _naive(inp: Inputs) -> Forward:
+    rw, rb = _detached(inp)
+    return lambda: reference.fused_linear_dpo(inp.w, inp.x, inp.y, inp.b, inp.xr, rw, rb, beta=BETA)[0]
+
+
+def _trl(inp: Inputs) -> Forward:
+    n = inp.x.shape[0] // 2
+    keep = inp.y != IGNORE_INDEX
+    safe = inp.y.masked_fill(~keep, 0)  # TRL: labels[~loss_mask] = 0, then mask the per-token log-probs
+    rw, rb = _detached(inp)
+
+    def seq_logps(hidden, weight, bias):
+        logits = F.linear(hidden, weight, bias)  # (2B, T, V), all of it
+        tok = reference.selective_logprobs(logits, safe)  # (2B, T), one logsumexp per sequence
+        return (tok * keep).sum(-1)
+
+    def run():
+        lp = seq_logps(inp.x, inp.w, inp.b)
+        with torch.no_grad():
+            ref = seq_logps(inp.xr, rw, rb)
+        return dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta=BETA)[0]
+
+    return run
+
+
+def _liger(compiled: bool) -> Callable[[Inputs], Forward]:
+    def build(inp: Inputs) -> Forward:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        fn = LigerFusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=BETA, compiled=compiled, use_ref_model=True)
+        rw, rb = _detached(inp)
+        return lambda: fn(inp.w, inp.x, inp.y, inp.b, inp.xr, rw, rb)[0]
+
+    return build
+
+
+def _torch_lce(inp: Inputs) -> Forward:
+    s, t, h = inp.x.shape
+    y = inp.y.reshape(-1)
+    opts = torch.nn.LinearCrossEntropyOptions()  # chunked path; options=None would materialize the logits
+    rw, rb = _detached(inp)
+
+    def seq_logps(hidden, weight, bias):
+        nll = F.linear_cross_entropy(
+            hidden.reshape(-1, h), weight, y, linear_bias=bias, reduction="none", ignore_index=IGNORE_INDEX,
+            options=opts,
+        )  # (N,), 0 at ignored rows
+        return -nll.float().view(s, t).sum(-1)
+
+    def run():
+        lp = seq_logps(inp.x, inp.w, inp.b)
+        with torch.no_grad():
+            ref = seq_logps(inp.xr, rw, rb)
+        return dpo_loss(lp[: s // 2], lp[s // 2 :], ref[: s // 2], ref[s // 2 :], beta=BETA)[0]
+
+    return run
+
+
+def _ours(inp: Inputs) -> Forward:
+    fn = FusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=BETA)
+    rw, rb = _detached(inp)
+    return lambda: fn(inp.w, inp.x, inp.y, inp.b, inp.xr, rw, rb)[0]
+
+
+def _ours_twopass(inp: Inputs) -> Forward:
+    rw, rb = _detached(inp)
+    return lambda: fused_linear_dpo_loss(
+        inp.x, inp.w, inp.y, inp.b, inp.xr, rw, rb, ignore_index=IGNORE_INDEX, beta=BETA, backend="twopass"
+    )[0]
+
+
+PROVIDERS: dict[str, Callable[[Inputs], Forward]] = {
+    "gemm_floor": _gemm_floor,
+    "naive": _naive,
+    "trl": _trl,
+    "liger": _liger(compiled=False),
+    "liger_compiled": _liger(compiled=True),
+    "torch_lce": _torch_lce,
+    "ours": _ours,
+    "ours_twopass": _ours_twopass,
+}
+DEFAULT_PROVIDERS = ("gemm_floor", "naive", "trl", "liger", "torch_lce", "ours", "ours_twopass")
+TIME_ONLY = ("gemm_floor",)  # no loss, no memory row
+RUN_ORDER = ("gemm_floor", "ours", "ours_twopass", "torch_lce", "liger", "liger_compiled", "trl", "naive")
+
+
+def provider_available(name: str) -> tuple[bool, str]:
+    if name.startswith("liger"):
+        try:
+            import liger_kernel.chunked_loss  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install
+            return False, f"liger_kernel.chunked_loss is not importable ({type(e).__name__}: {e})"
+    if name == "torch_lce" and not hasattr(F, "linear_cross_entropy"):
+        return False, f"torch {torch.__version__} has no F.linear_cross_entropy"
+    return True, ""
+
+
+def estimate_bytes(name: str, p: Problem) -> int:
+    """Rough peak of one measurement process: inputs + grads + what the provider holds at its peak.
+
+    Factors on L (fp32 logits of all policy rows) are rounded up from CPU fp32 measurements: naive and trl
+    needed 2.7 L extra at H=256, V=16000, 2048 tokens (L = 131 MB); ours 120 MB and liger 125 MB there.
+    """
+    elt = p.torch_dtype.itemsize
+    n, h, v = p.tokens, p.H, p.V
+    inputs = 2 * n * h * elt + v * h * elt + v * elt
+    grads = n * h * elt + v * h * elt + v * elt
+    logits = n * v * 4
+    chunk = (512 if p.device == "cuda" else 64) * utils.MB
+    held = {
+        "gemm_floor": 3 * n * v * elt,
+        "naive": 4 * logits,
+        "trl": 4 * logits,
+        "liger": 16 * p.seq * v * 4 + 3 * v * h * 4,
+        "liger_compiled": 16 * p.seq * v * 4 + 3 * v * h * 4,
+        "torch_lce": logits // 2 + 2 * v * h * 4,
+        "ours": 4 * chunk + 2 * v * h * 4,
+        "ours_twopass": 4 * chunk + 2 * v * h * 4,
+    }[name]
+    return inputs + grads + held + 400 * utils.MB  # + torch itself
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one measurement (in this process)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def measure(p: Problem, provider: str, reps: int, warmup: int = 1) -> dict:
+    """Build inputs, warm up, time ``reps`` fwd+bwd calls; the first timed call also measures peak memory."""
+    inp = build_inputs(p)
+    fwd = PROVIDERS[provider](inp)
+    losses: list[float] = []
+
+    def step() -> None:
+        loss = fwd()
+        if loss is not None:
+            loss.backward()
+            if not losses:
+                losses.append(float(loss.detach()))
+
+    with_memory = provider not in TIME_ONLY
+    pm = utils.PeakMemory(p.device) if with_memory else None
+    cold_memory = with_memory and p.device == "cpu" and not utils.can_reset_cpu_peak()
+    if cold_memory:  # VmHWM cannot be reset: measure the first call after the inputs (fresh process), untimed
+        inp.zero_grads()
+        with pm:
+            step()
+        times = utils.do_bench(step, warmup=max(0, warmup - 1), rep=reps, setup=inp.zero_grads, device=p.device)
+    else:
+        times = utils.do_bench(
+            step, warmup=warmup, rep=reps, setup=inp.zero_grads, device=p.device, first_call_ctx=pm
+        )
+    out = {
+        "provider": provider,
+        "problem": asdict(p),
+        "time": list(times),
+        "loss": losses[0] if losses else None,
+        "valid_rows": inp.valid_rows,
+        "grad_bytes": inp.grad_bytes(),
+        "mem_growth": pm.growth if pm else None,
+        "mem_extra": pm.growth - inp.grad_bytes() if pm else None,
+        "peak_reset": pm.reset if pm else None,
+    }
+    return out
+
+
+def measure_in_subprocess(p: Problem, provider: str, reps: int, warmup: int, threads: int | None,
+                          timeout: float | None) -> dict:
+    """``measure`` in a fresh ``python -m bench.bench_logprobs --worker`` process (CPU memory needs a fresh RSS)."""
+    spec = {"problem": asdict(p), "provider": provider, "reps": reps, "warmup": warmup, "threads": threads}
+    cmd = [sys.executable, "-m", "bench.bench_logprobs", "--worker", json.dumps(spec)]
+    proc = subprocess.run(
+        cmd, cwd=utils.ROOT, env=utils.worker_env(threads), capture_output=True, text=True, timeout=timeout
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    why = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else f"rc={proc.returncode}"
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+    raise RuntimeError(f"worker for {provider} at {p.tokens} tokens failed, {why}:\n{tail}")
+
+
+def _worker(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    utils.set_threads(spec["threads"])
+    r = measure(Problem(**spec["problem"]), spec["provider"], spec["reps"], spec["warmup"])
+    print(RESULT_TAG + json.dumps(r), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# correctness gate
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_providers(providers, device: str = "cpu", rtol: float = 1e-4) -> dict[str, float]:
+    """Every provider's loss, and its hidden/weight/bias gradients, against ``naive`` at a tiny fp32 shape.
+
+    Raises AssertionError naming the providers that disagree by more than ``rtol`` (relative to the largest
+    magnitude of the naive value). Returns the losses.
+    """
+    p = Problem.make(tokens=128, seq=32, H=64, V=500, device=device)
+    inp = build_inputs(p)
+    names = ["naive"] + [n for n in providers if n not in TIME_ONLY and n != "naive"]
+    losses, grads = {}, {}
+    for name in names:
+        inp.zero_grads()
+        loss = PROVIDERS[name](inp)()
+        loss.backward()
+        losses[name] = float(loss.detach())
+        grads[name] = [t.grad.detach().clone() for t in (inp.x, inp.w, inp.b) if t is not None]
+    bad = []
+    base = losses["naive"]
+    for name in names[1:]:
+        if abs(losses[name] - base) > rtol * abs(base):
+            bad.append(f"{name}: loss {losses[name]:.8g} vs naive {base:.8g}")
+        for label, g, g0 in zip(("hidden", "weight", "bias"), grads[name], grads["naive"], strict=True):
+            err, scale = (g.float() - g0.float()).abs().max().item(), g0.float().abs().max().item()
+            if err > rtol * scale:
+                bad.append(f"{name}: {label}.grad max err {err:.3g} vs max |grad| {scale:.3g}")
+    if bad:
+        raise AssertionError("providers disagree with naive at a tiny shape:\n  " + "\n  ".join(bad))
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sweep, CSV, table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def gemm_flops(r: dict) -> float:
+    """FLOPs of the 4 GEMMs of the exact-method floor: 3 policy (fwd, dX, dW) + 1 reference, over valid rows."""
+    p = r["problem"]
+    return 8.0 * r["valid_rows"] * p["V"] * p["H"]
+
+
+def run_sweep(cfg: argparse.Namespace, on_result: Callable[[dict], object] | None = None) -> list[dict]:
+    """Every (tokens, provider) point, smallest size first; ``on_result`` sees each measurement as it lands."""
+    subprocs = cfg.device == "cpu" and not cfg.inprocess
+    results, dropped = [], set()
+    for tokens in sorted(cfg.tokens):
+        p = Problem.make(tokens, cfg.seq, cfg.H, cfg.V, dtype=cfg.dtype, device=cfg.device)
+        for name in sorted(cfg.providers, key=RUN_ORDER.index):
+            if name in dropped:
+                print(f"  skip {name} at {tokens} tokens: it failed or was skipped at a smaller size", flush=True)
+                continue
+            need, avail = estimate_bytes(name, p), utils.available_bytes(cfg.device)
+            if need > cfg.mem_fraction * avail:
+                print(
+                    f"  skip {name} at {tokens} tokens: needs ~{need / utils.MB:,.0f} MB, "
+                    f"{cfg.mem_fraction:.0%} of available is {cfg.mem_fraction * avail / utils.MB:,.0f} MB",
+                    flush=True,
+                )
+                dropped.add(name)
+                continue
+            t0 = time.perf_counter()
+            try:
+                if subprocs:
+                    r = measure_in_subprocess(p, name, cfg.reps, cfg.warmup, cfg.threads, cfg.worker_timeout)
+                else:
+                    r = measure(p, name, cfg.reps, cfg.warmup)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # torch OOM errors are RuntimeErrors
+                print(f"  FAILED {name} at {tokens} tokens: {e}", flush=True)
+                dropped.add(name)
+                continue
+            finally:  # in process: free this point's inputs and cached blocks before the next one
+                gc.collect()
+                if cfg.device == "cuda":
+                    torch.cuda.empty_cache()
+            mem = "" if r["mem_extra"] is None else f", extra {r['mem_extra'] / utils.MB:,.1f} MB"
+            print(
+                f"  {tokens:>6} tokens  {name:<14} {r['time'][0]:.4g} s{mem}  ({time.perf_counter() - t0:.0f} s wall)",
+                flush=True,
+            )
+            results.append(r)
+            if on_result is not None:
+                on_result(r)
+        _report_agreement([r for r in results if r["problem"]["tokens"] == tokens], cfg)
+    return results
+
+
+def _report_agreement(rs: list[dict], cfg: argparse.Namespace) -> None:
+    losses = {r["provider"]: r["loss"] for r in rs if r["loss"] is not None}
+    if len(losses) < 2:
+        return
+    base_name = "naive" if "naive" in losses else next(iter(losses))
+    base = losses[base_name]
+    worst = max((abs(v - base) / abs(base), k) for k, v in losses.items() if k != base_name)
+    note = "" if worst[0] <= 1e-3 else "  <-- larger than 1e-3"
+    print(f"  losses agree to {worst[0]:.1e} relative to {base_name} (worst: {worst[1]}){note}", flush=True)
+
+
+def config_of(r: dict, cfg: argparse.Namespace) -> dict:
+    p = r["problem"]
+    return {
+        "H": p["H"], "V": p["V"], "dtype": p["dtype"], "pairs": p["tokens"] // (2 * p["seq"]), "seq": p["seq"],
+        "bias": p["bias"], "threads": torch.get_num_threads() if cfg.threads is None else cfg.threads,
+        "device": p["device"], "beta": BETA, "loss_type": "sigmoid", "ignore_frac": IGNORE_FRAC,
+        "valid_tokens": r["valid_rows"], "reps": cfg.reps, "warmup": cfg.warmup, "peak_reset": r["peak_reset"],
+        "memory": "peak - inputs - grads(hidden, weight, bias)",
+    }
+
+
+def to_rows(results: list[dict], cfg: argparse.Namespace, stamps: dict | None = None) -> list[dict]:
+    stamps = stamps or utils.run_stamps(cfg.device)
+    rows = []
+    for r in results:
+        common = dict(
+            kernel_name=KERNEL, provider=r["provider"], x_name="T_policy", x_value=r["problem"]["tokens"],
+            config=config_of(r, cfg), device=cfg.device, dtype=cfg.dtype, stamps=stamps,
+        )
+        rows.append(utils.make_row(metric="time", unit="s", y=r["time"], **common))
+        if r["mem_extra"] is not None:
+            rows.append(utils.make_row(metric="memory_extra", unit="MB", y=[r["mem_extra"] / utils.MB] * 3, **common))
+    return rows
+
+
+def _ratio(value: float | None, base: float | None, fmt: str = ".2f") -> str:
+    return "" if value is None or not base else format(value / base, fmt)
+
+
+def format_table(results: list[dict], cfg: argparse.Namespace) -> str:
+    head = (
+        f"{KERNEL} fwd+bwd, policy + reference head, DPO sigmoid β={BETA}: H={cfg.H} V={cfg.V} {cfg.dtype} on "
+        f"{utils.device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads), "
+        f"median of {cfg.reps} reps\n"
+        "extra MB = peak − inputs − grads(hidden, weight, bias); TFLOP/s = the 4 floor GEMMs (8·R·V·H) / time\n"
+    )
+    cols = f"{'tokens':>6} {'pairs':>5}  {'provider':<14} {'time s':>9} {'[q20, q80]':>19} {'×floor':>7} " \
+           f"{'×naive':>7} {'TFLOP/s':>8} {'extra MB':>10} {'÷naive':>7} {'loss':>10}"
+    lines = [head, cols, "-" * len(cols)]
+    order = {n: i for i, n in enumerate(PROVIDERS)}
+    for tokens in sorted({r["problem"]["tokens"] for r in results}):
+        rs = sorted((r for r in results if r["problem"]["tokens"] == tokens), key=lambda r: order[r["provider"]])
+        by = {r["provider"]: r for r in rs}
+        floor, naive = by.get("gemm_floor"), by.get("naive")
+        for r in rs:
+            t = r["time"]
+            mem = "n/a" if r["mem_extra"] is None else f"{r['mem_extra'] / utils.MB:,.1f}"
+            loss = "" if r["loss"] is None else f"{r['loss']:.6f}"
+            lines.append(
+                f"{tokens:>6} {r['problem']['tokens'] // (2 * r['problem']['seq']):>5}  {r['provider']:<14} "
+                f"{t[0]:>9.4f} {f'[{t[1]:.4f}, {t[2]:.4f}]':>19} {_ratio(t[0], floor and floor['time'][0]):>7} "
+                f"{_ratio(t[0], naive and naive['time'][0]):>7} {gemm_flops(r) / t[0] / 1e12:>8.3f} {mem:>10} "
+                f"{_ratio(r['mem_extra'], naive and naive['mem_extra'], '.3f'):>7} {loss:>10}"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.bench_logprobs", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--tokens", type=_ints, default=None,
+                    help=f"T_policy values, comma separated (default {','.join(map(str, DEFAULT_TOKENS))})")
+    ap.add_argument("--providers", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
+                    help=f"comma separated, from {','.join(PROVIDERS)} (default {','.join(DEFAULT_PROVIDERS)})")
+    ap.add_argument("--H", type=int, default=None, help=f"hidden size (default {SHOW_O_H}, Show-o)")
+    ap.add_argument("--V", type=int, default=None, help=f"vocabulary (default {SHOW_O_V}, Show-o)")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    ap.add_argument("--dtype", choices=tuple(utils.DTYPES), default="fp32")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per point (default 3 on CPU, 10 on CUDA)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 on CPU, 3 on CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--out", default=str(utils.RESULTS_DIR / "logprobs.csv"), help="CSV to append to ('' for none)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sweep for a sanity run: tokens 512,1024 at H=512, V=8192, 2 reps (unless given)")
+    ap.add_argument("--check", action="store_true",
+                    help="first assert every provider's loss and grads match naive at a tiny shape (1e-4 relative)")
+    ap.add_argument("--inprocess", action="store_true",
+                    help="measure in this process (CPU memory numbers are then approximate)")
+    ap.add_argument("--mem-fraction", type=float, default=0.8,
+                    help="skip a point whose estimated need exceeds this fraction of available memory")
+    ap.add_argument("--worker-timeout", type=float, default=None, help="seconds per CPU measurement process")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    cfg = ap.parse_args(argv)
+    if cfg.worker is not None:
+        return cfg
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    quick = {"tokens": [512, 1024], "H": 512, "V": 8192, "reps": 2} if cfg.quick else {}
+    cfg.tokens = cfg.tokens or quick.get("tokens", list(DEFAULT_TOKENS))
+    cfg.H = cfg.H or quick.get("H", SHOW_O_H)
+    cfg.V = cfg.V or quick.get("V", SHOW_O_V)
+    cfg.reps = cfg.reps or quick.get("reps", 10 if cfg.device == "cuda" else 3)
+    cfg.warmup = cfg.warmup if cfg.warmup is not None else (3 if cfg.device == "cuda" else 1)
+    providers = cfg.providers or list(DEFAULT_PROVIDERS)
+    unknown = [n for n in providers if n not in PROVIDERS]
+    if unknown:
+        ap.error(f"unknown providers {unknown}; choose from {','.join(PROVIDERS)}")
+    cfg.providers = []
+    for name in providers:
+        ok, why = provider_available(name)
+        if ok:
+            cfg.providers.append(name)
+        else:
+            print(f"note: skipping provider {name}: {why}")
+    for tokens in cfg.tokens:
+        try:
+            Problem.make(tokens, cfg.seq, cfg.H, cfg.V)
+        except ValueError as e:
+            ap.error(str(e))
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the sweep the arguments describe; returns the measurements (dicts) and appends them to ``--out``."""
+    cfg = parse_args(argv)
+    if cfg.worker is not None:
+        _worker(cfg.worker)
+        return []
+    cfg.threads = cfg.threads or None
+    utils.set_threads(cfg.threads)
+    if cfg.check:
+        losses = check_providers(cfg.providers, cfg.device)
+        print("check: losses and grads agree with naive at H=64 V=500, 4 seqs × 32 tokens (1e-4 relative): "
+              + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()), flush=True)
+    where = "one fresh process per point" if cfg.device == "cpu" and not cfg.inprocess else "in process"
+    print(f"sweep: tokens {cfg.tokens}, providers {cfg.providers}, {where}", flush=True)
+    stamps, results, n_rows = utils.run_stamps(cfg.device), [], [0]
+
+    def keep(r: dict) -> None:  # row by row, so an interrupted sweep keeps what it measured
+        results.append(r)
+        if cfg.out:
+            rows = to_rows([r], cfg, stamps)
+            utils.append_rows(cfg.out, rows)
+            n_rows[0] += len(rows)
+
+    try:
+        run_sweep(cfg, keep)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the table below has the points measured so far")
+    print()
+    print(format_table(results, cfg))
+    if cfg.out:
+        print(f"appended {n_rows[0]} rows to {cfg.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

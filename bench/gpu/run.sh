@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# GPU check of hermesflow_fast on one CUDA machine (an H100; no internet; torch with CUDA preinstalled).
+#
+#     bash bench/gpu/run.sh                 # from the repo root; everything lands under $OUT (default ./gpu-out)
+#     OUT=/tmp/gpu HFF_GPU_BUDGET_S=300 bash bench/gpu/run.sh
+#
+# Steps, each in its own log under $OUT and each allowed to fail without stopping the others:
+#   env        nvidia-smi, torch / CUDA / triton / liger versions
+#   build      pip install --no-deps --no-build-isolation -e .   (builds hermesflow_fast._C; nothing downloaded)
+#   pytest     python -m pytest -q -m gpu tests
+#   bench_bf16 bench_logprobs --device cuda --dtype bf16, 1k..16k tokens, 10 reps   -> $OUT/logprobs_gpu.csv
+#   bench_fp32 the same in fp32 at 2k and 8k tokens                                 -> $OUT/logprobs_gpu.csv
+#   bench_dpo  bench_dpo --device cuda                                               -> $OUT/dpo_gpu.csv
+#   plots      bench.plot of both CSVs (when matplotlib is there)                    -> $OUT/plots/
+# A wall-clock budget (HFF_GPU_BUDGET_S, default 420 s) caps every step's timeout, so the whole run stays under
+# 8 minutes; $OUT/summary.txt has one line per step: name, exit code, seconds. Exit code: 0 when every step passed.
+# PYTHON=... picks the interpreter (default: python); HFF_GPU_SKIP_BUILD=1 skips the build (already installed).
+
+set -u
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-./gpu-out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python}"
+BUDGET="${HFF_GPU_BUDGET_S:-420}"
+START=$SECONDS
+FAILED=0
+export PYTHONUNBUFFERED=1
+: > "$OUT/summary.txt"
+
+# step NAME TIMEOUT_S TAIL_LINES CMD...: run CMD with a timeout (capped by what is left of the budget), log it,
+# print its last TAIL_LINES lines, record "NAME rc seconds".
+step() {
+    local name=$1 limit=$2 tail_lines=$3
+    shift 3
+    local left=$((BUDGET - (SECONDS - START)))
+    if ((left < 15)); then
+        echo "== $name: skipped, budget of ${BUDGET}s spent" | tee -a "$OUT/summary.txt"
+        FAILED=$((FAILED + 1))
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $name (timeout ${limit}s): $*"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n "$tail_lines" "$OUT/$name.log"
+    printf '%-11s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$OUT/summary.txt"
+    ((rc != 0)) && FAILED=$((FAILED + 1))
+    return 0
+}
+
+env_report() {
+    nvidia-smi || echo "nvidia-smi failed (rc=$?)"
+    "$PY" - <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.1f} GiB", f"{p.multi_processor_count} SMs")
+for name in ("triton", "liger_kernel", "pytest", "matplotlib", "hermesflow_fast"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "(no __version__)"))
+    except Exception as e:
+        print(name, "not importable:", type(e).__name__, e)
+EOF
+}
+
+build() {
+    "$PY" -m pip install --no-deps --no-build-isolation -e . || {
+        echo "full build failed; retrying without the CUDA kernels (HFF_SKIP_CUDA_BUILD=1)"
+        HFF_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
+    }
+    "$PY" -c "import hermesflow_fast, importlib.util as u; print('hermesflow_fast._C:', u.find_spec('hermesflow_fast._C') is not None)"
+}
+
+plots() {
+    local csv
+    for csv in "$OUT/logprobs_gpu.csv" "$OUT/dpo_gpu.csv"; do
+        if [[ -s "$csv" ]]; then "$PY" -m bench.plot "$csv" --outdir "$OUT/plots"; else echo "no $csv"; fi
+    done
+}
+
+# timeout runs executables, not shell functions: run the functions in a child bash that has them
+export -f env_report build plots
+export PY OUT
+
+step env 60 40 bash -c env_report
+if [[ "${HFF_GPU_SKIP_BUILD:-0}" == 1 ]]; then
+    echo "== build: skipped (HFF_GPU_SKIP_BUILD=1)" | tee -a "$OUT/summary.txt"
+else
+    step build 150 15 bash -c build
+fi
+step pytest 100 25 "$PY" -m pytest -q -m gpu tests
+step bench_bf16 170 60 "$PY" -m bench.bench_logprobs --device cuda --dtype bf16 --tokens 1024,2048,4096,8192,16384 \
+    --reps 10 --check --out "$OUT/logprobs_gpu.csv"
+step bench_fp32 80 30 "$PY" -m bench.bench_logprobs --device cuda --dtype fp32 --tokens 2048,8192 --reps 5 \
+    --out "$OUT/logprobs_gpu.csv"
+step bench_dpo 30 30 "$PY" -m bench.bench_dpo --device cuda --reps 50 --out "$OUT/dpo_gpu.csv"
+step plots 30 10 bash -c plots
+
+echo "== summary ($((SECONDS - START))s of ${BUDGET}s budget; logs and CSVs in $OUT)"
+cat "$OUT/summary.txt"
+exit $((FAILED > 0))

@@ -1,0 +1,102 @@
+"""Smoke test of bench/: the log-prob + DPO sweep, its CSV, the worker process, bench_dpo and the plots, at tiny shapes.
+
+    python -m pytest -q tests/bench
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import bench_dpo, plot, utils  # noqa: E402
+from bench import bench_logprobs as bl  # noqa: E402
+
+
+def _available(names):
+    return [n for n in names if bl.provider_available(n)[0]]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "logprobs.csv"
+    argv = ["--H", "64", "--V", "500", "--tokens", "256", "--reps", "1", "--check", "--inprocess", "--out", str(out)]
+    return bl.main(argv), out
+
+
+def test_sweep_rows_for_every_provider(sweep):
+    results, out = sweep
+    rows = utils.read_rows(out)
+    with open(out) as f:
+        assert tuple(f.readline().strip().split(",")) == utils.CSV_COLUMNS
+    expected = set(_available(bl.DEFAULT_PROVIDERS))
+    assert {r["provider"] for r in results} == expected
+    times = {r["kernel_provider"]: r for r in rows if r["metric_name"] == "time"}
+    mems = {r["kernel_provider"]: r for r in rows if r["metric_name"] == "memory_extra"}
+    assert set(times) == expected
+    assert set(mems) == expected - set(bl.TIME_ONLY)
+    for r in times.values():
+        assert r["metric_unit"] == "s" and r["x_name"] == "T_policy" and float(r["x_value"]) == 256
+        assert 0 < float(r["y_value_20"]) <= float(r["y_value_50"]) <= float(r["y_value_80"])
+        cfg = json.loads(r["extra_benchmark_config_str"])
+        assert {"H", "V", "dtype", "pairs", "seq", "bias", "threads"} <= set(cfg)
+        assert (cfg["H"], cfg["V"], cfg["pairs"], cfg["seq"], cfg["bias"]) == (64, 500, 1, 128, True)
+        assert r["dtype"] == "fp32" and r["torch_version"] and r["commit"] and r["timestamp"] and r["machine"]
+    for r in mems.values():
+        assert r["metric_unit"] == "MB"
+        float(r["y_value_50"])
+
+
+def test_sweep_losses_agree(sweep):
+    results, _ = sweep
+    losses = {r["provider"]: r["loss"] for r in results if r["loss"] is not None}
+    assert "naive" in losses and len(losses) >= 4
+    for name, value in losses.items():
+        assert value == pytest.approx(losses["naive"], rel=1e-4), name
+
+
+def test_table_has_ratios(sweep):
+    results, _ = sweep
+    cfg = bl.parse_args(["--H", "64", "--V", "500", "--tokens", "256", "--reps", "1"])
+    table = bl.format_table(results, cfg)
+    assert "×floor" in table and "gemm_floor" in table and "ours" in table and "n/a" in table
+
+
+def test_worker_process_measures_memory():
+    """The CPU path: one fresh process, peak RSS via /proc/self/clear_refs, JSON back on stdout."""
+    p = bl.Problem.make(tokens=256, seq=256, H=64, V=500)
+    r = bl.measure_in_subprocess(p, "ours", reps=1, warmup=1, threads=1, timeout=120)
+    assert r["provider"] == "ours" and r["time"][0] > 0 and r["loss"] > 0
+    assert r["mem_growth"] is not None and r["grad_bytes"] == (256 * 64 + 500 * 64 + 500) * 4
+    assert r["mem_extra"] == r["mem_growth"] - r["grad_bytes"]
+
+
+def test_problem_shapes():
+    assert bl.Problem.make(2048, 256, 8, 16).pairs == 4
+    assert bl.Problem.make(256, 256, 8, 16).seq == 128  # one pair of shorter sequences
+    with pytest.raises(ValueError, match="multiple"):
+        bl.Problem.make(768, 256, 8, 16)
+
+
+def test_quantile_and_csv_header_guard(tmp_path):
+    assert utils.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert utils.quantile([1.0, 2.0], 0.2) == pytest.approx(1.2)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="columns"):
+        utils.append_rows(bad, [])
+
+
+def test_bench_dpo_and_plots(sweep, tmp_path):
+    out = tmp_path / "dpo.csv"
+    results = bench_dpo.main(["--pairs", "8,64", "--reps", "2", "--warmup", "1", "--out", str(out)])
+    assert len(results) == 8 and all(r["time"][0] > 0 for r in results)
+    assert len(utils.read_rows(out)) == 8
+    written = plot.main([str(sweep[1]), "--outdir", str(tmp_path / "plots")])
+    assert sorted(p.name for p in written) == ["logprobs_memory.png", "logprobs_time.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+    assert [p.name for p in plot.main([str(out), "--outdir", str(tmp_path / "plots")])] == ["dpo_time.png"]
