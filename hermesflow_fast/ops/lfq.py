@@ -62,12 +62,14 @@ def lfq_quantize(z: torch.Tensor) -> torch.Tensor:
         )
     if _native.has_kernel(z.device):
         return torch.ops.hermesflow_fast.lfq_quantize(z)
-    _say_fallback(z.device)
+    say_once(f"lfq-fallback-{z.device.type}", _fallback_message(z.device))
     return reference.lfq_quantize(z)
 
 
 def lfq_codes(indices: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """±1 code vector of each index, the inverse of :func:`lfq_quantize` on the signs: ``code_c = 2·bit_(bits−1−c) − 1``.
+    """±1 code vector of each index, the inverse of :func:`lfq_quantize` on the signs.
+
+    ``code_c = 2·bit_(bits−1−c)(index) − 1``: channel 0 reads the most significant of the ``bits`` bits.
 
     Args:
         indices: (...) of any integer dtype (uint8 … int64, uint16/32/64), any strides. Leading dims may be empty.
@@ -80,7 +82,7 @@ def lfq_codes(indices: torch.Tensor, bits: int, dtype: torch.dtype = torch.float
     Raises:
         ValueError: indices is not an integer tensor; bits is outside [1, 62]; on CPU, an index is outside
             [0, 2^bits). On CUDA the values are not checked (that would cost a host sync): an out-of-range index
-            yields the code of its low ``bits`` bits, the same on every path.
+            yields the code of its low ``bits`` bits, as the reference does.
     """
     if indices.dtype not in _INT_DTYPES:
         raise ValueError(
@@ -98,7 +100,7 @@ def lfq_codes(indices: torch.Tensor, bits: int, dtype: torch.dtype = torch.float
         codes = torch.ops.hermesflow_fast.lfq_codes(indices, bits)  # (..., bits) float32; CPU checks the range
         return codes if dtype == torch.float32 else codes.to(dtype)
     _check_index_range(indices, bits)
-    _say_fallback(indices.device)
+    say_once(f"lfq-fallback-{indices.device.type}", _fallback_message(indices.device))
     return reference.lfq_codes(indices, bits, dtype)
 
 
@@ -119,13 +121,11 @@ def _check_index_range(indices: torch.Tensor, bits: int) -> None:
         )
 
 
-def _say_fallback(device: torch.device) -> None:
+def _fallback_message(device: torch.device) -> str:
     if not _native.has_extension():
         why = f"hermesflow_fast._C did not load ({_native.extension_error()})"
     else:
         why = f"hermesflow_fast._C has no {device.type} kernels (built with: {_native.build_info()})"
     where = " on a machine with nvcc and a CUDA build of torch" if device.type == "cuda" else ""
-    say_once(
-        f"lfq-fallback-{device.type}",
-        f"LFQ ops on {device.type} run the plain-torch reference: {why}. For the fast path, {_native.BUILD_HINT}{where}.",
-    )
+    hint = f"For the fast path, {_native.BUILD_HINT}{where}."
+    return f"LFQ ops on {device.type} run the plain-torch reference: {why}. {hint}"
