@@ -31,9 +31,9 @@ from hermesflow_fast.ops.logprobs import (
     chunk_logits,
     chunked_token_logprobs,
     default_chunk_bytes,
+    exp_stats_,
+    grad_from_exp_,
     linear_logprobs,
-    logits_to_grad_,
-    logsumexp_target,
     rows_per_chunk,
 )
 
@@ -128,7 +128,7 @@ class _ChunkedFusedDPO(torch.autograd.Function):
             if idx.numel():
                 z = chunk_logits(xf.index_select(0, idx), weight, bias)  # (r, V) fp32
                 y_c = yf.index_select(0, idx)
-                lse, tgt = logsumexp_target(z, y_c)
+                lse, tgt, inv_sum = exp_stats_(z, y_c)  # z now holds exp(z - rowmax)
                 tok = tgt - lse
             else:
                 z = tok = None
@@ -154,7 +154,7 @@ class _ChunkedFusedDPO(torch.autograd.Function):
             coeff = coeff_seq[local]
             if opts["nll"]:
                 coeff[:n_c] -= opts["alpha"] / n_chosen_tok
-            dz = logits_to_grad_(z, lse, y_c, coeff)
+            dz = grad_from_exp_(z, inv_sum, y_c, coeff)
             xs = xf.index_select(0, idx)
             dx = accumulate_head_grads(dz, xs, weight, grad_w, grad_b, need_x)
             if need_x:

@@ -45,15 +45,43 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(R, H) @ (V, H)ᵀ + b -> (R, V) in acc_dtype. The GEMM runs in the input dtype (fp32 accumulate in BLAS)."""
+    """(R, H) @ (V, H)ᵀ + b -> (R, V) in acc_dtype. The GEMM runs in the input dtype (fp32 accumulate in BLAS).
+
+    On CUDA, 16-bit inputs get fp32 logits straight from cuBLAS's fp32 accumulators (``out_dtype``), instead of
+    logits rounded to bf16 (8 mantissa bits: ±0.03 at |z| ≈ 10) and upcast.
+    """
+    if x.is_cuda and x.dtype in _HALF:
+        z = torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return z if bias is None else z.add_(bias)
     z = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     return z.to(acc_dtype(z))
 
 
-def logsumexp_target(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z (R, V) fp32, y (R,) -> (lse (R,), target logit (R,)). z is left untouched."""
-    return torch.logsumexp(z, dim=-1), z.gather(1, y.unsqueeze(1)).squeeze(1)
+def exp_stats_(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place z <- exp(z − rowmax), the unnormalized softmax. Returns (lse, target logit, 1 / rowsum), each (R,).
+
+    Four passes over the chunk (max, subtract, exp, sum) and no temporary of its size: torch.logsumexp followed by
+    a separate softmax costs two more passes and a chunk-sized allocation.
+    """
+    tgt = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    m = z.amax(1, keepdim=True)  # (R, 1)
+    z.sub_(m).exp_()
+    s = z.sum(1)
+    return s.log().add_(m.squeeze(1)), tgt, s.reciprocal_()
+
+
+def grad_from_exp_(e: torch.Tensor, inv_sum: torch.Tensor, y: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """In place, e = exp(z − rowmax) from :func:`exp_stats_`: e <- coeff·(onehot(y) − e / rowsum).
+
+    That is ∂(Σ_t coeff_t·logp_t)/∂z, the gradient of the logits, without recomputing them.
+    """
+    e.mul_((-coeff * inv_sum).unsqueeze(1))
+    e.scatter_add_(1, y.unsqueeze(1), coeff.unsqueeze(1))
+    return e
 
 
 def logits_to_grad_(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
@@ -73,7 +101,12 @@ def accumulate_head_grads(
 ) -> torch.Tensor | None:
     """dz (R, V) fp32 -> dx (R, H) in x.dtype; adds dzᵀ x into grad_w (fp32) and Σ dz into grad_b (fp32)."""
     if grad_w is not None:
-        grad_w.addmm_(dz.t(), x.to(grad_w.dtype))
+        if x.dtype == grad_w.dtype:
+            grad_w.addmm_(dz.t(), x)
+        elif x.is_cuda:  # 16-bit GEMM on the tensor cores, fp32 running sum across chunks (Liger #830's lesson)
+            grad_w.add_(dz.to(x.dtype).t() @ x)
+        else:  # CPU: the whole product in fp32
+            grad_w.addmm_(dz.t(), x.to(grad_w.dtype))
     if grad_b is not None:
         grad_b.add_(dz.sum(0))
     if not need_x:
@@ -90,7 +123,7 @@ def chunked_token_logprobs(
     for s in range(0, x.shape[0], chunk_rows):
         e = min(s + chunk_rows, x.shape[0])
         z = chunk_logits(x[s:e], weight, bias)  # (r, V)
-        lse[s:e], tgt = logsumexp_target(z, y[s:e])
+        lse[s:e], tgt, _ = exp_stats_(z, y[s:e])
         logp[s:e] = tgt - lse[s:e]
         del z
     return logp, lse

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from hermesflow_fast.ops import FusedLinearDPOLoss, fused_linear_dpo_loss, reference
-from hermesflow_fast.ops import logprobs as lp_mod
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 
@@ -92,19 +91,8 @@ def test_grad_output_scales_and_no_grad_skips_work():
     torch.testing.assert_close(nl, loss.detach())
 
 
-def test_one_chunk_of_whole_pairs_at_a_time(monkeypatch):
-    seen = []
-    real = lp_mod.chunk_logits
-
-    def spy(x, w, b):
-        z = real(x, w, b)
-        seen.append(z.shape[0])
-        return z
-
-    import hermesflow_fast.ops.fused_dpo as fd
-
-    monkeypatch.setattr(fd, "chunk_logits", spy)
-    monkeypatch.setattr(lp_mod, "chunk_logits", spy)
+def test_one_chunk_of_whole_pairs_at_a_time(logits_rows):
+    seen = logits_rows
     x, w, b, y, rx = _batch(pairs=6, t=20)
     loss, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b, chunk_bytes=4 * 123 * 40)
     loss.backward()

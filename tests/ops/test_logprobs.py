@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from hermesflow_fast.ops import LinearLogprobs, linear_logprobs, reference
-from hermesflow_fast.ops import logprobs as lp_mod
 
 SHAPES = [  # (leading shape, H, V): one realistic-ish, two odd
     ((3, 37), 64, 1000),
@@ -68,17 +67,9 @@ def test_bf16_error_within_twice_torch_bf16():
     assert err_ours <= 2 * err_torch + 1e-6, (err_ours, err_torch)
 
 
-def test_never_materializes_more_than_one_chunk(monkeypatch):
+def test_never_materializes_more_than_one_chunk(logits_rows):
     """The largest logits block ever built has at most chunk_bytes / (4V) rows, forward and backward."""
-    seen = []
-    real = lp_mod.chunk_logits
-
-    def spy(x, w, b):
-        z = real(x, w, b)
-        seen.append(z.shape[0])
-        return z
-
-    monkeypatch.setattr(lp_mod, "chunk_logits", spy)
+    seen = logits_rows
     x, w, b, y = _inputs((200,), 16, 500, True)
     x.requires_grad_()
     linear_logprobs(x, w, y, b, chunk_bytes=4 * 500 * 16).sum().backward()

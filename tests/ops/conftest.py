@@ -1,0 +1,20 @@
+import pytest
+
+import hermesflow_fast.ops.fused_dpo as fused_dpo
+import hermesflow_fast.ops.logprobs as logprobs
+
+
+@pytest.fixture
+def logits_rows(monkeypatch):
+    """Rows of every block of logits the ops build (forward, reference and backward), in call order."""
+    seen: list[int] = []
+    real = logprobs.chunk_logits
+
+    def spy(x, w, b):
+        z = real(x, w, b)
+        seen.append(z.shape[0])
+        return z
+
+    monkeypatch.setattr(logprobs, "chunk_logits", spy)
+    monkeypatch.setattr(fused_dpo, "chunk_logits", spy)
+    return seen
