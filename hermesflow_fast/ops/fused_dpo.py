@@ -34,6 +34,7 @@ from hermesflow_fast.ops.logprobs import (
     exp_stats_,
     grad_from_exp_,
     linear_logprobs,
+    logits_buffer,
     rows_per_chunk,
 )
 
@@ -61,15 +62,15 @@ def _seq_logps(tok: torch.Tensor, seq: torch.Tensor, n_seq: int, counts: torch.T
     return out / counts.clamp_min(1) if counts is not None else out
 
 
-def _ref_logps(ref_x, ref_w, ref_b, y, keep_idx, seq_of, n_seq, counts, rows, given, dtype):
+def _ref_logps(ref_x, ref_w, ref_b, y, keep_idx, seq_of, n_seq, counts, rows, given, dtype, buf):
     """(2B,) reference sequence log-probs: given ones, the reference head, or zeros (no reference model)."""
     if given is not None:
         return given.to(dtype)
     if ref_x is None:
         return torch.zeros(n_seq, dtype=dtype, device=y.device)
     with torch.no_grad():
-        xr = ref_x.reshape(-1, ref_x.shape[-1]).index_select(0, keep_idx)
-        tok, _ = chunked_token_logprobs(xr, ref_w, ref_b, y.index_select(0, keep_idx), rows)
+        flat = ref_x.reshape(-1, ref_x.shape[-1])
+        tok, _ = chunked_token_logprobs(flat, ref_w, ref_b, y.index_select(0, keep_idx), rows, keep_idx, buf)
         return _seq_logps(tok, seq_of, n_seq, counts)
 
 
@@ -105,8 +106,17 @@ class _ChunkedFusedDPO(torch.autograd.Function):
             offsets.append(offsets[-1] + c)
         avg_counts = counts if average else None
         rows = rows_per_chunk(weight.shape[0], opts["chunk_bytes"])
+        chunks = _pair_chunks(counts_list, n, rows, opts["pairs_per_chunk"])
+        # The reference's chunks may be as large as the largest policy chunk without raising the peak: bigger GEMMs.
+        ref_rows = max([rows] + [offsets[p1] - offsets[p0] + offsets[n + p1] - offsets[n + p0] for p0, p1 in chunks])
         acc = acc_dtype(x)
-        ref = _ref_logps(ref_x, ref_w, ref_b, yf, keep_idx, seq_of, s_seq, avg_counts, rows, ref_given, acc)
+        # one logits buffer for the reference's chunks and the policy's (same V when the heads match)
+        buf = logits_buffer(ref_rows, weight, x) if keep_idx.numel() else None
+        same_head = ref_w is not None and ref_w.shape[0] == weight.shape[0] and ref_w.dtype == weight.dtype
+        ref_buf = buf if same_head else None
+        ref = _ref_logps(
+            ref_x, ref_w, ref_b, yf, keep_idx, seq_of, s_seq, avg_counts, ref_rows, ref_given, acc, ref_buf
+        )
 
         grad_x = torch.zeros_like(xf) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -117,7 +127,7 @@ class _ChunkedFusedDPO(torch.autograd.Function):
         n_chosen_tok = max(1, sum(counts_list[:n]))
         any_grad = need_x or need_w or need_b
 
-        for p0, p1 in _pair_chunks(counts_list, n, rows, opts["pairs_per_chunk"]):
+        for p0, p1 in chunks:
             k = p1 - p0
             idx = torch.cat([keep_idx[offsets[p0] : offsets[p1]], keep_idx[offsets[n + p0] : offsets[n + p1]]])
             n_c = offsets[p1] - offsets[p0]  # chosen rows come first in idx
@@ -126,7 +136,8 @@ class _ChunkedFusedDPO(torch.autograd.Function):
                 [seq_of[offsets[p0] : offsets[p1]] - p0, seq_of[offsets[n + p0] : offsets[n + p1]] - n - p0 + k]
             )
             if idx.numel():
-                z = chunk_logits(xf.index_select(0, idx), weight, bias)  # (r, V) fp32
+                xs = xf.index_select(0, idx)  # (r, H)
+                z = chunk_logits(xs, weight, bias, buf)  # (r, V) fp32, a view of the shared buffer
                 y_c = yf.index_select(0, idx)
                 lse, tgt, inv_sum = exp_stats_(z, y_c)  # z now holds exp(z - rowmax)
                 tok = tgt - lse
@@ -155,7 +166,6 @@ class _ChunkedFusedDPO(torch.autograd.Function):
             if opts["nll"]:
                 coeff[:n_c] -= opts["alpha"] / n_chosen_tok
             dz = grad_from_exp_(z, inv_sum, y_c, coeff)
-            xs = xf.index_select(0, idx)
             dx = accumulate_head_grads(dz, xs, weight, grad_w, grad_b, need_x)
             if need_x:
                 grad_x.index_copy_(0, idx, dx)

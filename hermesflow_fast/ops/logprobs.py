@@ -27,8 +27,21 @@ __all__ = ["linear_logprobs", "LinearLogprobs", "default_chunk_bytes"]
 
 
 def default_chunk_bytes(device: torch.device) -> int:
-    """Bytes of fp32 logits one chunk may hold: 64 MiB on CPU (cache-friendly, small peak), 512 MiB on GPUs."""
-    return (512 if device.type == "cuda" else 64) * 2**20
+    """Bytes of fp32 logits one chunk may hold: 256 MiB on CPU, 512 MiB on GPUs.
+
+    On 2 CPU cores at Show-o's head (V=58498), 1024-row chunks (240 MB) ran the fused DPO op 9% faster than 512-row
+    ones (GEMMs with more rows are more efficient), at 9% of the naive path's extra memory for 4096 tokens.
+    """
+    return (512 if device.type == "cuda" else 256) * 2**20
+
+
+def logits_buffer(rows: int, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """One (rows, V) buffer that every chunk's logits are written into: one allocation (and one round of page
+    faults on CPU, where each fresh 100+ MB block is a new mmap) instead of one per chunk. None on CUDA for 16-bit
+    inputs (their fp32 logits come from cuBLAS's out_dtype, and the caching allocator already reuses blocks)."""
+    if x.is_cuda and x.dtype in _HALF:
+        return None
+    return torch.empty((rows, weight.shape[0]), dtype=acc_dtype(x), device=x.device)
 
 
 def rows_per_chunk(vocab: int, chunk_bytes: int) -> int:
@@ -48,7 +61,9 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def chunk_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buf: torch.Tensor | None = None
+) -> torch.Tensor:
     """(R, H) @ (V, H)ᵀ + b -> (R, V) in acc_dtype. The GEMM runs in the input dtype (fp32 accumulate in BLAS).
 
     On CUDA, 16-bit inputs get fp32 logits straight from cuBLAS's fp32 accumulators (``out_dtype``), instead of
@@ -57,6 +72,9 @@ def chunk_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if x.is_cuda and x.dtype in _HALF:
         z = torch.mm(x, weight.t(), out_dtype=torch.float32)
         return z if bias is None else z.add_(bias)
+    if buf is not None and buf.dtype == x.dtype:  # written in place into the first R rows of the shared buffer
+        out = buf[: x.shape[0]]
+        return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
     z = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     return z.to(acc_dtype(z))
 
@@ -115,14 +133,27 @@ def accumulate_head_grads(
 
 
 def chunked_token_logprobs(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, chunk_rows: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    chunk_rows: int,
+    rows: torch.Tensor | None = None,
+    buf: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (R, H), y (R,) all valid -> (logp (R,) fp32, lse (R,) fp32), one chunk of logits alive at a time."""
-    logp = torch.empty(x.shape[0], dtype=acc_dtype(x), device=x.device)
+    """Scores rows of x (N, H): all of them, or those indexed by ``rows`` (R,), whose targets are y (R,), all valid.
+
+    Returns (logp (R,), lse (R,)) in acc_dtype, with one chunk of logits alive at a time; a chunk's rows are gathered
+    when it is scored, never all at once.
+    """
+    n = x.shape[0] if rows is None else rows.numel()
+    logp = torch.empty(n, dtype=acc_dtype(x), device=x.device)
     lse = torch.empty_like(logp)
-    for s in range(0, x.shape[0], chunk_rows):
-        e = min(s + chunk_rows, x.shape[0])
-        z = chunk_logits(x[s:e], weight, bias)  # (r, V)
+    buf = buf if buf is not None or n == 0 else logits_buffer(min(chunk_rows, n), weight, x)
+    for s in range(0, n, chunk_rows):
+        e = min(s + chunk_rows, n)
+        xs = x[s:e] if rows is None else x.index_select(0, rows[s:e])
+        z = chunk_logits(xs, weight, bias, buf)  # (r, V)
         lse[s:e], tgt, _ = exp_stats_(z, y[s:e])
         logp[s:e] = tgt - lse[s:e]
         del z
@@ -140,36 +171,34 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, y, ignore_index: int, chunk_bytes: int):
         keep = (y != ignore_index).nonzero().squeeze(1)  # (R,) rows that count
-        xk, yk = x.index_select(0, keep), y.index_select(0, keep).long()
+        yk = y.index_select(0, keep).long()
         rows = rows_per_chunk(weight.shape[0], chunk_bytes)
-        logp_k, lse_k = chunked_token_logprobs(xk, weight, bias, yk, rows)
+        logp_k, lse_k = chunked_token_logprobs(x, weight, bias, yk, rows, keep)
         out = torch.zeros(x.shape[0], dtype=logp_k.dtype, device=x.device)
         out.index_copy_(0, keep, logp_k)
-        ctx.save_for_backward(xk, weight, bias, yk, keep, lse_k)
-        ctx.rows, ctx.n = rows, x.shape[0]
+        ctx.save_for_backward(x, weight, bias, yk, keep, lse_k)  # x itself, not a copy of its valid rows
+        ctx.rows = rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xk, weight, bias, yk, keep, lse_k = ctx.saved_tensors
+        x, weight, bias, yk, keep, lse_k = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        acc = acc_dtype(xk)
+        acc = acc_dtype(x)
         g = grad_out.to(acc).index_select(0, keep)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        dx_k = torch.empty_like(xk) if need_x else None
-        for s in range(0, xk.shape[0], ctx.rows):
-            e = min(s + ctx.rows, xk.shape[0])
-            z = chunk_logits(xk[s:e], weight, bias)
+        dx_full = torch.zeros_like(x) if need_x else None
+        buf = logits_buffer(min(ctx.rows, keep.numel()), weight, x) if keep.numel() else None
+        for s in range(0, keep.numel(), ctx.rows):
+            e = min(s + ctx.rows, keep.numel())
+            xs = x.index_select(0, keep[s:e])
+            z = chunk_logits(xs, weight, bias, buf)
             dz = logits_to_grad_(z, lse_k[s:e], yk[s:e], g[s:e])
-            dx = accumulate_head_grads(dz, xk[s:e], weight, grad_w, grad_b, need_x)
+            dx = accumulate_head_grads(dz, xs, weight, grad_w, grad_b, need_x)
             if need_x:
-                dx_k[s:e] = dx
+                dx_full.index_copy_(0, keep[s:e], dx)
             del z, dz
-        dx_full = None
-        if need_x:
-            dx_full = torch.zeros((ctx.n, xk.shape[1]), dtype=xk.dtype, device=xk.device)
-            dx_full.index_copy_(0, keep, dx_k)
         dw = grad_w.to(weight.dtype) if need_w else None
         db = grad_b.to(bias.dtype) if need_b else None
         return dx_full, dw, db, None, None, None
