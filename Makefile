@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cpp csrc/*/*.
 	@# CPU torch from local disk where no torch is installed; a CUDA machine keeps the torch it has.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q setuptools wheel cmake
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	@# HFF_FORCE_EXT=1: here a failed native build is an error, not a silent fallback (HFF_SKIP_EXT=1 opts out)
+	HFF_FORCE_EXT=$${HFF_FORCE_EXT:-1} $(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -47,7 +47,8 @@ def table(rows: list[dict[str, str]], providers: list[str] | None = None) -> str
             x_floor = f"{med / float(floor['y_value_50']):.2f}" if floor else "n/a"
             mem = f"{float(m['y_value_50']):,.0f}" if m else "n/a"
             ratio = f"{float(m['y_value_50']) / float(naive_mem['y_value_50']):.3f}" if m and naive_mem else "n/a"
-            out.append(f"| {key[0]} | {key[3]} | {p} | {med:.2f} [{q20:.2f}, {q80:.2f}] | {x_floor} | {mem} | {ratio} |")
+            time_s = f"{med:.2f} [{q20:.2f}, {q80:.2f}]"
+            out.append(f"| {key[0]} | {key[3]} | {p} | {time_s} | {x_floor} | {mem} | {ratio} |")
     return "\n".join(out)
 
 

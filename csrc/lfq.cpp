@@ -46,6 +46,14 @@ void check_lfq_codes_args(const at::Tensor& indices, int64_t bits) {
   // kernel does not check them, to stay free of a host sync; it reads the low `bits` bits, as the reference does.
 }
 
+// The (..., bits) float32 output of lfq_codes, for the Meta kernel and the CPU and CUDA kernels alike (sym_sizes of a
+// concrete tensor are concrete).
+at::Tensor empty_codes(const at::Tensor& indices, int64_t bits) {
+  c10::SymDimVector sizes(indices.sym_sizes().begin(), indices.sym_sizes().end());  // (...)
+  sizes.emplace_back(bits);                                                         // (..., bits)
+  return at::empty_symint(sizes, indices.options().dtype(at::kFloat));
+}
+
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -58,9 +66,7 @@ at::Tensor lfq_quantize_meta(const at::Tensor& z) {
 }
 
 at::Tensor lfq_codes_meta(const at::Tensor& indices, int64_t bits) {
-  c10::SymDimVector sizes(indices.sym_sizes().begin(), indices.sym_sizes().end());  // (...)
-  sizes.emplace_back(bits);                                                         // (..., bits)
-  return at::empty_symint(sizes, indices.options().dtype(at::kFloat));
+  return empty_codes(indices, bits);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------

@@ -111,9 +111,7 @@ at::Tensor lfq_quantize_cpu(const at::Tensor& z) {
 
 at::Tensor lfq_codes_cpu(const at::Tensor& indices, int64_t bits) {
   const int64_t positions = indices.numel();  // N = prod(...)
-  c10::DimVector sizes(indices.sizes().begin(), indices.sizes().end());
-  sizes.push_back(bits);
-  at::Tensor out = at::empty(sizes, indices.options().dtype(at::kFloat));  // (..., bits)
+  at::Tensor out = empty_codes(indices, bits);  // (..., bits)
   if (positions == 0) {
     return out;
   }

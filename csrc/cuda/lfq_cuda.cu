@@ -88,9 +88,7 @@ at::Tensor lfq_quantize_cuda(const at::Tensor& z) {
 at::Tensor lfq_codes_cuda(const at::Tensor& indices, int64_t bits) {
   const c10::cuda::CUDAGuard device_guard(indices.device());
   const int64_t positions = indices.numel();  // N = prod(...)
-  c10::DimVector sizes(indices.sizes().begin(), indices.sizes().end());
-  sizes.push_back(bits);
-  at::Tensor out = at::empty(sizes, indices.options().dtype(at::kFloat));  // (..., bits)
+  at::Tensor out = empty_codes(indices, bits);  // (..., bits)
   if (positions == 0) {
     return out;
   }

@@ -69,6 +69,9 @@ HFF_HOST_DEVICE float lfq_code(int64_t index, int64_t bits, int64_t c) {
 void check_lfq_quantize_args(const at::Tensor& z);
 void check_lfq_codes_args(const at::Tensor& indices, int64_t bits);
 
+// The (..., bits) float32 output of lfq_codes on indices' device, uninitialized (csrc/lfq.cpp; Meta, CPU and CUDA).
+at::Tensor empty_codes(const at::Tensor& indices, int64_t bits);
+
 // ---------------------------------------------------------------------------------------------------------------------
 // Kernels: z (..., C) float32/float64/float16/bfloat16 -> (...) int64;  indices (...) any integer -> (..., bits) float32
 // ---------------------------------------------------------------------------------------------------------------------
