@@ -62,6 +62,22 @@ def _seq_logps(tok: torch.Tensor, seq: torch.Tensor, n_seq: int, counts: torch.T
     return out / counts.clamp_min(1) if counts is not None else out
 
 
+def _aux(x, weight, bias, logps, ref, nll, beta: float) -> tuple[torch.Tensor, ...]:
+    """liger's aux tuple: (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
+    chosen_rewards, rejected_rewards), detached; nll is None when the NLL term is off."""
+    n = x.shape[0] // 2
+    d = logps.detach()
+    return (
+        d[:n],
+        d[n:],
+        _logits_mean(x[:n], weight, bias),
+        _logits_mean(x[n:], weight, bias),
+        torch.zeros((), device=x.device) if nll is None else nll.detach(),
+        beta * (d[:n] - ref[:n]),
+        beta * (d[n:] - ref[n:]),
+    )
+
+
 def _ref_logps(ref_x, ref_w, ref_b, y, keep_idx, seq_of, n_seq, counts, rows, given, dtype, buf):
     """(2B,) reference sequence log-probs: given ones, the reference head, or zeros (no reference model)."""
     if given is not None:
@@ -179,16 +195,7 @@ class _ChunkedFusedDPO(torch.autograd.Function):
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
         )
-        beta = opts["loss"]["beta"]
-        aux = (
-            logps[:n],
-            logps[n:],
-            _logits_mean(x[:n], weight, bias),
-            _logits_mean(x[n:], weight, bias),
-            nll if opts["nll"] else torch.zeros((), device=x.device),
-            beta * (logps[:n] - ref[:n]),
-            beta * (logps[n:] - ref[n:]),
-        )
+        aux = _aux(x, weight, bias, logps, ref, nll if opts["nll"] else None, opts["loss"]["beta"])
         ctx.mark_non_differentiable(*aux)
         return (loss, *aux)
 
@@ -209,33 +216,24 @@ def _twopass(x, weight, bias, y, ref_x, ref_w, ref_b, ref_given, opts):
     ig = opts["ignore_index"]
     keep = (y != ig).float()
     counts = keep.sum(1)
-    head = {"backend": opts["kernel_backend"], "chunk_bytes": opts["chunk_bytes"]}
-    tok = linear_logprobs(x, weight, y, bias, ig, **head)
-    logps = tok.sum(1) / counts.clamp_min(1) if opts["average"] else tok.sum(1)
+
+    def seq_logps(h, w, b):  # (2B,) sum or mean over each sequence's tokens, and the (2B, T) token log-probs
+        tok = linear_logprobs(h, w, y, b, ig, chunk_bytes=opts["chunk_bytes"])
+        return (tok.sum(1) / counts.clamp_min(1) if opts["average"] else tok.sum(1)), tok
+
+    logps, tok = seq_logps(x, weight, bias)
     if ref_given is not None:
         ref = ref_given.to(logps.dtype)
     elif ref_x is not None:
         with torch.no_grad():
-            rt = linear_logprobs(ref_x, ref_w, y, ref_b, ig, **head)
-            ref = rt.sum(1) / counts.clamp_min(1) if opts["average"] else rt.sum(1)
+            ref = seq_logps(ref_x, ref_w, ref_b)[0]
     else:
         ref = torch.zeros_like(logps)
     loss = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], **opts["loss"]).mean()
     nll = -tok[:n].sum() / keep[:n].sum().clamp_min(1)
     if opts["nll"]:
         loss = loss + opts["alpha"] * nll
-    beta = opts["loss"]["beta"]
-    d = logps.detach()
-    aux = (
-        logps[:n].detach(),
-        logps[n:].detach(),
-        _logits_mean(x[:n], weight, bias),
-        _logits_mean(x[n:], weight, bias),
-        nll.detach() if opts["nll"] else torch.zeros((), device=x.device),
-        beta * (d[:n] - ref[:n]),
-        beta * (d[n:] - ref[n:]),
-    )
-    return (loss, *aux)
+    return (loss, *_aux(x, weight, bias, logps, ref, nll if opts["nll"] else None, opts["loss"]["beta"]))
 
 
 def fused_linear_dpo_loss(
@@ -319,7 +317,6 @@ def fused_linear_dpo_loss(
         "loss": {"beta": float(beta), "loss_type": loss_type, "label_smoothing": float(label_smoothing),
                  "discopop_tau": float(discopop_tau)},
         "needs": tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)),
-        "kernel_backend": "auto",
     }
     args = (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, ref_given, opts)
     out = _twopass(*args) if backend == "twopass" else _ChunkedFusedDPO.apply(*args)
