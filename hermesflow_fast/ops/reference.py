@@ -13,6 +13,8 @@ needs (full logits included); the fast paths in ``hermesflow_fast.ops`` and ``ke
         z = β (chosen_logratios − rejected_logratios);  sigmoid loss = −logσ(z)   (and the variants below)
     Pair-DPO (HermesFlow), per pair b:
         L = mean_b [ c_und · ℓ(z_und,b) + c_gen · ℓ(z_gen,b) ]
+    nearest code (VQ), per row x_n of x (N, D) over codebook (K, D):
+        index_n = argmin_k ||c_k||² − 2 ⟨x_n, c_k⟩     (= argmin_k ||x_n − c_k||²), the lowest k on ties
 
 Used by: tests/ops/*, bench/bench_logprobs.py, and the CPU fallback of ``ops.lfq``.
 """
@@ -32,6 +34,7 @@ __all__ = [
     "lfq_codes",
     "lfq_quantize",
     "linear_logprobs",
+    "nearest_code",
     "pair_dpo_loss",
     "selective_logprobs",
 ]
@@ -273,3 +276,40 @@ def fused_linear_dpo(
             beta * (logps[n:] - ref[n:]),
         )
     return loss, aux
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nearest code (VQ): chunked over rows, never the full (N, K) distance matrix
+# ---------------------------------------------------------------------------------------------------------------------
+
+NEAREST_CODE_CHUNK_ELEMENTS = 1 << 22  # scores per chunk by default: 16 MB of float32
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """Index of the nearest code of each row: ``argmin_k ||c_k||² − 2 ⟨x_n, c_k⟩``, the lowest k on ties.
+
+    The score drops ||x_n||², which is the same for every k of a row, so its argmin is the argmin of the squared L2
+    distance ||x_n − c_k||². Every path (this one and the C++/CUDA kernels of ``ops.nearest_code``) computes this
+    same score, in float32 for float32/float16/bfloat16 inputs and in float64 for float64: the norms ||c_k||² once,
+    then ``norm − 2 · dot`` per (row, code). Where the scores are exact (e.g. integer-valued inputs of moderate size)
+    all paths agree index for index, ties included; otherwise they can differ only between codes whose scores lie
+    within rounding of each other (the dot products are summed in a different order).
+
+    Ties go to the lowest index (``torch.argmin`` returns the first minimum). A NaN score counts as the minimum, as in
+    ``torch.argmin``: a row with NaN in it gets 0, a code with NaN in it wins every row that has no earlier NaN.
+
+    x (N, D), codebook (K, D), K ≥ 1, same floating dtype and device -> (N,) int64 on x's device.
+    ``chunk_rows`` rows are scored at a time, (chunk_rows, K) scores held at once; by default as many rows as keep a
+    chunk at about 4M scores.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    c = codebook.to(dtype)
+    norms = (c * c).sum(1)  # (K,)
+    if chunk_rows is None:
+        chunk_rows = max(1, NEAREST_CODE_CHUNK_ELEMENTS // max(1, c.shape[0]))
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for start in range(0, x.shape[0], chunk_rows):
+        xs = x[start : start + chunk_rows].to(dtype)  # (n, D)
+        scores = norms - 2 * (xs @ c.t())  # (n, K)
+        out[start : start + chunk_rows] = scores.argmin(1)
+    return out
