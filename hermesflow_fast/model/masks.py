@@ -95,7 +95,9 @@ class OmniMask:
         return mod
 
 
-def as_dense_mask(mask: OmniMask | Tensor | None, B: int, Tq: int, Tk: int, where: str = "attention_mask") -> Tensor | None:
+def as_dense_mask(
+    mask: OmniMask | Tensor | None, B: int, Tq: int, Tk: int, where: str = "attention_mask"
+) -> Tensor | None:
     """A (B, 1, Tq, Tk) bool mask from any accepted form (None stays None), with a clear error on a shape mismatch."""
     if mask is None:
         return None
@@ -107,11 +109,12 @@ def as_dense_mask(mask: OmniMask | Tensor | None, B: int, Tq: int, Tk: int, wher
         raise TypeError(f"{where} must be a bool tensor or an OmniMask, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise ValueError(f"{where} must be bool (True = may attend), got {mask.dtype}")
+    given = tuple(mask.shape)
     if mask.dim() == 3:
         mask = mask.unsqueeze(1)
     if mask.dim() != 4 or mask.shape[0] != B or mask.shape[1] != 1 or mask.shape[-2:] != (Tq, Tk):
         raise ValueError(
-            f"{where} has shape {tuple(mask.shape)}; expected ({B}, {Tq}, {Tk}) or ({B}, 1, {Tq}, {Tk}) "
+            f"{where} has shape {given}; expected ({B}, {Tq}, {Tk}) or ({B}, 1, {Tq}, {Tk}) "
             f"for input of batch {B} with {Tq} queries over {Tk} keys"
         )
     return mask

@@ -1,0 +1,160 @@
+"""Loading and saving the unified transformer: HF Phi layout, Show-o's layout, ours (= HF Phi's).
+
+    folder/config.json                      HF PhiConfig keys (ours adds a "hermesflow" block), or Show-o's wrapper
+                                            config (vocab_size over phi-1.5's sizes)
+    folder/model.safetensors                or model-0000x-of-0000y.safetensors + model.safetensors.index.json,
+    folder/pytorch_model.bin                or pytorch_model-0000x….bin + pytorch_model.bin.index.json
+
+Keys: ``model.layers.N.self_attn.q_proj.weight`` … (HF Phi, ours), the same under ``showo.`` (Show-o), optionally
+behind a ``module.`` prefix (a DDP save). Nothing is unpickled beyond tensors: ``.bin``/``.pt`` files go through
+``torch.load(weights_only=True)``, so a pickle carrying code is refused. Every tensor's shape is checked against the
+config before anything is copied; a mismatch names the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hermesflow_fast.model.config import ModelConfig
+
+__all__ = ["CheckpointError", "load_pretrained", "load_state_dict_file", "map_keys", "read_state_dict",
+           "save_pretrained"]
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old Phi checkpoints carry
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: the message names the file/tensor and what was expected."""
+
+
+def load_state_dict_file(file: str | os.PathLike) -> dict[str, Tensor]:
+    """One weights file → {name: tensor}; safetensors, or a tensors-only pickle (``weights_only=True``)."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+    try:
+        sd = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError for a truncated zip, ...
+        raise CheckpointError(
+            f"{file}: refused to load. Only tensors may be read from a .bin/.pt file (torch.load with "
+            f"weights_only=True); this file holds something else or is corrupt: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(sd).__name__}")
+    return sd
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A weights file, or a folder holding one (single file or sharded with an index)."""
+    path = Path(path)
+    if path.is_file():
+        return load_state_dict_file(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder")
+    for name in _INDEX_FILES:
+        index = path / name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            sd: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                sd.update(load_state_dict_file(path / shard))
+            return sd
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            return load_state_dict_file(path / name)
+    found = sorted(p.name for p in path.iterdir())[:20]
+    raise CheckpointError(f"{path}: no weights file ({', '.join(_WEIGHT_FILES)} or a sharded index); found {found}")
+
+
+def map_keys(sd: dict[str, Tensor], where: str = "checkpoint") -> tuple[dict[str, Tensor], str, list[str]]:
+    """Strip Show-o's ``showo.`` / DDP's ``module.`` prefixes → (our keys, layout name, keys left out)."""
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if any(k.startswith("showo.") for k in sd):
+        layout = "show-o"
+        ours = {k[len("showo."):]: v for k, v in sd.items() if k.startswith("showo.")}
+        left = sorted(k for k in sd if not k.startswith("showo."))
+    else:
+        layout, ours, left = "phi", dict(sd), []
+    dropped = [k for k in ours if k.endswith(_IGNORED_SUFFIXES)]
+    for k in dropped:
+        del ours[k]
+    if not ours:
+        raise CheckpointError(f"{where}: no transformer weights found (keys start with {sorted(sd)[:5]})")
+    return ours, layout, left + dropped
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+
+
+def load_pretrained(cls, path, config: ModelConfig | None = None, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", strict: bool = True):
+    """Build ``cls(config)`` and fill it from ``path`` (see the module docstring for the layouts)."""
+    path = Path(path)
+    if config is None:
+        raw = _read_config(path)
+        if raw is None:
+            raise CheckpointError(f"{path}: no config.json beside the weights; pass config=ModelConfig(...)")
+        config = ModelConfig.from_dict(raw, where=str(path / "config.json" if path.is_dir() else path))
+    sd, layout, left = map_keys(read_state_dict(path), where=str(path))
+    model = cls(config)
+    expected = model.state_dict()
+    for name, t in sd.items():
+        if name in expected and tuple(t.shape) != tuple(expected[name].shape):
+            hint = ""
+            if name.endswith(("embed_tokens.weight", "lm_head.weight", "lm_head.bias")):
+                hint = f" (vocab: config has vocab_size {config.vocab_size}, checkpoint has {t.shape[0]})"
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)} in the checkpoint but "
+                f"{tuple(expected[name].shape)} in the model config{hint}"
+            )
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path} ({layout} layout): {len(missing)} missing tensors {missing[:8]}, "
+            f"{len(unexpected)} unexpected tensors {unexpected[:8]}"
+        )
+    model.load_state_dict(sd, strict=strict)
+    model.loaded_from = {"path": str(path), "layout": layout, "ignored_keys": left}
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def save_pretrained(model, path: str | os.PathLike) -> None:
+    """``config.json`` + ``model.safetensors``, written beside each other in a temp name then renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = path / "model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / "model.safetensors")
+    cfg_tmp = path / "config.json.tmp"
+    cfg_tmp.write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    os.replace(cfg_tmp, path / "config.json")
