@@ -57,7 +57,10 @@ class KVCache:
         t0, t1 = self.length, self.length + k.shape[2]
         self.k[layer, :, :, t0:t1] = k
         self.v[layer, :, :, t0:t1] = v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        k_all, v_all = self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        if k_all.device.type == "cpu":  # CPU SDPA with a mask is ~30× slower on these strided views than a copy
+            return k_all.contiguous(), v_all.contiguous()
+        return k_all, v_all
 
     def reserve(self, n: int) -> None:
         if self.length + n > self.max_len:
