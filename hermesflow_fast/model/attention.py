@@ -1,27 +1,67 @@
-"""Attention backends behind one call: ``attend(q, k, v, mask, backend)``.
+"""Attention backends behind one call: ``attend(q, k, v, mask, backend, scale)``.
 
     q (B, H, Tq, D), k/v (B, H, Tk, D), Tq <= Tk: the queries are the LAST Tq positions (a KV-cached step)
-    mask: OmniMask (structured tags, model/masks.py) | bool (B, Tq, Tk) / (B, 1, Tq, Tk), True = may attend | None
-          (None = full bidirectional attention)
+    mask: OmniMask (structured tags, model/masks.py) | bool (B, Tq, Tk) / (B, 1, Tq, Tk), True = may attend
+          | MaskPlan (from ``prepare(mask)``) | None (= full bidirectional attention)
     -> (B, H, Tq, D)
 
-Backends: "sdpa" (boolean mask, any device: the CPU training path), "eager" (plain matmul/softmax: the dense
-reference the tests compare against).
+Backends (``BACKENDS``):
+  "sdpa"   F.scaled_dot_product_attention with a dense boolean mask; any device, forward + backward (the CPU path).
+  "flex"   FlexAttention with a BlockMask built from ``OmniMask.mask_mod()`` (or a lookup into a dense mask):
+           compiled once per process on CUDA (fully masked 128×128 tiles skipped); on CPU it runs uncompiled and
+           forward only (torch has no CPU backward for it), so a CPU call that needs gradients takes "sdpa" (said
+           once). Compiled CPU flex is not used (inside a compiled model on CPU "flex" runs as "sdpa"): in torch
+           2.13 inductor's CPU flex kernel returned wrong values / NaN for some lengths below the block size.
+  "flash"  flash-attention varlen (FA2 ``flash_attn.flash_attn_varlen_func``; FA4 ``flash_attn.cute`` when that is
+           the one installed), CUDA, bf16/fp16, OmniMask only, exact (no mask tensor at all, see below).
+  "eager"  matmul + softmax in fp32: the dense reference the tests compare against.
+  "auto"   CUDA: "flash" for an OmniMask when flash-attn imports and the dtype is 16-bit, "sdpa" without a mask,
+           else "flex"; CPU: "sdpa". ``resolve_backend`` applies this (and the fallbacks) for a model config.
+
+The flash decomposition (every OmniMask, exact). Per row, the query positions are cut into runs: a maximal run of
+consecutive valid tokens with the same (block, branch) tags. A block run (block b >= 0) is one NON-causal segment;
+its keys are the rule's visible set of its first token, {j : allowed(first, j)} (earlier visible tokens, every member
+of block b wherever it sits, nothing of another branch): every member of the run has exactly this set, since the
+only tokens between two members are members. A causal run is one CAUSAL segment whose keys are the visible tokens
+before the run followed by the run itself; flash's bottom-right aligned causal mask then gives the run's m-th
+token the prefix plus run tokens 0..m, which is the rule. All non-causal segments go in one varlen call, all causal
+ones in another; K/V are gathered per segment (a shared prefix is gathered once per branch that sees it; autograd
+sums the duplicate dK/dV), outputs are scattered back to their rows. Pad queries (valid False) are in no segment
+and their output is 0 (finite; a pad row's output is never read, pads are never keys).
+
+Mask plans (per-mask preprocessing). A transformer calls ``attend`` from every layer with the same mask object, so
+everything derived from a mask (the dense boolean mask, the FlexAttention BlockMask, the varlen segment plan) is
+built once and kept in that mask's ``MaskPlan``. ``prepare(mask)`` returns it: plans are cached by the mask
+object's identity (a weak reference; the entry goes when the mask is garbage collected, at most ``_PLAN_CACHE_SIZE``
+entries), so ``attend(q, k, v, mask)`` from 24 layers builds each structure once. A plan rebuilds if the mask's
+tensors are modified in place (their version counters change). Under ``torch.compile`` of a whole model, call
+``prepare(mask)`` outside the compiled region and pass the plan as the mask.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hermesflow_fast._notice import say_once
 from hermesflow_fast.model.masks import OmniMask, as_dense_mask
 
-__all__ = ["BACKENDS", "attend", "eager_attention"]
+__all__ = ["BACKENDS", "MaskPlan", "VarlenPlan", "attend", "eager_attention", "flash_available",
+           "flex_available", "prepare", "resolve_backend", "varlen_attention"]
 
-BACKENDS = ("auto", "sdpa", "eager")
+BACKENDS = ("auto", "sdpa", "flex", "flash", "eager")
+_HALF = (torch.float16, torch.bfloat16)
+_FLASH_INSTALL = "pip install flash-attn --no-build-isolation"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dense reference
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> Tensor:
@@ -33,15 +73,414 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale:
     return torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
 
 
-def attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: OmniMask | Tensor | None = None, backend: str = "auto",
-    scale: float | None = None,
-) -> Tensor:
-    B, _, Tq, _ = q.shape
+# ---------------------------------------------------------------------------------------------------------------
+# optional kernels
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_FLEX_COMPILED: Callable | None = None
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    """flex_attention, compiled once per process on CUDA (uncompiled it materializes the scores); plain on CPU."""
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention)
+    return _FLEX_COMPILED
+
+
+_FLASH: list = []  # [varlen fn or None], resolved on first use
+
+
+def _load_flash_varlen() -> Callable | None:
+    """The installed flash-attention varlen kernel wrapped to ``_varlen_reference``'s signature, or None."""
+    if not _FLASH:
+        fn = None
+        try:
+            from flash_attn import flash_attn_varlen_func as fa2
+
+            fn = _wrap_flash(fa2, "flash-attn")
+        except ImportError:
+            try:
+                from flash_attn.cute import flash_attn_varlen_func as fa4
+
+                fn = _wrap_flash(fa4, "flash-attn-4")
+            except ImportError:
+                pass
+        _FLASH.append(fn)
+    return _FLASH[0]
+
+
+def flash_available() -> bool:
+    return _load_flash_varlen() is not None
+
+
+def _wrap_flash(kernel: Callable, name: str) -> Callable:
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, softmax_scale=None):
+        if q.dtype not in _HALF:
+            raise ValueError(f"backend='flash' ({name}) needs bf16/fp16 q/k/v, got {q.dtype}; cast the model to "
+                             "bf16, or use backend='flex' or 'sdpa' for fp32")
+        if not q.is_cuda:
+            raise ValueError(f"backend='flash' ({name}) needs CUDA tensors, got {q.device}")
+        out = kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     softmax_scale=softmax_scale, causal=causal)
+        return out[0] if isinstance(out, tuple) else out  # FA4 returns (out, lse)
+
+    varlen.kernel_name = name
+    return varlen
+
+
+def _varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                      max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
+                      softmax_scale: float | None = None) -> Tensor:
+    """FA2's ``flash_attn_varlen_func`` semantics in plain torch (fp32 math, differentiable; for tests and CPU).
+
+    q (total_q, H, D), k/v (total_k, H, D) packed; segment i is q[cu_q[i]:cu_q[i+1]] over k[cu_k[i]:cu_k[i+1]].
+    causal: bottom-right aligned, query m of n sees keys 0 … m + (L − n) of L; a query that sees no key outputs 0.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q has {len(cq)} entries but cu_seqlens_k has {len(ck)}")
+    outs = []
+    for i in range(len(cq) - 1):
+        qs, ks, vs = q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]]
+        n, L = qs.shape[0], ks.shape[0]
+        if n > max_seqlen_q or L > max_seqlen_k:
+            raise ValueError(f"segment {i} has {n} queries / {L} keys, above max_seqlen {max_seqlen_q}/{max_seqlen_k}")
+        if n == 0:
+            continue
+        if L == 0:
+            outs.append(qs.new_zeros(n, qs.shape[1], vs.shape[-1], dtype=torch.float32))
+            continue
+        s = torch.einsum("nhd,lhd->hnl", qs.float(), ks.float()) * scale
+        if causal:
+            see = torch.arange(L, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (L - n)
+            empty = ~see.any(-1, keepdim=True)  # (n, 1): rows that see nothing (only when L < n)
+            s = s.masked_fill(~see, float("-inf")).masked_fill(empty, 0.0)
+            p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+        else:
+            p = torch.softmax(s, dim=-1)
+        outs.append(torch.einsum("hnl,lhd->nhd", p, vs.float()))
+    if not outs:
+        return q.new_zeros(0, q.shape[1], v.shape[-1])
+    return torch.cat(outs).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-mask plans
+
+
+class VarlenPlan:
+    """The flash decomposition of one mask for (B, Tq, Tk): per varlen call (non-causal, causal) the flat query rows
+    (indices into q as (B·Tq, H, D)), the gathered key rows (indices into k/v as (B·Tk, H, D)), cu_seqlens and
+    max lengths. ``q_rows`` are all query rows that get an output (every valid one, exactly once)."""
+
+    def __init__(self, calls: list[tuple[bool, Tensor, Tensor, Tensor, Tensor, int, int]], q_rows: Tensor,
+                 B: int, Tq: int, Tk: int):
+        self.calls = calls  # (causal, q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        self.q_rows = q_rows
+        self.B, self.Tq, self.Tk = B, Tq, Tk
+
+    @property
+    def num_segments(self) -> int:
+        return sum(c[3].numel() - 1 for c in self.calls)
+
+
+def _runs(valid: Tensor, block: Tensor, branch: Tensor) -> list[tuple[int, int]]:
+    """[start, end) of the maximal runs of equal (valid, block, branch) tags (pads collapse into one kind)."""
+    n = valid.numel()
+    if n == 0:
+        return []
+    blk = torch.where(valid, block.clamp(min=-1), torch.full_like(block, -2))
+    br = torch.where(valid, branch, torch.full_like(branch, -1))
+    change = (blk[1:] != blk[:-1]) | (br[1:] != br[:-1])
+    starts = [0] + (torch.nonzero(change).flatten() + 1).tolist()
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def _build_varlen(mask: OmniMask | None, B: int, Tq: int, Tk: int, device: torch.device) -> VarlenPlan:
+    off = Tk - Tq
+    per_call: dict[bool, tuple[list, list, list, list]] = {False: ([], [], [0], [0]), True: ([], [], [0], [0])}
+
+    def add(causal: bool, b: int, q_pos: Tensor, k_pos: Tensor) -> None:
+        qi, ki, cq, ck = per_call[causal]
+        qi.append(b * Tq + q_pos - off)
+        ki.append(b * Tk + k_pos)
+        cq.append(cq[-1] + q_pos.numel())
+        ck.append(ck[-1] + k_pos.numel())
+
+    if mask is None:
+        for b in range(B):
+            add(False, b, torch.arange(off, Tk), torch.arange(Tk))
+    else:
+        valid, block, branch = mask.valid.cpu(), mask.block.cpu().long(), mask.branch.cpu().long()
+        pos = torch.arange(Tk)
+        for b in range(B):
+            vb, kb, rb = valid[b], block[b], branch[b]
+            for s, e in _runs(vb[off:], kb[off:], rb[off:]):
+                S, E = s + off, e + off
+                if not vb[S]:
+                    continue  # pad queries: no segment, output 0
+                r, blk = rb[S], kb[S]
+                sees = vb & ((rb == 0) | (rb == r))  # valid keys of branch 0 or this run's branch
+                own = torch.arange(S, E)
+                if blk >= 0:
+                    add(False, b, own, torch.nonzero(sees & ((pos <= S) | (kb == blk))).flatten())
+                else:
+                    add(True, b, own, torch.cat([torch.nonzero(sees[:S]).flatten(), own]))
+    calls, rows = [], []
+    for causal in (False, True):
+        qi, ki, cq, ck = per_call[causal]
+        if not qi:
+            continue
+        q_idx, k_idx = torch.cat(qi), torch.cat(ki)
+        cu_q, cu_k = torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32)
+        max_q, max_k = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+        calls.append((causal, q_idx.to(device), k_idx.to(device), cu_q.to(device), cu_k.to(device), max_q, max_k))
+        rows.append(q_idx)
+    q_rows = torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.long, device=device)
+    return VarlenPlan(calls, q_rows, B, Tq, Tk)
+
+
+def _alias(mask: OmniMask | Tensor) -> OmniMask | Tensor:
+    """A new object on the same tensors: the plan must not keep the caller's mask object (the cache key) alive."""
+    if isinstance(mask, OmniMask):
+        return OmniMask(mask.valid, mask.block, mask.branch)
+    return mask.detach()
+
+
+class MaskPlan:
+    """Everything the backends derive from one mask, built lazily and kept: ``dense`` (SDPA/eager), ``block_mask``
+    (FlexAttention), ``varlen`` (flash). Get one with ``prepare(mask)``; ``attend`` accepts it as the mask."""
+
+    def __init__(self, mask: OmniMask | Tensor | None, memo: bool = True):
+        if mask is not None and not isinstance(mask, (OmniMask, Tensor)):
+            raise TypeError(f"attention mask must be a bool tensor, an OmniMask or None, got {type(mask).__name__}")
+        self.mask = _alias(mask) if memo and mask is not None else mask
+        self._memo: dict[tuple, object] | None = {} if memo else None
+        self._versions = self._version_key() if memo else ()
+
+    def _version_key(self) -> tuple[int, ...]:
+        m = self.mask
+        if m is None:
+            return ()
+        if isinstance(m, OmniMask):
+            return (m.valid._version, m.block._version, m.branch._version)
+        return (m._version,)
+
+    def _get(self, key: tuple, build: Callable[[], object]):
+        if self._memo is None:  # a throwaway plan (inside torch.compile): build every time
+            return build()
+        versions = self._version_key()
+        if versions != self._versions:  # modified in place since it was planned
+            self._memo.clear()
+            self._versions = versions
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    @property
+    def is_structured(self) -> bool:
+        """True for OmniMask or None (what the flash decomposition needs)."""
+        return self.mask is None or isinstance(self.mask, OmniMask)
+
+    def check(self, B: int, Tq: int, Tk: int) -> None:
+        """Raise a clear error when the mask does not cover (B, Tq queries, Tk keys)."""
+        m = self.mask
+        if isinstance(m, OmniMask):
+            if m.shape != (B, Tk):
+                raise ValueError(f"attention_mask: OmniMask covers {m.shape} (B, T) but the keys are ({B}, {Tk})")
+        elif m is not None:
+            as_dense_mask(m, B, Tq, Tk)
+
+    def dense(self, B: int, Tq: int, Tk: int, device: torch.device) -> Tensor | None:
+        """(B, 1, Tq, Tk) bool on ``device`` (None for no mask)."""
+        if self.mask is None:
+            return None
+        return self._get(("dense", B, Tq, Tk, device), lambda: as_dense_mask(self.mask, B, Tq, Tk).to(device))
+
+    def block_mask(self, B: int, Tq: int, Tk: int, device: torch.device):
+        """FlexAttention BlockMask (None for no mask): queries are positions Tk − Tq …"""
+        if self.mask is None:
+            return None
+
+        def build():
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            self.check(B, Tq, Tk)
+            off = Tk - Tq
+            if isinstance(self.mask, OmniMask):
+                inner = self.mask.to(device).mask_mod()
+
+                def mod(b, h, q_idx, kv_idx):
+                    return inner(b, h, q_idx + off, kv_idx)
+            else:
+                table = as_dense_mask(self.mask, B, Tq, Tk)[:, 0].to(device)  # (B, Tq, Tk)
+
+                def mod(b, h, q_idx, kv_idx):
+                    return table[b, q_idx, kv_idx]
+
+            return create_block_mask(mod, B, None, Tq, Tk, device=device)
+
+        return self._get(("block", B, Tq, Tk, device), build)
+
+    def varlen(self, B: int, Tq: int, Tk: int, device: torch.device) -> VarlenPlan:
+        if not self.is_structured:
+            raise ValueError("backend='flash' needs an OmniMask (or no mask): a dense boolean mask has no exact "
+                             "varlen decomposition; use backend='flex' or 'sdpa' for it")
+        self.check(B, Tq, Tk)
+        return self._get(("varlen", B, Tq, Tk, device), lambda: _build_varlen(self.mask, B, Tq, Tk, device))
+
+
+_PLAN_CACHE_SIZE = 16
+_PLANS: dict[int, tuple[weakref.ref, MaskPlan]] = {}
+
+
+def prepare(mask: OmniMask | Tensor | MaskPlan | None) -> MaskPlan | None:
+    """The (cached) MaskPlan of ``mask``: the same plan for the same mask object while it lives. None stays None."""
+    if mask is None or isinstance(mask, MaskPlan):
+        return mask
+    key = id(mask)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    plan = MaskPlan(mask)
+    while len(_PLANS) >= _PLAN_CACHE_SIZE:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = (weakref.ref(mask), plan)
+    weakref.finalize(mask, _forget, key, _PLANS[key][0])
+    return plan
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is ref:
+        del _PLANS[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backends
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, mask: OmniMask | MaskPlan | None = None,
+                     scale: float | None = None, varlen_fn: Callable | None = None) -> Tensor:
+    """The flash path: ``mask`` decomposed into two varlen calls of ``varlen_fn`` (the installed flash-attention by
+    default; ``_varlen_reference`` runs the same decomposition in plain torch). Pad query rows get 0."""
+    B, H, Tq, D = q.shape
     Tk = k.shape[-2]
+    if varlen_fn is None:
+        varlen_fn = _load_flash_varlen()
+        if varlen_fn is None:
+            raise RuntimeError(f"backend='flash' needs flash-attention: {_FLASH_INSTALL}")
+    plan = prepare(mask) or MaskPlan(None)
+    vp = plan.varlen(B, Tq, Tk, q.device)
+    qf = q.transpose(1, 2).reshape(B * Tq, H, D)
+    kf = k.transpose(1, 2).reshape(B * Tk, H, k.shape[-1])
+    vf = v.transpose(1, 2).reshape(B * Tk, H, v.shape[-1])
+    outs = []
+    for causal, q_idx, k_idx, cu_q, cu_k, max_q, max_k in vp.calls:
+        outs.append(varlen_fn(qf.index_select(0, q_idx), kf.index_select(0, k_idx), vf.index_select(0, k_idx),
+                              cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scale))
+    out = qf.new_zeros(B * Tq, H, v.shape[-1])
+    if outs:
+        out = out.index_copy(0, vp.q_rows, torch.cat(outs) if len(outs) > 1 else outs[0])
+    return out.view(B, Tq, H, -1).transpose(1, 2)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float | None) -> Tensor:
+    fn = _flex_fn(q.device)
+    if q.device.type == "cuda":
+        return fn(q, k, v, block_mask=block_mask, scale=scale)
+    with warnings.catch_warnings():  # the uncompiled CPU path is deliberate (see the module docstring)
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return fn(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def _mask_of(mask):
+    return mask.mask if isinstance(mask, MaskPlan) else mask
+
+
+def resolve_backend(backend: str, device: torch.device | str, mask=None, dtype: torch.dtype | None = None) -> str:
+    """The backend ``attend`` will run for ``backend`` (one of BACKENDS) on ``device`` with ``mask`` (OmniMask, bool
+    tensor, MaskPlan or None) and, if known, the q/k/v ``dtype``: never "auto". A requested fast path that is missing
+    falls back with a one-time FallbackWarning: "flash" without flash-attn → "flex" (CUDA) / "sdpa"; "flash" with a
+    dense mask → "flex"; "flex"/"flash" without CUDA support → "sdpa"."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-    dense = as_dense_mask(mask, B, Tq, Tk)
-    if backend == "eager":
+    cuda = torch.device(device).type == "cuda"
+    m = _mask_of(mask)
+    structured = m is None or isinstance(m, OmniMask)
+    half = dtype is None or dtype in _HALF
+    if backend == "auto":
+        if not cuda or m is None:
+            return "sdpa"  # no mask: SDPA picks its own flash kernel
+        if structured and half and flash_available():
+            return "flash"
+        return "flex" if flex_available() else "sdpa"
+    if backend == "flash":
+        if not cuda:
+            say_once("attn-flash-cpu", "attention backend 'flash' needs CUDA; using 'sdpa' on this device")
+            return "sdpa"
+        fallback = "flex" if flex_available() else "sdpa"
+        if not flash_available():
+            say_once("attn-flash-missing", f"attention backend 'flash': flash-attention is not installed "
+                     f"({_FLASH_INSTALL}); using '{fallback}'")
+            return fallback
+        if not structured:
+            say_once("attn-flash-dense", f"attention backend 'flash' needs an OmniMask, got a dense boolean mask; "
+                     f"using '{fallback}'")
+            return fallback
+        return "flash"
+    if backend == "flex" and not flex_available():
+        say_once("attn-flex-missing", "attention backend 'flex': this torch has no FlexAttention; using 'sdpa'")
+        return "sdpa"
+    return backend
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: OmniMask | Tensor | MaskPlan | None = None, backend: str = "auto",
+    scale: float | None = None,
+) -> Tensor:
+    """Attention of q (B, H, Tq, D) over k/v (B, H, Tk, D) under ``mask`` (see the module docstring)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q/k/v must be (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[-2]
+    if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3] or Tq > Tk:
+        raise ValueError(f"k/v must be (B={B}, H={H}, Tk >= Tq={Tq}, D) like q, got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    compiling = torch.compiler.is_compiling()
+    if compiling and not isinstance(mask, MaskPlan):
+        plan = None if mask is None else MaskPlan(mask, memo=False)  # no id()/weakref cache in a traced graph
+    else:
+        plan = prepare(mask)
+    name = resolve_backend(backend, q.device, plan, q.dtype)
+    if plan is not None:
+        plan.check(B, Tq, Tk)
+    if name == "flex" and q.device.type != "cuda":
+        if compiling:  # inductor's CPU flex kernel gave wrong values in torch 2.13 (module docstring)
+            name = "sdpa"
+        elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            say_once("attn-flex-cpu-backward", "attention backend 'flex' has no backward on CPU (torch); using "
+                     "'sdpa' where gradients are needed")
+            name = "sdpa"
+    if name == "flash":
+        return varlen_attention(q, k, v, plan, scale)
+    if name == "flex":
+        return _flex(q, k, v, plan.block_mask(B, Tq, Tk, q.device) if plan is not None else None, scale)
+    dense = plan.dense(B, Tq, Tk, q.device) if plan is not None else None
+    if name == "eager":
         return eager_attention(q, k, v, dense, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale)
