@@ -17,6 +17,15 @@ from hermesflow_fast.model.tokenizer_vq import PatchVQTokenizer, load_image
 
 SIZE = 16
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (OpenMP threads spinning against a busy 2-core box cost 10× the work)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def _write_images(folder, n, seed=0, prefix="img"):
     """n RGB PNGs of blocky random colours; returns their paths."""

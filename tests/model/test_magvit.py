@@ -15,6 +15,15 @@ TINY = MAGVITv2Config(
     decoder_num_res_blocks=(2, 1, 1), norm_groups=4, resolution=16,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (OpenMP threads spinning against a busy 2-core box cost 10× the work)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def _randomized(cfg: MAGVITv2Config = TINY, seed: int = 0) -> MAGVITv2:
     """A tiny model whose norms and biases are random too, so a wrongly loaded tensor shows in the output."""

@@ -17,6 +17,16 @@ from hermesflow_fast.model.tokenizer_vq import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (OpenMP threads spinning against a busy 2-core box cost 10× the work)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def shapes(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     """n procedural images (n, 3, S, S) in [−1, 1]: a coloured rectangle or disc on a coloured background."""
     g = torch.Generator().manual_seed(seed)
