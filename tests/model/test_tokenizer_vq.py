@@ -131,3 +131,13 @@ def test_bad_tensors_and_codes_are_errors():
         tok.decode(torch.tensor([[0, 8, 1, 2]]))
     with pytest.raises(ValueError, match="fewer than num_codes"):
         PatchVQTokenizer.fit(shapes(1, 8), num_codes=8)
+
+
+def test_empty_codes_are_reseeded_with_the_worst_served_patches():
+    from hermesflow_fast.model.tokenizer_vq import _lloyd_update
+
+    x = torch.tensor([[0.0, 0.0], [0.2, 0.0], [5.0, 5.0], [1.0, 1.0]])
+    assign = torch.tensor([0, 0, 0, 1])  # code 2 is empty
+    err = torch.tensor([0.0, 0.04, 50.0, 0.0])
+    cb = _lloyd_update(x, assign, err, 3)
+    assert torch.allclose(cb[0], x[:3].mean(0)) and torch.equal(cb[1], x[3]) and torch.equal(cb[2], x[2])
