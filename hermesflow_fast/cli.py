@@ -3,6 +3,9 @@
     hermesflow env                       what a bug report needs: torch, CUDA, Triton, extension, optional extras
     hermesflow bench logprobs [ARGS...]  fused head + DPO benchmark (bench/bench_logprobs.py; --help for its flags)
     hermesflow bench dpo [ARGS...]       DPO / Pair-DPO loss benchmark (bench/bench_dpo.py)
+    hermesflow bench nearest [ARGS...]   nearest-code search vs cdist+argmin and the one-hot way (bench_nearest_code.py)
+    hermesflow bench generate KIND ...   caption decoding (KV cache) and MaskGIT sampling (bench/bench_generate.py)
+    hermesflow tokenize SOURCE ...       images (folder or records JSONL) → token cache (safetensors shards + index)
     hermesflow demo                      the fused-op demo: ours vs the naive path at Show-o's head shape
 """
 
@@ -117,6 +120,39 @@ def bench_logprobs(args: tuple[str, ...]) -> None:
 def bench_dpo(args: tuple[str, ...]) -> None:
     """DPO / Pair-DPO loss on sequence log-probs."""
     _run_bench("bench.bench_dpo", args)
+
+
+@bench.command("nearest", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_nearest(args: tuple[str, ...]) -> None:
+    """Nearest-code search: ours vs torch.cdist+argmin and the full-distance one-hot way."""
+    _run_bench("bench.bench_nearest_code", args)
+
+
+@bench.command("generate", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_generate(args: tuple[str, ...]) -> None:
+    """Generation: `decode` (KV cache vs recomputation), `maskgit` (batched CFG + text cache), or `all`."""
+    _run_bench("bench.bench_generate", args or ("all",))
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(exists=True),
+              help="local image tokenizer folder (MAGVIT-v2 weights or a patch-VQ save)")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="token cache folder (resumable)")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--shard-size", default=4096, show_default=True, help="records per safetensors shard")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+def tokenize(source: str, tokenizer_path: str, out_dir: str, batch_size: int, shard_size: int, device: str) -> None:
+    """Tokenize images once: SOURCE is a folder of images or a records JSONL (`id`, `image`).
+
+    Rerunning continues where a previous run stopped; unreadable images are listed in OUT/errors.jsonl."""
+    from hermesflow_fast.data.token_cache import tokenize_command
+
+    summary = tokenize_command(source, tokenizer_path, out_dir, batch_size=batch_size, shard_size=shard_size,
+                               device=device)
+    click.echo(str(summary))
 
 
 @main.command()

@@ -30,3 +30,33 @@ def test_bench_logprobs_wrapper_writes_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     assert {r["kernel_provider"] for r in rows} == {"naive", "ours"}
+
+
+def test_tokenize_command_builds_a_resumable_cache(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from hermesflow_fast.data.token_cache import TokenCache
+    from hermesflow_fast.model.tokenizer_vq import PatchVQTokenizer, load_image
+
+    imgs = torch.rand(6, 3, 16, 16) * 2 - 1
+    tok = PatchVQTokenizer.fit(imgs, num_codes=8, seed=0, iters=2)
+    tok.save_pretrained(tmp_path / "vq")
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(3):
+        arr = ((imgs[i].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(src / f"img{i}.png")
+    (src / "broken.png").write_bytes(b"not a png")
+    args = ["tokenize", str(src), "--tokenizer", str(tmp_path / "vq"), "--out", str(tmp_path / "cache")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "3 written" in first.output and "1 error" in first.output and "broken.png" in (
+        tmp_path / "cache" / "errors.jsonl").read_text()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "0 written" in again.output
+    cache = TokenCache(tmp_path / "cache")
+    assert len(cache) == 3
+    expect = tok.encode(load_image(src / "img1.png", 16).unsqueeze(0))[0]
+    assert torch.equal(cache["img1"], expect)
