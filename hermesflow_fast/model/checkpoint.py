@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +48,22 @@ def load_state_dict_file(file: str | os.PathLike) -> dict[str, Tensor]:
         try:
             return load_file(str(file))
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
-            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
+            raise CheckpointError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     try:
         sd = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError for a truncated zip, ...
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
-            f"{file}: refused to load. Only tensors may be read from a .bin/.pt file (torch.load with "
-            f"weights_only=True); this file holds something else or is corrupt: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            f"{file}: refused to unpickle: only tensors and plain containers are loaded (torch.load with "
+            f"weights_only=True), and this file carries other objects or code, or is corrupt ({first})"
         ) from exc
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(sd).__name__}")
-    return sd
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{file}: not a readable torch weights file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]  # a Lightning-style checkpoint
+    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file}: expected a mapping of name → tensor, got {type(sd).__name__}")
+    return dict(sd)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -48,7 +48,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hermesflow_fast.model.checkpoint import load_state_dict_file
 from hermesflow_fast.ops.lfq import lfq_codes, lfq_quantize
 
 __all__ = [
@@ -527,7 +527,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
                                     f"read from a local path only)")
         sd: dict[str, Tensor] = {}
         for f in files:
-            part = _read_file(f)
+            part = load_state_dict_file(f)
             dup = sorted(set(sd) & set(part))
             if dup:
                 raise ValueError(f"{f}: tensors {dup[:5]} are also in another weights file of {path}")
@@ -535,32 +535,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         return sd
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file or folder (weights are read from a local path only)")
-    return _read_file(path)
-
-
-def _read_file(file: Path) -> dict[str, Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(file))
-        except Exception as exc:  # safetensors raises several types for a bad header
-            raise ValueError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
-    try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(
-            f"{file}: refused to unpickle: only tensors and plain containers are loaded (torch.load with "
-            f"weights_only=True), and this file carries other objects or code, or is corrupt ({first})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{file}: not a readable torch weights file ({type(exc).__name__}: {exc})") from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]  # a Lightning-style checkpoint
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{file}: expected a mapping of name → tensor, got {type(obj).__name__}")
-    return dict(obj)
+    return load_state_dict_file(path)
 
 
 _KEY_REWRITES: tuple[tuple[re.Pattern[str], Any], ...] = (

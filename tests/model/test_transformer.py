@@ -151,7 +151,7 @@ def test_pickle_carrying_code_is_refused(tmp_path):
     sd["payload"] = _Evil()
     torch.save(sd, folder / "pytorch_model.bin")
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refused to load.*weights_only"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refused to unpickle.*weights_only"):
         UnifiedTransformer.from_pretrained(folder)
 
 
