@@ -40,6 +40,7 @@ tensors are modified in place (their version counters change). Under ``torch.com
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 import weakref
@@ -104,20 +105,21 @@ _FLASH: list = []  # [varlen fn or None], resolved on first use
 
 
 def _load_flash_varlen() -> Callable | None:
-    """The installed flash-attention varlen kernel wrapped to ``_varlen_reference``'s signature, or None."""
+    """The installed flash-attention varlen kernel wrapped to ``_varlen_reference``'s signature, or None. FA2
+    (``flash_attn``) first, then FA4 (``flash_attn.cute``, package flash-attn-4). A package that is present but fails
+    to import (built for another torch/CUDA) counts as missing; the error is said once."""
     if not _FLASH:
         fn = None
-        try:
-            from flash_attn import flash_attn_varlen_func as fa2
-
-            fn = _wrap_flash(fa2, "flash-attn")
-        except ImportError:
+        for module, name in (("flash_attn", "flash-attn"), ("flash_attn.cute", "flash-attn-4")):
             try:
-                from flash_attn.cute import flash_attn_varlen_func as fa4
-
-                fn = _wrap_flash(fa4, "flash-attn-4")
-            except ImportError:
-                pass
+                kernel = importlib.import_module(module).flash_attn_varlen_func
+            except (ModuleNotFoundError, AttributeError):  # flash-attn-4 alone has flash_attn/ without the FA2 API
+                continue
+            except Exception as e:  # an ABI mismatch raises ImportError/OSError/RuntimeError at import
+                say_once(f"attn-{name}-broken", f"{name} is installed but does not import ({type(e).__name__}: {e})")
+                continue
+            fn = _wrap_flash(kernel, name)
+            break
         _FLASH.append(fn)
     return _FLASH[0]
 

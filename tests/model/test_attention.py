@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import random
+import sys
+import types
 
 import pytest
 import torch
@@ -401,3 +403,22 @@ def test_flash_on_cpu_attend_falls_back_to_sdpa(fresh_notices):
     with pytest.warns(FallbackWarning, match="needs CUDA"):
         out = A.attend(q, k, v, mask, backend="flash")
     torch.testing.assert_close(out, reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_flash_loader_prefers_fa2_then_fa4(monkeypatch):
+    def kernel(*args, **kwargs):
+        return "called", args, kwargs
+
+    fa2, fa4 = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    fa4.flash_attn_varlen_func = kernel
+    monkeypatch.setitem(sys.modules, "flash_attn", fa2)  # flash-attn-4 alone: flash_attn/ without the FA2 API
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", fa4)
+    monkeypatch.setattr(A, "_FLASH", [])
+    fn = A._load_flash_varlen()
+    assert fn is not None and fn.kernel_name == "flash-attn-4" and A.flash_available()
+    fa2.flash_attn_varlen_func = kernel
+    monkeypatch.setattr(A, "_FLASH", [])
+    assert A._load_flash_varlen().kernel_name == "flash-attn"
+    q = torch.randn(4, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        fn(q, q, q, None, None, 4, 4)
