@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hermesflow_fast.model import attention as _attention
-from hermesflow_fast.model.attention import attend
+from hermesflow_fast.model.attention import attend, resolve_backend
 from hermesflow_fast.model.config import ModelConfig
 from hermesflow_fast.model.masks import OmniMask, as_dense_mask
 
@@ -243,7 +242,10 @@ class UnifiedTransformer(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(T, Tk, dtype=torch.bool, device=input_ids.device).tril(past)
             attention_mask = attention_mask.expand(B, 1, T, Tk)
-        backend = _attention.resolve_backend(self.config.attn_backend, input_ids.device, attention_mask)
+        dev = input_ids.device
+        act_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+                     else self.model.embed_tokens.weight.dtype)
+        backend = resolve_backend(self.config.attn_backend, dev, attention_mask, act_dtype)
         if cache is not None or backend in ("sdpa", "eager") or not isinstance(attention_mask, OmniMask):
             attention_mask = as_dense_mask(attention_mask, B, T, Tk)  # once per forward, not per layer
             if backend not in ("sdpa", "eager"):
