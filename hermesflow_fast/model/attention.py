@@ -46,6 +46,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -200,35 +201,36 @@ class VarlenPlan:
         return sum(c[3].numel() - 1 for c in self.calls)
 
 
-def _runs(valid: Tensor, block: Tensor, branch: Tensor) -> list[tuple[int, int]]:
+def _runs(valid: np.ndarray, block: np.ndarray, branch: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of the maximal runs of equal (valid, block, branch) tags (pads collapse into one kind)."""
-    n = valid.numel()
+    n = valid.size
     if n == 0:
         return []
-    blk = torch.where(valid, block.clamp(min=-1), torch.full_like(block, -2))
-    br = torch.where(valid, branch, torch.full_like(branch, -1))
-    change = (blk[1:] != blk[:-1]) | (br[1:] != br[:-1])
-    starts = [0] + (torch.nonzero(change).flatten() + 1).tolist()
+    blk = np.where(valid, np.maximum(block, -1), -2)
+    br = np.where(valid, branch, -1)
+    starts = [0] + (np.flatnonzero((blk[1:] != blk[:-1]) | (br[1:] != br[:-1])) + 1).tolist()
     return list(zip(starts, starts[1:] + [n]))
 
 
 def _build_varlen(mask: OmniMask | None, B: int, Tq: int, Tk: int, device: torch.device) -> VarlenPlan:
+    """Segments per the module docstring; built on the host (numpy: a few small ops per run) and moved once."""
     off = Tk - Tq
     per_call: dict[bool, tuple[list, list, list, list]] = {False: ([], [], [0], [0]), True: ([], [], [0], [0])}
 
-    def add(causal: bool, b: int, q_pos: Tensor, k_pos: Tensor) -> None:
+    def add(causal: bool, b: int, q_pos: np.ndarray, k_pos: np.ndarray) -> None:
         qi, ki, cq, ck = per_call[causal]
         qi.append(b * Tq + q_pos - off)
         ki.append(b * Tk + k_pos)
-        cq.append(cq[-1] + q_pos.numel())
-        ck.append(ck[-1] + k_pos.numel())
+        cq.append(cq[-1] + q_pos.size)
+        ck.append(ck[-1] + k_pos.size)
 
     if mask is None:
         for b in range(B):
-            add(False, b, torch.arange(off, Tk), torch.arange(Tk))
+            add(False, b, np.arange(off, Tk), np.arange(Tk))
     else:
-        valid, block, branch = mask.valid.cpu(), mask.block.cpu().long(), mask.branch.cpu().long()
-        pos = torch.arange(Tk)
+        valid = mask.valid.cpu().numpy()
+        block, branch = mask.block.cpu().numpy().astype(np.int64), mask.branch.cpu().numpy().astype(np.int64)
+        pos = np.arange(Tk)
         for b in range(B):
             vb, kb, rb = valid[b], block[b], branch[b]
             for s, e in _runs(vb[off:], kb[off:], rb[off:]):
@@ -237,19 +239,20 @@ def _build_varlen(mask: OmniMask | None, B: int, Tq: int, Tk: int, device: torch
                     continue  # pad queries: no segment, output 0
                 r, blk = rb[S], kb[S]
                 sees = vb & ((rb == 0) | (rb == r))  # valid keys of branch 0 or this run's branch
-                own = torch.arange(S, E)
+                own = np.arange(S, E)
                 if blk >= 0:
-                    add(False, b, own, torch.nonzero(sees & ((pos <= S) | (kb == blk))).flatten())
+                    add(False, b, own, np.flatnonzero(sees & ((pos <= S) | (kb == blk))))
                 else:
-                    add(True, b, own, torch.cat([torch.nonzero(sees[:S]).flatten(), own]))
+                    add(True, b, own, np.concatenate([np.flatnonzero(sees[:S]), own]))
     calls, rows = [], []
     for causal in (False, True):
         qi, ki, cq, ck = per_call[causal]
         if not qi:
             continue
-        q_idx, k_idx = torch.cat(qi), torch.cat(ki)
+        q_idx = torch.from_numpy(np.concatenate(qi).astype(np.int64))
+        k_idx = torch.from_numpy(np.concatenate(ki).astype(np.int64))
         cu_q, cu_k = torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32)
-        max_q, max_k = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+        max_q, max_k = int(np.diff(cq).max()), int(np.diff(ck).max())
         calls.append((causal, q_idx.to(device), k_idx.to(device), cu_q.to(device), cu_k.to(device), max_q, max_k))
         rows.append(q_idx)
     q_rows = torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.long, device=device)

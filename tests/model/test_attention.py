@@ -269,6 +269,20 @@ def test_flash_decomposition_matches_eager(name, Tq):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_flash_decomposition_exact_for_random_tags(seed):
+    """Any tags decompose exactly (blocks in pieces, mixed branches, pads anywhere), not only Show-o's layouts."""
+    g = torch.Generator().manual_seed(seed)
+    B, Tk = 4, 16
+    mask = OmniMask(torch.rand(B, Tk, generator=g) > 0.2, torch.randint(-1, 3, (B, Tk), generator=g, dtype=torch.int32),
+                    torch.randint(0, 3, (B, Tk), generator=g, dtype=torch.int32))
+    for Tq in (Tk, 5):
+        q, k, v = qkv(B, Tq, Tk)
+        keep = valid_rows(mask, Tq)
+        out = A.varlen_attention(q, k, v, mask, varlen_fn=A._varlen_reference)
+        torch.testing.assert_close(out * keep, reference(q, k, v, mask) * keep, atol=1e-5, rtol=1e-5)
+
+
 def test_flash_decomposition_segments():
     """Show-o t2i = one non-causal + one causal segment per row; a t2i pair = 2 non-causal + 1 causal; pads none."""
     B, cpu = 3, torch.device("cpu")
