@@ -35,7 +35,8 @@ built once and kept in that mask's ``MaskPlan``. ``prepare(mask)`` returns it: p
 object's identity (a weak reference; the entry goes when the mask is garbage collected, at most ``_PLAN_CACHE_SIZE``
 entries), so ``attend(q, k, v, mask)`` from 24 layers builds each structure once. A plan rebuilds if the mask's
 tensors are modified in place (their version counters change). Under ``torch.compile`` of a whole model, call
-``prepare(mask)`` outside the compiled region and pass the plan as the mask.
+``prepare(mask)`` outside the compiled region and pass the plan as the mask (a traced ``attend`` given a raw mask
+skips the cache and rebuilds on every call).
 """
 
 from __future__ import annotations
