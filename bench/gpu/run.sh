@@ -11,6 +11,7 @@
 #   bench_bf16 bench_logprobs --device cuda --dtype bf16, 1k..16k tokens, 10 reps   -> $OUT/logprobs_gpu.csv
 #   bench_fp32 the same in fp32 at 2k and 8k tokens                                 -> $OUT/logprobs_gpu.csv
 #   bench_dpo  bench_dpo --device cuda                                               -> $OUT/dpo_gpu.csv
+#   bench_nc   bench_nearest_code --device cuda, N=16384, K 512..16384, D 8/13/256   -> $OUT/nearest_code_gpu.csv
 #   plots      bench.plot of both CSVs (when matplotlib is there)                    -> $OUT/plots/
 # A wall-clock budget (HFF_GPU_BUDGET_S, default 420 s) caps every step's timeout, so the whole run stays under
 # 8 minutes; $OUT/summary.txt has one line per step: name, exit code, seconds. Exit code: 0 when every step passed.
@@ -99,6 +100,7 @@ step bench_bf16 170 60 "$PY" -m bench.bench_logprobs --device cuda --dtype bf16 
 step bench_fp32 80 30 "$PY" -m bench.bench_logprobs --device cuda --dtype fp32 --tokens 2048,8192 --reps 5 \
     --out "$OUT/logprobs_gpu.csv"
 step bench_dpo 30 30 "$PY" -m bench.bench_dpo --device cuda --reps 50 --out "$OUT/dpo_gpu.csv"
+step bench_nc 40 45 "$PY" -m bench.bench_nearest_code --device cuda --reps 20 --check --out "$OUT/nearest_code_gpu.csv"
 step plots 30 10 bash -c plots
 
 echo "== summary ($((SECONDS - START))s of ${BUDGET}s budget; logs and CSVs in $OUT)"
