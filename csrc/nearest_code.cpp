@@ -39,8 +39,9 @@ void check_nearest_code_args(const at::Tensor& x, const at::Tensor& codebook) {
   TORCH_CHECK_VALUE(x.scalar_type() == codebook.scalar_type(),
                     "nearest_code: x and codebook must have the same dtype, got x ", x.scalar_type(),
                     " and codebook ", codebook.scalar_type());
-  TORCH_CHECK_VALUE(x.device() == codebook.device(), "nearest_code: x and codebook must be on the same device, got x on ",
-                    x.device(), " and codebook on ", codebook.device());
+  TORCH_CHECK_VALUE(x.device() == codebook.device(),
+                    "nearest_code: x and codebook must be on the same device, got x on ", x.device(),
+                    " and codebook on ", codebook.device());
   const c10::SymInt& codes = codebook.sym_size(0);
   TORCH_CHECK_VALUE(codes >= 1 && codes <= kNearestCodeMaxCodes, "nearest_code: codebook must have between 1 and ",
                     kNearestCodeMaxCodes, " rows (K), got shape ", codebook.sym_sizes());

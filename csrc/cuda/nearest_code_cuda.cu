@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kThreads)
   int best_k[kPerThread];
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
-    best[i] = positive_infinity<acc_t>();  // (+inf, INT_MAX) loses to every candidate, an +inf score at a real index included
+    // (+inf, INT_MAX) loses to every candidate, an +inf score at a real index included
+    best[i] = positive_infinity<acc_t>();
     best_k[i] = INT_MAX;
   }
 
