@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hermesflow_fast.model.layout import Layout, Sequences
@@ -159,7 +160,8 @@ def generate_text(
     ids, pos, mask = _left_align(seqs)
     B, T = ids.shape
     Kr = num_return_sequences
-    text_cols = slice(0, v.text_vocab_size)  # captions are text: image codes and specials are never emitted
+    W_text = model.lm_head.weight[: v.text_vocab_size]  # captions are text: codes and specials are never emitted
+    b_text = model.lm_head.bias[: v.text_vocab_size]
     out = torch.full((B * Kr, max_new_tokens), v.pad, dtype=torch.long, device=dev)
     done = torch.zeros(B * Kr, dtype=torch.bool, device=dev)
     if use_cache:
@@ -176,7 +178,7 @@ def generate_text(
         h = model(ids, mask, pos)[:, -1]
     last_pos = pos[:, -1].repeat_interleave(Kr, 0) if use_cache else pos[:, -1]
     for t in range(max_new_tokens):
-        logits = model.lm_head(h)[:, text_cols]
+        logits = F.linear(h, W_text, b_text)  # (rows, text vocab): the head on the last position only
         tok = _next_token(logits, temperature, top_k, generator)
         tok = torch.where(done, torch.full_like(tok, v.pad), tok)
         out[:, t] = tok

@@ -16,7 +16,7 @@ def test_generate_bench_writes_rows_and_plot(tmp_path):
             "--batch", "2", "--grid", "2", "--codes", "16", "--text-len", "6", "--steps", "2", "--prompts", "2",
             "--images", "2", "--reps", "1", "--warmup", "0", "--out", str(out), "--plot", str(png)]
     rows = bench_generate.main(argv)
-    assert {r["kernel_provider"] for r in rows} == {"recompute", "kv_cache", "kv_cache_batched", "two_pass",
+    assert {r["kernel_provider"] for r in rows} == {"original", "recompute", "kv_cache", "kv_cache_batched", "two_pass",
                                                     "batched_cfg", "ours"}
-    assert len(utils.read_rows(out)) == 6 and png.stat().st_size > 0
+    assert len(utils.read_rows(out)) == 7 and png.stat().st_size > 0
     assert all(float(r["y_value_50"]) > 0 for r in rows)
