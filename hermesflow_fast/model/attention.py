@@ -202,14 +202,18 @@ class VarlenPlan:
         return sum(c[3].numel() - 1 for c in self.calls)
 
 
-def _runs(valid: np.ndarray, block: np.ndarray, branch: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) of the maximal runs of equal (valid, block, branch) tags (pads collapse into one kind)."""
+def _runs(valid: np.ndarray, block: np.ndarray, branch: np.ndarray, segment: np.ndarray | None = None
+          ) -> list[tuple[int, int]]:
+    """[start, end) of the maximal runs of equal (valid, block, branch, segment) tags (pads collapse into one kind)."""
     n = valid.size
     if n == 0:
         return []
     blk = np.where(valid, np.maximum(block, -1), -2)
     br = np.where(valid, branch, -1)
-    starts = [0] + (np.flatnonzero((blk[1:] != blk[:-1]) | (br[1:] != br[:-1])) + 1).tolist()
+    cut = (blk[1:] != blk[:-1]) | (br[1:] != br[:-1])
+    if segment is not None:
+        cut |= segment[1:] != segment[:-1]
+    starts = [0] + (np.flatnonzero(cut) + 1).tolist()
     return list(zip(starts, starts[1:] + [n]))
 
 
@@ -231,15 +235,16 @@ def _build_varlen(mask: OmniMask | None, B: int, Tq: int, Tk: int, device: torch
     else:
         valid = mask.valid.cpu().numpy()
         block, branch = mask.block.cpu().numpy().astype(np.int64), mask.branch.cpu().numpy().astype(np.int64)
+        segment = mask.segments().cpu().numpy().astype(np.int64)
         pos = np.arange(Tk)
         for b in range(B):
-            vb, kb, rb = valid[b], block[b], branch[b]
-            for s, e in _runs(vb[off:], kb[off:], rb[off:]):
+            vb, kb, rb, sb = valid[b], block[b], branch[b], segment[b]
+            for s, e in _runs(vb[off:], kb[off:], rb[off:], sb[off:]):
                 S, E = s + off, e + off
                 if not vb[S]:
                     continue  # pad queries: no segment, output 0
                 r, blk = rb[S], kb[S]
-                sees = vb & ((rb == 0) | (rb == r))  # valid keys of branch 0 or this run's branch
+                sees = vb & (sb == sb[S]) & ((rb == 0) | (rb == r))  # own sequence; branch 0 or this run's
                 own = np.arange(S, E)
                 if blk >= 0:
                     add(False, b, own, np.flatnonzero(sees & ((pos <= S) | (kb == blk))))
@@ -263,7 +268,7 @@ def _build_varlen(mask: OmniMask | None, B: int, Tq: int, Tk: int, device: torch
 def _alias(mask: OmniMask | Tensor) -> OmniMask | Tensor:
     """A new object on the same tensors: the plan must not keep the caller's mask object (the cache key) alive."""
     if isinstance(mask, OmniMask):
-        return OmniMask(mask.valid, mask.block, mask.branch)
+        return OmniMask(*mask.tensors)
     return mask.detach()
 
 
@@ -283,7 +288,7 @@ class MaskPlan:
         if m is None:
             return ()
         if isinstance(m, OmniMask):
-            return (m.valid._version, m.block._version, m.branch._version)
+            return tuple(t._version for t in m.tensors)
         return (m._version,)
 
     def _get(self, key: tuple, build: Callable[[], object]):

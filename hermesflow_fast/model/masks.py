@@ -2,13 +2,14 @@
 tags that every attention backend reads (dense boolean for SDPA, ``mask_mod`` for FlexAttention, varlen segments for
 flash-attention).
 
-Per token of each row, three tags:
+Per token of each row, three tags and an optional fourth:
 
-    valid  (B, T) bool   False for padding: a pad is never attended as a key
-    block  (B, T) int32  -1: a causal token; b >= 0: member of bidirectional block b (members see each other)
-    branch (B, T) int32  0: shared, seen by every later token; k > 0: seen only by tokens of branch k
+    valid   (B, T) bool   False for padding: a pad is never attended as a key
+    block   (B, T) int32  -1: a causal token; b >= 0: member of bidirectional block b (members see each other)
+    branch  (B, T) int32  0: shared, seen by every later token; k > 0: seen only by tokens of branch k
+    segment (B, T) int32  optional: several packed sequences in one row; tokens see only their own segment
 
-    allowed(i, j) = (i == j) or ( valid[j]
+    allowed(i, j) = (i == j) or ( valid[j] and segment[i] == segment[j]
                                   and (branch[j] == 0 or branch[j] == branch[i])
                                   and (j <= i or (block[i] >= 0 and block[i] == block[j])) )
 
@@ -42,12 +43,13 @@ class OmniMask:
     valid: Tensor  # (B, T) bool
     block: Tensor  # (B, T) int32
     branch: Tensor  # (B, T) int32
+    segment: Tensor | None = None  # (B, T) int32; None = one sequence per row
 
     def __post_init__(self) -> None:
         shape = self.valid.shape
         if self.valid.dim() != 2:
             raise ValueError(f"OmniMask.valid must be (B, T), got shape {tuple(shape)}")
-        for name in ("block", "branch"):
+        for name in ("block", "branch") + (("segment",) if self.segment is not None else ()):
             t = getattr(self, name)
             if t.shape != shape:
                 raise ValueError(f"OmniMask.{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like valid")
@@ -64,17 +66,28 @@ class OmniMask:
         tags = torch.full(valid.shape, -1, dtype=torch.int32, device=valid.device)
         return cls(valid.bool(), tags, torch.zeros_like(tags))
 
+    @property
+    def tensors(self) -> tuple[Tensor, ...]:
+        """(valid, block, branch[, segment]): what a copy or a cache key needs."""
+        return (self.valid, self.block, self.branch) + ((self.segment,) if self.segment is not None else ())
+
     def to(self, device: torch.device | str) -> OmniMask:
-        return OmniMask(self.valid.to(device), self.block.to(device), self.branch.to(device))
+        return OmniMask(*(t.to(device) for t in self.tensors))
 
     def __getitem__(self, rows) -> OmniMask:
-        return OmniMask(self.valid[rows], self.block[rows], self.branch[rows])
+        return OmniMask(*(t[rows] for t in self.tensors))
+
+    def segments(self) -> Tensor:
+        """(B, T) int32 segment ids (zeros when there is one sequence per row)."""
+        return self.segment if self.segment is not None else torch.zeros_like(self.block)
 
     def allowed(self, b: Tensor, i: Tensor, j: Tensor) -> Tensor:
         """The rule on index tensors (broadcasting); the one definition dense() and FlexAttention's mask_mod use."""
         bi, bj = self.block[b, i], self.block[b, j]
         ri, rj = self.branch[b, i], self.branch[b, j]
         see = self.valid[b, j] & ((rj == 0) | (rj == ri)) & ((j <= i) | ((bi >= 0) & (bi == bj)))
+        if self.segment is not None:
+            see = see & (self.segment[b, i] == self.segment[b, j])
         return see | (i == j)
 
     def dense(self, q_start: int = 0) -> Tensor:

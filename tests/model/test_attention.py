@@ -270,12 +270,15 @@ def test_flash_decomposition_matches_eager(name, Tq):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_flash_decomposition_exact_for_random_tags(seed):
-    """Any tags decompose exactly (blocks in pieces, mixed branches, pads anywhere), not only Show-o's layouts."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_decomposition_exact_for_random_tags(seed, packed):
+    """Any tags decompose exactly (blocks in pieces, mixed branches, pads anywhere, several packed sequences per row),
+    not only Show-o's layouts."""
     g = torch.Generator().manual_seed(seed)
     B, Tk = 4, 16
+    segment = torch.randint(0, 2, (B, Tk), generator=g, dtype=torch.int32).cumsum(1) if packed else None
     mask = OmniMask(torch.rand(B, Tk, generator=g) > 0.2, torch.randint(-1, 3, (B, Tk), generator=g, dtype=torch.int32),
-                    torch.randint(0, 3, (B, Tk), generator=g, dtype=torch.int32))
+                    torch.randint(0, 3, (B, Tk), generator=g, dtype=torch.int32), segment)
     for Tq in (Tk, 5):
         q, k, v = qkv(B, Tq, Tk)
         keep = valid_rows(mask, Tq)
