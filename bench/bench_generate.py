@@ -43,7 +43,7 @@ def original_decode(model, layout, codes, prompts, new: int) -> list[list[int]]:
     """Show-o's mmu_generate as the baseline: batch 1, no cache, full logits (T, V) every step, argmax of the last
     row over the text vocabulary (greedy; the same tokens as ours)."""
     v = layout.vocab
-    s = layout.mmu(codes, prompts, answers=None, sot=True, pad_to=False)
+    s = layout.mmu(codes.cpu(), prompts, answers=None, sot=True, pad_to=False).to(codes.device)
     ids, mask = s.input_ids, s.mask.dense()
     out = []
     for _ in range(new):
@@ -54,7 +54,7 @@ def original_decode(model, layout, codes, prompts, new: int) -> list[list[int]]:
             break
         ids = torch.cat([ids, tok[:, None]], 1)
         T = ids.shape[1]
-        grown = torch.zeros(1, T, T, dtype=torch.bool)
+        grown = torch.zeros(1, T, T, dtype=torch.bool, device=ids.device)
         grown[:, :-1, :-1] = mask
         grown[:, -1] = True  # the new token sees everything before it and itself
         mask = grown

@@ -12,6 +12,8 @@
 #   bench_fp32 the same in fp32 at 2k and 8k tokens                                 -> $OUT/logprobs_gpu.csv
 #   bench_dpo  bench_dpo --device cuda                                               -> $OUT/dpo_gpu.csv
 #   bench_nc   bench_nearest_code --device cuda, N=16384, K 512..16384, D 8/13/256   -> $OUT/nearest_code_gpu.csv
+#   bench_gen  bench_generate all --device cuda at Show-o-512's backbone (random weights): caption decoding
+#              (original / recompute / KV cache) and MaskGIT at 16×16 tokens, 8,192 codes  -> $OUT/generate_gpu.csv
 #   plots      bench.plot of both CSVs (when matplotlib is there)                    -> $OUT/plots/
 # A wall-clock budget (HFF_GPU_BUDGET_S, default 420 s) caps every step's timeout, so the whole run stays under
 # 8 minutes; $OUT/summary.txt has one line per step: name, exit code, seconds. Exit code: 0 when every step passed.
@@ -97,10 +99,13 @@ fi
 step pytest 100 25 "$PY" -m pytest -q -m gpu tests
 step bench_bf16 170 60 "$PY" -m bench.bench_logprobs --device cuda --dtype bf16 --tokens 1024,2048,4096,8192,16384 \
     --reps 10 --check --out "$OUT/logprobs_gpu.csv"
-step bench_fp32 80 30 "$PY" -m bench.bench_logprobs --device cuda --dtype fp32 --tokens 2048,8192 --reps 5 \
-    --out "$OUT/logprobs_gpu.csv"
 step bench_dpo 30 30 "$PY" -m bench.bench_dpo --device cuda --reps 50 --out "$OUT/dpo_gpu.csv"
 step bench_nc 40 45 "$PY" -m bench.bench_nearest_code --device cuda --reps 20 --check --out "$OUT/nearest_code_gpu.csv"
+step bench_gen 100 20 "$PY" -m bench.bench_generate all --device cuda --d 2048 --layers 24 --heads 32 --batch 16 \
+    --grid 16 --codes 8192 --text-len 129 --steps 16 --prompts 2 --images 2 --reps 2 \
+    --out "$OUT/generate_gpu.csv" --plot "$OUT/plots/generate_gpu.png"
+step bench_fp32 80 30 "$PY" -m bench.bench_logprobs --device cuda --dtype fp32 --tokens 2048,8192 --reps 5 \
+    --out "$OUT/logprobs_gpu.csv"
 step plots 30 10 bash -c plots
 
 echo "== summary ($((SECONDS - START))s of ${BUDGET}s budget; logs and CSVs in $OUT)"
