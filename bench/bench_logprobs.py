@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -58,7 +56,6 @@ IGNORE_INDEX = -100
 IGNORE_FRAC = 0.05
 SHOW_O_H, SHOW_O_V = 2048, 58498
 DEFAULT_TOKENS = (512, 1024, 2048, 4096, 8192)
-RESULT_TAG = "@@RESULT "
 
 # ---------------------------------------------------------------------------------------------------------------------
 # problem and inputs
@@ -329,23 +326,7 @@ def measure_in_subprocess(p: Problem, provider: str, reps: int, warmup: int, thr
                           timeout: float | None) -> dict:
     """``measure`` in a fresh ``python -m bench.bench_logprobs --worker`` process (CPU memory needs a fresh RSS)."""
     spec = {"problem": asdict(p), "provider": provider, "reps": reps, "warmup": warmup, "threads": threads}
-    cmd = [sys.executable, "-m", "bench.bench_logprobs", "--worker", json.dumps(spec)]
-    proc = subprocess.run(
-        cmd, cwd=utils.ROOT, env=utils.worker_env(threads), capture_output=True, text=True, timeout=timeout
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    why = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else f"rc={proc.returncode}"
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
-    raise RuntimeError(f"worker for {provider} at {p.tokens} tokens failed, {why}:\n{tail}")
-
-
-def _worker(spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    utils.set_threads(spec["threads"])
-    r = measure(Problem(**spec["problem"]), spec["provider"], spec["reps"], spec["warmup"])
-    print(RESULT_TAG + json.dumps(r), flush=True)
+    return utils.run_worker("bench.bench_logprobs", spec, threads, timeout, f"{provider} at {p.tokens} tokens")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -579,7 +560,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the sweep the arguments describe; returns the measurements (dicts) and appends them to ``--out``."""
     cfg = parse_args(argv)
     if cfg.worker is not None:
-        _worker(cfg.worker)
+        utils.worker_main(cfg.worker, measure, Problem)
         return []
     cfg.threads = cfg.threads or None
     utils.set_threads(cfg.threads)

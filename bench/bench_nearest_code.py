@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,7 +45,6 @@ KERNEL = "nearest_code"
 DEFAULT_N = 16384  # 64 images × 256 tokens
 DEFAULT_K = (512, 8192, 16384)
 DEFAULT_D = (8, 13, 256)
-RESULT_TAG = "@@RESULT "
 PLOT_PATH = utils.PLOTS_DIR / "nearest_code.png"
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -146,23 +144,7 @@ def measure_in_subprocess(p: Problem, provider: str, reps: int, warmup: int, thr
                           timeout: float | None) -> dict:
     """``measure`` in a fresh ``python -m bench.bench_nearest_code --worker`` process (CPU memory needs a fresh RSS)."""
     spec = {"problem": asdict(p), "provider": provider, "reps": reps, "warmup": warmup, "threads": threads}
-    cmd = [sys.executable, "-m", "bench.bench_nearest_code", "--worker", json.dumps(spec)]
-    proc = subprocess.run(
-        cmd, cwd=utils.ROOT, env=utils.worker_env(threads), capture_output=True, text=True, timeout=timeout
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    why = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else f"rc={proc.returncode}"
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
-    raise RuntimeError(f"worker for {provider} at K={p.K} D={p.D} failed, {why}:\n{tail}")
-
-
-def _worker(spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    utils.set_threads(spec["threads"])
-    r = measure(Problem(**spec["problem"]), spec["provider"], spec["reps"], spec["warmup"])
-    print(RESULT_TAG + json.dumps(r), flush=True)
+    return utils.run_worker("bench.bench_nearest_code", spec, threads, timeout, f"{provider} at K={p.K} D={p.D}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -399,7 +381,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Run the sweep the arguments describe; returns the measurements (dicts) and appends them to ``--out``."""
     cfg = parse_args(argv)
     if cfg.worker is not None:
-        _worker(cfg.worker)
+        utils.worker_main(cfg.worker, measure, Problem)
         return []
     cfg.threads = cfg.threads or None
     utils.set_threads(cfg.threads)

@@ -26,6 +26,7 @@ import platform
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -345,3 +346,29 @@ def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
 def read_rows(path: str | os.PathLike) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fresh-process workers (CPU memory is measured as the peak RSS of a process that did nothing else)
+# ---------------------------------------------------------------------------------------------------------------------
+RESULT_TAG = "@@RESULT "
+
+
+def run_worker(module: str, spec: dict, threads: int | None, timeout: float | None, what: str) -> dict:
+    """Run ``python -m <module> --worker <spec json>`` and return the dict its worker printed after RESULT_TAG."""
+    cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(threads), capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    why = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else f"rc={proc.returncode}"
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+    raise RuntimeError(f"worker for {what} failed, {why}:\n{tail}")
+
+
+def worker_main(spec_json: str, measure: Callable[..., dict], problem_type: type) -> None:
+    """The worker side of ``run_worker``: rebuild the problem, measure, print the result line."""
+    spec = json.loads(spec_json)
+    set_threads(spec["threads"])
+    r = measure(problem_type(**spec["problem"]), spec["provider"], spec["reps"], spec["warmup"])
+    print(RESULT_TAG + json.dumps(r), flush=True)

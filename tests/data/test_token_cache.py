@@ -17,13 +17,7 @@ from hermesflow_fast.model.tokenizer_vq import PatchVQTokenizer, load_image
 
 SIZE = 16
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (OpenMP threads spinning against a busy 2-core box cost 10× the work)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 

@@ -15,13 +15,7 @@ TINY = MAGVITv2Config(
     decoder_num_res_blocks=(2, 1, 1), norm_groups=4, resolution=16,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (OpenMP threads spinning against a busy 2-core box cost 10× the work)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 
