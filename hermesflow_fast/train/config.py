@@ -108,6 +108,8 @@ class TrainSection:
     label_smoothing: float = _field(0.0, "ε for cDPO / robust / exo_pair", ge=0.0, lt=1.0)
     und_coeff: float = _field(1.0, "weight of the understanding (caption) DPO term", ge=0.0)
     gen_coeff: float = _field(1.0, "weight of the generation (image) DPO term", ge=0.0)
+    batch_size: int = _field(4, "pairs per optimizer step over all ranks (paper: 4); each rank's share runs in "
+                                "micro-batches of <= data.token_budget tokens", ge=1)
     lr: float = _field(2e-5, "peak learning rate (AdamW)", gt=0.0)
     weight_decay: float = _field(0.01, "AdamW decoupled weight decay (not on biases, norms, embeddings)", ge=0.0)
     adam_betas: list[float] = _field([0.9, 0.999], "AdamW (β1, β2)")

@@ -111,15 +111,14 @@ def warmup_cosine(
     return LambdaLR(optimizer, factor)
 
 
-def resolve_total_steps(cfg_train: Any, micro_batches_per_epoch: int) -> int:
-    """Optimizer steps of the run: ``train.max_steps`` if set, else epochs × ceil(micro-batches per epoch on this rank
-    / grad_accum) (a last, partial accumulation still steps). Computed from the data, never from a nominal size (B5)."""
+def resolve_total_steps(cfg_train: Any, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps`` if set, else epochs × ``steps_per_epoch`` (the optimizer steps
+    one pass over the data actually takes on this rank). Computed from the data, never from a nominal size (bug B5)."""
     if cfg_train.max_steps is not None:
         return int(cfg_train.max_steps)
-    if micro_batches_per_epoch < 1:
-        raise ValueError(f"resolve_total_steps: the data yields {micro_batches_per_epoch} micro-batches per epoch; "
-                         f"nothing to train on")
-    return int(cfg_train.epochs) * math.ceil(micro_batches_per_epoch / int(cfg_train.grad_accum))
+    if steps_per_epoch < 1:
+        raise ValueError(f"resolve_total_steps: {steps_per_epoch} optimizer steps per epoch; nothing to train on")
+    return int(cfg_train.epochs) * int(steps_per_epoch)
 
 
 def resolve_warmup(cfg_train: Any, total_steps: int) -> int:

@@ -155,7 +155,7 @@ def test_resolve_warmup_and_total_steps():
     with pytest.raises(ValueError, match=r"train.warmup_steps=5000 is not below the run's 3000 optimizer steps"):
         resolve_warmup(load_config(None, ["train.warmup_steps=5000"]).train, 3000)
     assert resolve_total_steps(cfg.train, 10) == 10
-    assert resolve_total_steps(load_config(None, ["train.epochs=3", "train.grad_accum=4"]).train, 10) == 9
+    assert resolve_total_steps(load_config(None, ["train.epochs=3"]).train, 7) == 21
     assert resolve_total_steps(load_config(None, ["train.max_steps=50"]).train, 10) == 50
-    with pytest.raises(ValueError, match="0 micro-batches"):
+    with pytest.raises(ValueError, match="0 optimizer steps per epoch"):
         resolve_total_steps(cfg.train, 0)
