@@ -252,7 +252,7 @@ class PackedBatch:
     und_pairs: list[int]  # indices into pair_ids of the pairs with an und side
     gen_pairs: list[int]  # … with a gen side
     truncated: int = 0  # texts the layout cut
-    lengths: list[int] = field(default_factory=list)  # tokens of each row (before row padding)
+    row_lengths: list[int] = field(default_factory=list)  # tokens of each row (before row padding)
 
     @property
     def num_tokens(self) -> int:
@@ -267,7 +267,7 @@ class PackedBatch:
         t = {k: Target(v.rows.to(device), v.labels.to(device)) for k, v in self.targets.items()}
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.mask.to(device), t,
                            list(self.pair_ids), list(self.und_pairs), list(self.gen_pairs), self.truncated,
-                           list(self.lengths))
+                           list(self.row_lengths))
 
 
 @dataclass

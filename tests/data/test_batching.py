@@ -170,7 +170,7 @@ def test_packed_targets_point_at_the_right_tokens():
             assert (flat[t.rows[keep]] == VOCAB.mask).all()  # masked slots, scored in place
         else:
             assert torch.equal(flat[t.rows[keep] + 1], t.labels[keep])  # next-token rows (chosen follows prefix)
-    assert b.num_tokens == sum(b.lengths) and not b.mask.valid[0, sum(b.lengths):].any()
+    assert b.num_tokens == sum(b.row_lengths) and not b.mask.valid[0, sum(b.row_lengths):].any()
     assert b.fill == 1.0  # one row: no row padding, and the sequences' own padding was dropped
     pad_free = sum(int(s.mask.valid.sum()) for p in pairs for s in pair_sequences(LAYOUT, p, 0, 0).values())
     assert b.num_tokens == pad_free
