@@ -6,6 +6,7 @@
     hermesflow bench nearest [ARGS...]   nearest-code search vs cdist+argmin and the one-hot way (bench_nearest_code.py)
     hermesflow bench generate KIND ...   caption decoding (KV cache) and MaskGIT sampling (bench/bench_generate.py)
     hermesflow tokenize SOURCE ...       images (folder or records JSONL) → token cache (safetensors shards + index)
+    hermesflow train --config Y [...]    Pair-DPO training (torchrun underneath with --nproc N)
     hermesflow demo                      the fused-op demo: ours vs the naive path at Show-o's head shape
 """
 
@@ -153,6 +154,16 @@ def tokenize(source: str, tokenizer_path: str, out_dir: str, batch_size: int, sh
     summary = tokenize_command(source, tokenizer_path, out_dir, batch_size=batch_size, shard_size=shard_size,
                                device=device)
     click.echo(str(summary))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train(args: tuple[str, ...]) -> None:
+    """Pair-DPO training: --config Y --run-dir D [--resume auto] [--nproc N] [--dry-run] [key=value ...]."""
+    from hermesflow_fast.train.cli import launch
+
+    raise SystemExit(launch(list(args)))
 
 
 @main.command()

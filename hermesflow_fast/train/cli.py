@@ -1,0 +1,101 @@
+"""Argument handling shared by ``hermesflow train`` and ``python -m hermesflow_fast.train`` (torchrun's target).
+
+    hermesflow train --config configs/tiny.yaml --run-dir DIR [--resume auto] [--nproc N] [--init-from PATH]
+                     [--dry-run] [key=value ...]
+
+``--nproc N > 1`` re-launches this module under ``torch.distributed.run`` (torchrun) with N processes on this
+machine; every rank then runs ``run_training``. ``--dry-run`` prints the resolved config, the dataset summary and
+the estimated memory, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+
+__all__ = ["build_parser", "launch", "main", "run_training"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hermesflow train", description="Pair-DPO training (HermesFlow).")
+    ap.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
+    ap.add_argument("--run-dir", default=None, help="output folder (default: run.run_dir or runs/<run.name>)")
+    ap.add_argument("--resume", choices=("auto", "no"), default="no",
+                    help="auto: continue from the latest complete checkpoint in the run dir")
+    ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun underneath)")
+    ap.add_argument("--init-from", default=None, help="start from these weights (HF Phi, Show-o or our layout)")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config, data and memory; exit")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 data.strict=false")
+    return ap
+
+
+def _available_procs() -> tuple[int, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "CUDA devices"
+    return os.cpu_count() or 1, "CPU cores"
+
+
+def launch(argv: list[str]) -> int:
+    """Parse; run in this process, or re-launch under torchrun for --nproc > 1. Returns an exit code."""
+    args = build_parser().parse_args(argv)
+    if args.nproc < 1:
+        raise SystemExit(f"--nproc must be ≥ 1, got {args.nproc}")
+    if args.nproc > 1 and "RANK" not in os.environ:
+        have, what = _available_procs()
+        if args.nproc > have:
+            raise SystemExit(f"--nproc {args.nproc} but this machine has {have} {what}")
+        rest = [a for a in argv if not a.startswith("--nproc")]
+        if "--nproc" in argv:
+            i = argv.index("--nproc")
+            rest = argv[:i] + argv[i + 2:]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "hermesflow_fast.train", *rest]
+        return subprocess.call(cmd)
+    return run_training(args)
+
+
+def run_training(args: argparse.Namespace) -> int:
+    from hermesflow_fast.train.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.init_from:
+        overrides.append(f"model.init_from={args.init_from}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if args.dry_run:
+        return _dry_run(cfg, args)
+    from hermesflow_fast.train.distributed import shutdown
+    from hermesflow_fast.train.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir=args.run_dir, resume=args.resume == "auto")
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        shutdown()
+    return 0
+
+
+def _dry_run(cfg, args) -> int:
+    import yaml
+
+    from hermesflow_fast.train.config import config_to_dict
+    from hermesflow_fast.train.dataset import load_train_data
+    from hermesflow_fast.train.memory import estimate_memory
+
+    print("# resolved config")
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    data = load_train_data(cfg)
+    print(f"# data: {data.summary}")
+    print(estimate_memory(cfg, data))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    raise SystemExit(launch(sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,363 @@
+"""The Pair-DPO trainer: one readable class, setup → train → save / load.
+
+Per optimizer step (``train.batch_size`` pairs over all ranks; each rank takes a contiguous share):
+
+    pairs of the step   = permutation(seed, epoch)[i·bs : (i+1)·bs]          deterministic: resume replays it exactly
+    micro-batches       = the rank's pairs packed into ``data.token_budget`` tokens (shared-prefix layouts, several
+                          pairs per row); gradients accumulate over them (DDP syncs on the last one only)
+    per micro-batch     reference forward (no grad) or precomputed reference log-probs → policy forward → fused head
+                          on target rows → Pair-DPO, scaled by world_size / pairs_of_step
+    then                clip, NaN/inf check (stop or skip), AdamW, warm-up + cosine over the actual step count
+
+``metrics.jsonl`` gets one line per logged step (TRL's names per side: ``und/rewards/margins`` …, plus ``loss``,
+``lr``, ``grad_norm``, tokens/s, pairs/s, peak memory, MFU on CUDA). Checkpoints: ``run_dir/checkpoints/step-N/``.
+
+    hermesflow train --config configs/tiny.yaml --run-dir runs/tiny
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hermesflow_fast.data.batching import micro_batches
+from hermesflow_fast.model import ModelConfig, UnifiedTransformer, Vocabulary
+from hermesflow_fast.train.checkpoint import CheckpointManager, check_run_dir
+from hermesflow_fast.train.config import TrainConfig, config_to_dict, save_config
+from hermesflow_fast.train.dataset import TrainData, load_train_data
+from hermesflow_fast.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
+from hermesflow_fast.train.objective import SIDES, PairDPOObjective, reference_logps, side_stats_names
+from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_cosine
+
+__all__ = ["NonFiniteError", "Trainer"]
+
+VOCAB_FILE = "vocab.json"
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient with ``train.nan_policy=stop``."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
+                 info: DistInfo | None = None, log=print):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.run.run_dir or Path("runs") / cfg.run.name)
+        self.resume = resume
+        self.info = info
+        self._log = log
+        self.step = 0
+        self.skipped = 0
+
+    # ---------------------------------------------------------------------------------------------------- setup ----
+    def log(self, msg: str) -> None:
+        if self.info is None or self.info.is_main:
+            self._log(msg)
+
+    def setup(self) -> Trainer:
+        cfg = self.cfg
+        self.info = self.info or init_distributed(cfg.dist.backend)
+        info = self.info
+        torch.manual_seed(cfg.run.seed + info.rank)
+        np.random.seed((cfg.run.seed + info.rank) % 2**32)
+        if info.is_main:
+            check_run_dir(self.run_dir, config_to_dict(cfg), resume=self.resume)
+        barrier()
+        policy, vocab = self._build_model()
+        self.data: TrainData = load_train_data(cfg, vocab, log=self.log)
+        if policy.config.vocab_size != self.data.vocab.vocab_size:
+            raise ValueError(f"the model's vocabulary has {policy.config.vocab_size} ids but the token layout "
+                             f"needs {self.data.vocab.vocab_size} (text + specials + image codes + mask)")
+        self.policy = policy.to(info.device)
+        # the reference is the model the run starts from (also on resume: copied before the checkpoint loads)
+        frozen = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.reference = None if cfg.train.precompute_ref_logps else frozen
+        self._configure_speed()
+        t = cfg.train
+        self.objective = PairDPOObjective(self.policy, t.beta, t.loss_type, t.und_coeff, t.gen_coeff,
+                                          t.label_smoothing)
+        self.model = wrap_model(self.objective, info, cfg.dist.strategy)
+        self.optimizer = build_optimizer(self.policy, t)
+        n = len(self.data.pairs)
+        if n < max(1, info.world_size):
+            raise ValueError(f"{n} pairs for {info.world_size} processes")
+        self.batch_size = min(t.batch_size, n)
+        if self.batch_size < info.world_size:
+            raise ValueError(f"train.batch_size {t.batch_size} < {info.world_size} processes")
+        self.steps_per_epoch = math.ceil(n / self.batch_size)
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.scheduler = warmup_cosine(self.optimizer, resolve_warmup(t, self.total_steps), self.total_steps)
+        self.ckpt = CheckpointManager(self.run_dir, keep=cfg.checkpoint.keep, rank=info.rank,
+                                      world_size=info.world_size)
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / VOCAB_FILE).write_text(json.dumps(self.data.vocab.to_dict(), indent=1) + "\n")
+        if self.resume:
+            self.load()
+        elif self.ckpt.checkpoints():
+            raise ValueError(f"run dir {self.run_dir} already holds checkpoints; pass --resume auto to continue it or "
+                             f"choose another --run-dir (nothing was overwritten)")
+        self.ref_cache: dict[str, dict[str, tuple[float, float]]] = {}
+        if t.precompute_ref_logps:
+            self._precompute_reference(frozen)
+        del frozen
+        self.log(f"{self.data.summary}; {n} pairs, {self.total_steps} steps of {self.batch_size} pairs on "
+                 f"{info.world_size} process(es), device {info.device}")
+        return self
+
+    def _build_model(self) -> tuple[UnifiedTransformer, Vocabulary | None]:
+        m = self.cfg.model
+        vocab = None
+        if m.init_from:
+            policy = UnifiedTransformer.from_pretrained(m.init_from)
+            vf = Path(m.init_from) / VOCAB_FILE
+            vocab = Vocabulary.from_dict(json.loads(vf.read_text())) if vf.is_file() else None
+            if "vocab" in policy.config.extra:
+                vocab = Vocabulary.from_dict(policy.config.extra["vocab"])
+        else:
+            torch.manual_seed(self.cfg.run.seed)  # the same initial weights on every rank
+            if m.config == "show_o_512":
+                cfg = ModelConfig.show_o_512()
+            else:
+                from hermesflow_fast.train.dataset import synthetic_vocabulary
+
+                v = Vocabulary.from_dict(json.loads(Path(m.vocab).read_text())) if m.vocab else synthetic_vocabulary()
+                cfg = ModelConfig.tiny(vocab_size=v.vocab_size)
+            policy = UnifiedTransformer(cfg)
+        policy.config.attn_backend = m.attn_backend
+        return policy, vocab
+
+    def _configure_speed(self) -> None:
+        m, dev = self.cfg.model, self.info.device
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if dev.type == "cuda" and m.dtype in ("auto", "bf16") else contextlib.nullcontext())
+        if m.activation_checkpointing:
+            self.policy.gradient_checkpointing = True
+        compile_on = m.compile if m.compile is not None else dev.type == "cuda"
+        if compile_on:
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    for i, layer in enumerate(model.model.layers):
+                        model.model.layers[i] = torch.compile(layer)
+
+    # ----------------------------------------------------------------------------------------------------- data ----
+    def step_pairs(self, step: int) -> list:
+        """This rank's share of the pairs of optimizer step ``step`` (a pure function of seed, epoch and step)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.data.pairs), generator=g)[i * self.batch_size:(i + 1) * self.batch_size]
+        share = np.array_split(order.numpy(), self.info.world_size)[self.info.rank]
+        return [self.data.pairs[j] for j in share.tolist()], len(order), epoch
+
+    def _micro_batches(self, pairs: list, epoch: int, budget: int | None = None) -> list:
+        mbs = micro_batches(pairs, self.data.layout, budget or self.cfg.data.token_budget, epoch, self.cfg.run.seed)
+        return [mb.to(self.info.device) if hasattr(mb, "to") else mb for mb in mbs]
+
+    @torch.no_grad()
+    def _precompute_reference(self, reference: UnifiedTransformer) -> None:
+        """Reference log-probs of every pair this rank will see, per epoch (the gen mask depends on the epoch)."""
+        t0 = time.perf_counter()
+        by_epoch: dict[int, dict[str, object]] = {}
+        for step in range(self.step, self.total_steps):
+            pairs, _, epoch = self.step_pairs(step)
+            by_epoch.setdefault(epoch, {}).update({p.id: p for p in pairs})
+        for epoch, pairs in by_epoch.items():
+            for mb in self._micro_batches(list(pairs.values()), epoch, 4 * self.cfg.data.token_budget):
+                with self.autocast:
+                    out = reference_logps(reference, mb)
+                for side, (c, r) in out.items():
+                    idx = getattr(mb, f"{side}_pairs")
+                    for q, j in enumerate(idx):
+                        key = f"{epoch}:{mb.pair_ids[j]}"
+                        self.ref_cache.setdefault(key, {})[side] = (float(c[q]), float(r[q]))
+        self.log(f"reference log-probs precomputed for {len(self.ref_cache)} (pair, epoch) in "
+                 f"{time.perf_counter() - t0:.1f}s; no reference model is held during training")
+
+    def _ref_logps_of(self, mb, epoch: int) -> dict:
+        out = {}
+        for side in SIDES:
+            idx = getattr(mb, f"{side}_pairs")
+            if len(idx) == 0:
+                continue
+            vals = [self.ref_cache[f"{epoch}:{mb.pair_ids[j]}"][side] for j in idx]
+            t = torch.tensor(vals, dtype=torch.float32, device=self.info.device)
+            out[side] = (t[:, 0], t[:, 1])
+        return out
+
+    # ---------------------------------------------------------------------------------------------------- train ----
+    def train_step(self, step: int) -> dict:
+        """One optimizer step; returns its metrics (identical on every rank)."""
+        info, t = self.info, self.cfg.train
+        pairs, n_step, epoch = self.step_pairs(step)
+        mbs = self._micro_batches(pairs, epoch)
+        self.policy.train()
+        sums = torch.zeros(len(side_stats_names()) + 1, dtype=torch.float64, device=info.device)
+        scale = info.world_size / n_step
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        for k, mb in enumerate(mbs):
+            sync = contextlib.nullcontext() if (not ddp or k == len(mbs) - 1) else self.model.no_sync()
+            with sync:
+                with self.autocast:
+                    ref, ref_lp = None, None
+                    if self.reference is not None:
+                        with torch.no_grad():
+                            h = self.reference(mb.input_ids, mb.mask, mb.position_ids)
+                        ref = (h, self.reference.lm_head.weight, self.reference.lm_head.bias)
+                    elif self.ref_cache:
+                        ref_lp = self._ref_logps_of(mb, epoch)
+                    loss, stats = self.model(mb, ref=ref, ref_logps=ref_lp, scale=scale)
+                loss.backward()
+            sums[:-1] += torch.stack([stats[k_] for k_ in side_stats_names()]).to(sums)
+            sums[-1] += float(mb.input_ids.numel())
+        all_reduce_sum(sums)
+        grad_norm = self._clip()
+        finite = math.isfinite(grad_norm) and all(math.isfinite(float(v)) for v in sums)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if t.nan_policy == "stop":
+                last = self.ckpt.latest()
+                raise NonFiniteError(f"step {step}: non-finite loss or gradient (grad_norm={grad_norm}); "
+                                     f"last good checkpoint: {last or 'none'}")
+            self.skipped += 1
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return self._metrics(sums, n_step, grad_norm, lr, epoch, finite)
+
+    def _clip(self) -> float:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.cfg.train.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _metrics(self, sums: torch.Tensor, n_step: int, grad_norm: float, lr: float, epoch: int, finite: bool
+                 ) -> dict:
+        names = side_stats_names()
+        vals = dict(zip(names, sums[:-1].tolist()))
+        m: dict[str, float] = {"step": self.step + 1, "epoch": epoch}
+        loss = 0.0
+        for side in SIDES:
+            cnt = vals[f"{side}/count"]
+            coeff = self.cfg.train.und_coeff if side == "und" else self.cfg.train.gen_coeff
+            loss += coeff * vals[f"{side}/loss"] / n_step
+            if cnt > 0:
+                for k in names:
+                    if k.startswith(side + "/") and not k.endswith("/count"):
+                        m[k] = vals[k] / cnt
+        m.update({"loss": loss, "lr": lr, "grad_norm": grad_norm, "pairs": n_step, "tokens": sums[-1].item(),
+                  "skipped_steps": self.skipped, "finite": finite})
+        return m
+
+    def train(self) -> list[dict]:
+        """Run to ``total_steps``; returns the metrics of every step run here."""
+        info, cfg = self.info, self.cfg
+        history = []
+        bar = None
+        if info.is_main and cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="pair-dpo", dynamic_ncols=True)
+        metrics_file = self.run_dir / "metrics.jsonl"
+        if info.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(info.device)
+        flops_tok = 6.0 * self.policy.config.num_parameters()  # fwd+bwd of the policy (+2 for the reference fwd)
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            m = self.train_step(self.step)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize(info.device)
+            dt = time.perf_counter() - t0
+            m.update({"step_time_s": dt, "pairs_per_s": m["pairs"] / dt, "tokens_per_s": m["tokens"] / dt})
+            if info.device.type == "cuda":
+                m["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+                peak = _peak_flops(info.device)
+                if peak:
+                    ref_f = 2.0 if self.reference is not None else 0.0
+                    m["mfu"] = (flops_tok + ref_f * self.policy.config.num_parameters()) * m["tokens_per_s"] / (
+                        peak * info.world_size)
+            self.step += 1
+            history.append(m)
+            if info.is_main and (self.step % cfg.log.every == 0 or self.step == self.total_steps):
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(m) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", und=f"{m.get('und/rewards/margins', 0):.3f}",
+                                gen=f"{m.get('gen/rewards/margins', 0):.3f}")
+            if self.step % cfg.checkpoint.every == 0 or self.step == self.total_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        return history
+
+    # ------------------------------------------------------------------------------------------ save / load -----
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.dist.strategy == "fsdp" and self.info.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+        return {k.replace("_orig_mod.", ""): v for k, v in self.policy.state_dict().items()}
+
+    def _optim_state(self) -> dict:
+        if self.cfg.dist.strategy == "fsdp" and self.info.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.policy, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def save(self) -> Path:
+        extra = {"step": self.step, "skipped_steps": self.skipped, "config": config_to_dict(self.cfg),
+                 "vocab": self.data.vocab.to_dict(), "model_config": self.policy.config.to_hf_dict()}
+        path = self.ckpt.save(self.step, self._model_state(), self._optim_state(), self.scheduler.state_dict(),
+                              extra)
+        return path
+
+    def load(self) -> None:
+        path = self.ckpt.latest()
+        if path is None:
+            self.log(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}; starting at step 0")
+            return
+        ck = self.ckpt.load(path)
+        state = ck.model_state
+        own = self.policy.state_dict()
+        key_map = {k.replace("_orig_mod.", ""): k for k in own}
+        self.policy.load_state_dict({key_map[k]: v for k, v in state.items()})
+        if self.cfg.dist.strategy == "fsdp" and self.info.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.policy, self.optimizer, ck.optimizer_state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(ck.optimizer_state)
+        self.scheduler.load_state_dict(ck.scheduler_state)
+        self.step = int(ck.extra["step"])
+        self.skipped = int(ck.extra.get("skipped_steps", 0))
+        self.ckpt.restore_rng(path)
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.info.is_main and metrics.is_file():  # steps logged after the checkpoint are run again
+            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            tmp = metrics.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(metrics)
+        self.log(f"resumed from {path} at step {self.step}")
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the card (for MFU); None when unknown."""
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("A10", 125e12)):
+        if key in name:
+            return flops
+    return None
