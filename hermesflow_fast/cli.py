@@ -5,6 +5,7 @@
     hermesflow bench dpo [ARGS...]       DPO / Pair-DPO loss benchmark (bench/bench_dpo.py)
     hermesflow bench nearest [ARGS...]   nearest-code search vs cdist+argmin and the one-hot way (bench_nearest_code.py)
     hermesflow bench generate KIND ...   caption decoding (KV cache) and MaskGIT sampling (bench/bench_generate.py)
+    hermesflow bench step [ARGS...]      one Pair-DPO training step: ours vs a HermesFlow-style step (bench_step.py)
     hermesflow tokenize SOURCE ...       images (folder or records JSONL) → token cache (safetensors shards + index)
     hermesflow train --config Y [...]    Pair-DPO training (torchrun underneath with --nproc N)
     hermesflow demo                      the fused-op demo: ours vs the naive path at Show-o's head shape
@@ -135,6 +136,13 @@ def bench_nearest(args: tuple[str, ...]) -> None:
 def bench_generate(args: tuple[str, ...]) -> None:
     """Generation: `decode` (KV cache vs recomputation), `maskgit` (batched CFG + text cache), or `all`."""
     _run_bench("bench.bench_generate", args or ("all",))
+
+
+@bench.command("step", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_step(args: tuple[str, ...]) -> None:
+    """One Pair-DPO training step, pairs/s and peak memory: ours vs a faithful HermesFlow-style step, and ablations."""
+    _run_bench("bench.bench_step", args)
 
 
 @main.command()
