@@ -1,11 +1,14 @@
-"""Training: a typed config (config), checkpoints holding the full resumable state (checkpoint), AdamW with its
-no-decay groups and warm-up + cosine schedule (optim).
+"""Training: the Pair-DPO trainer (trainer), its per-pair fused-head objective (objective), a typed config (config),
+checkpoints holding the full resumable state (checkpoint), AdamW with its no-decay groups and warm-up + cosine
+schedule (optim), torchrun/DDP/FSDP2 setup (distributed).
 
-    from hermesflow_fast.train import TrainConfig, load_config, CheckpointManager, build_optimizer, warmup_cosine
+    from hermesflow_fast.train import Trainer, load_config
+    Trainer(load_config("configs/tiny.yaml", ["train.lr=1e-4"]), run_dir="runs/x").setup().train()
 """
 
 from hermesflow_fast.train.checkpoint import CheckpointManager, LoadedCheckpoint, check_run_dir, is_nan_free
 from hermesflow_fast.train.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from hermesflow_fast.train.objective import PairDPOObjective
 from hermesflow_fast.train.optim import (
     build_optimizer,
     param_groups,
@@ -13,12 +16,16 @@ from hermesflow_fast.train.optim import (
     resolve_warmup,
     warmup_cosine,
 )
+from hermesflow_fast.train.trainer import NonFiniteError, Trainer
 
 __all__ = [
     "CheckpointManager",
     "ConfigError",
     "LoadedCheckpoint",
+    "NonFiniteError",
+    "PairDPOObjective",
     "TrainConfig",
+    "Trainer",
     "build_optimizer",
     "check_run_dir",
     "config_to_dict",

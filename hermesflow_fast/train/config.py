@@ -88,6 +88,8 @@ class ModelSection:
 class DataSection:
     pairs: str | None = _field(None, "pairs file (JSONL, or HermesFlow's pair_dpo_data.json with format=hermesflow)")
     format: Literal["jsonl", "hermesflow"] = _field("jsonl", "format of the pairs file")
+    image_root: str | None = _field(None, "folder image paths are relative to (HermesFlow: its repo root); "
+                                          "None → the pairs file's folder")
     token_cache: str | None = _field(None, "token cache folder of the pairs' images (hermesflow tokenize)")
     image_tokenizer: str | None = _field(None, "image tokenizer folder (used when an image is not in the cache)")
     text_tokenizer: str | None = _field(None, "text tokenizer folder or file")

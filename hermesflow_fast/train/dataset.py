@@ -84,7 +84,8 @@ def _load_real(cfg, model_vocab: Vocabulary | None, log) -> TrainData:
 
     d = cfg.data
     src = Path(d.pairs)
-    records = import_hermesflow(src) if d.format == "hermesflow" else read_pairs(src)
+    root = Path(d.image_root) if d.image_root else src.parent
+    records = import_hermesflow(src, root=root) if d.format == "hermesflow" else read_pairs(src)
     if not d.text_tokenizer:
         raise ValueError("data.text_tokenizer is not set: the captions and prompts need a text tokenizer")
     tok = load_text_tokenizer(d.text_tokenizer)
@@ -103,11 +104,12 @@ def _load_real(cfg, model_vocab: Vocabulary | None, log) -> TrainData:
         if num_codes is None:
             raise ValueError("the number of image codes is unknown: set data.token_cache or data.image_tokenizer")
         vocab = Vocabulary.from_tokenizer(tok, num_image_codes=num_codes)
-    report = validate_pairs(records, src, root=src.parent, text_tokenizer=tok, text_budget=d.text_budget,
-                            truncate=d.truncate, strict=d.strict, token_cache=cache)
-    log(report.summary())
-    codes = ImageCodes(src.parent, cache, image_tok)
     layout = Layout(vocab, t2i_text_len=d.t2i_text_len, mmu_text_len=d.text_budget)
+    cap_budget, prompt_budget = text_budgets(layout, len(und_prompt_ids(tok)))
+    report = validate_pairs(records, src, root=root, text_tokenizer=tok, text_budget=cap_budget,
+                            prompt_budget=prompt_budget, truncate=d.truncate, strict=d.strict, token_cache=cache)
+    log(report.summary())
+    codes = ImageCodes(root, cache, image_tok)
     pairs = []
     for r in report.kept:
         q = und_prompt_ids(tok, r.question_text)

@@ -72,6 +72,8 @@ class Trainer:
         barrier()
         policy, vocab = self._build_model()
         self.data: TrainData = load_train_data(cfg, vocab, log=self.log)
+        if policy is None:
+            policy, _ = self._build_model(self.data.vocab)
         if policy.config.vocab_size != self.data.vocab.vocab_size:
             raise ValueError(f"the model's vocabulary has {policy.config.vocab_size} ids but the token layout "
                              f"needs {self.data.vocab.vocab_size} (text + specials + image codes + mask)")
@@ -113,27 +115,35 @@ class Trainer:
                  f"{info.world_size} process(es), device {info.device}")
         return self
 
-    def _build_model(self) -> tuple[UnifiedTransformer, Vocabulary | None]:
+    def _build_model(self, vocab: Vocabulary | None = None) -> tuple[UnifiedTransformer | None, Vocabulary | None]:
+        """(policy, its stored vocabulary) from ``model.init_from``; or a fresh model sized for ``vocab``; or
+        (None, None) when there are no weights to load and no vocabulary yet (the data decides it)."""
         m = self.cfg.model
-        vocab = None
         if m.init_from:
-            policy = UnifiedTransformer.from_pretrained(m.init_from)
-            vf = Path(m.init_from) / VOCAB_FILE
-            vocab = Vocabulary.from_dict(json.loads(vf.read_text())) if vf.is_file() else None
-            if "vocab" in policy.config.extra:
-                vocab = Vocabulary.from_dict(policy.config.extra["vocab"])
-        else:
-            torch.manual_seed(self.cfg.run.seed)  # the same initial weights on every rank
-            if m.config == "show_o_512":
-                cfg = ModelConfig.show_o_512()
+            src = Path(m.init_from)
+            state = src / "state.json"  # one of our checkpoints: config and vocabulary live in its state
+            if not (src / "config.json").is_file() and state.is_file():
+                extra = json.loads(state.read_text()).get("extra", {})
+                mc = ModelConfig.from_dict(extra["model_config"], where=str(state))
+                mc.extra["vocab"] = extra["vocab"]
+                policy = UnifiedTransformer.from_pretrained(src, config=mc)
             else:
-                from hermesflow_fast.train.dataset import synthetic_vocabulary
-
-                v = Vocabulary.from_dict(json.loads(Path(m.vocab).read_text())) if m.vocab else synthetic_vocabulary()
-                cfg = ModelConfig.tiny(vocab_size=v.vocab_size)
-            policy = UnifiedTransformer(cfg)
-        policy.config.attn_backend = m.attn_backend
-        return policy, vocab
+                policy = UnifiedTransformer.from_pretrained(src)
+            stored = None
+            vf = src / VOCAB_FILE
+            if "vocab" in policy.config.extra:
+                stored = Vocabulary.from_dict(policy.config.extra["vocab"])
+            elif vf.is_file():
+                stored = Vocabulary.from_dict(json.loads(vf.read_text()))
+            policy.config.attn_backend = m.attn_backend
+            return policy, stored
+        if vocab is None:
+            return None, None
+        torch.manual_seed(self.cfg.run.seed)  # the same initial weights on every rank
+        size = vocab.vocab_size
+        cfg = ModelConfig.show_o_512(vocab_size=size) if m.config == "show_o_512" else ModelConfig.tiny(vocab_size=size)
+        cfg.attn_backend = m.attn_backend
+        return UnifiedTransformer(cfg), None
 
     def _configure_speed(self) -> None:
         m, dev = self.cfg.model, self.info.device
@@ -250,6 +260,7 @@ class Trainer:
             cnt = vals[f"{side}/count"]
             coeff = self.cfg.train.und_coeff if side == "und" else self.cfg.train.gen_coeff
             loss += coeff * vals[f"{side}/loss"] / n_step
+            m[f"{side}/pairs"] = cnt
             if cnt > 0:
                 for k in names:
                     if k.startswith(side + "/") and not k.endswith("/count"):
