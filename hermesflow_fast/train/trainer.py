@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from hermesflow_fast.data.batching import micro_batches
+from hermesflow_fast.data.gen_mask import pair_generator
 from hermesflow_fast.model import ModelConfig, UnifiedTransformer, Vocabulary
 from hermesflow_fast.train.checkpoint import CheckpointManager, check_run_dir
 from hermesflow_fast.train.config import TrainConfig, config_to_dict, save_config
@@ -167,7 +169,20 @@ class Trainer:
         share = np.array_split(order.numpy(), self.info.world_size)[self.info.rank]
         return [self.data.pairs[j] for j in share.tolist()], len(order), epoch
 
+    def _drop_text(self, pairs: list, epoch: int) -> list:
+        """Prompt dropout for the t2i side (CFG training): ONE draw per pair and epoch, seeded by the pair id, so
+        chosen and rejected (and policy and reference) always see the same condition (bug B6 fixed)."""
+        p = self.cfg.train.text_dropout
+        if p <= 0:
+            return pairs
+        out = []
+        for pair in pairs:
+            u = float(torch.rand((), generator=pair_generator(pair.id, epoch, self.cfg.run.seed, "text-dropout")))
+            out.append(dataclasses.replace(pair, prompt_ids=[]) if u < p else pair)
+        return out
+
     def _micro_batches(self, pairs: list, epoch: int, budget: int | None = None) -> list:
+        pairs = self._drop_text(pairs, epoch)
         mbs = micro_batches(pairs, self.data.layout, budget or self.cfg.data.token_budget, epoch, self.cfg.run.seed)
         return [mb.to(self.info.device) if hasattr(mb, "to") else mb for mb in mbs]
 
@@ -279,6 +294,7 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="pair-dpo", dynamic_ncols=True)
         metrics_file = self.run_dir / "metrics.jsonl"
+        sinks = self._extra_sinks() if info.is_main else []
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
         flops_tok = 6.0 * self.policy.config.num_parameters()  # fwd+bwd of the policy (+2 for the reference fwd)
@@ -289,6 +305,10 @@ class Trainer:
                 torch.cuda.synchronize(info.device)
             dt = time.perf_counter() - t0
             m.update({"step_time_s": dt, "pairs_per_s": m["pairs"] / dt, "tokens_per_s": m["tokens"] / dt})
+            if info.device.type == "cpu":
+                import resource
+
+                m["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # max RSS (KiB)
             if info.device.type == "cuda":
                 m["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
                 peak = _peak_flops(info.device)
@@ -301,6 +321,8 @@ class Trainer:
             if info.is_main and (self.step % cfg.log.every == 0 or self.step == self.total_steps):
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(m) + "\n")
+                for sink in sinks:
+                    sink(m)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", und=f"{m.get('und/rewards/margins', 0):.3f}",
@@ -310,6 +332,33 @@ class Trainer:
         if bar is not None:
             bar.close()
         return history
+
+    def _extra_sinks(self) -> list:
+        """Opt-in metric sinks, imported only when asked for (log.tensorboard, log.wandb)."""
+        sinks = []
+        if self.cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("log.tensorboard=true needs tensorboard: pip install tensorboard") from exc
+            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+            def to_tensorboard(m: dict) -> None:
+                for k, v in m.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(k, v, m["step"])
+                writer.flush()
+
+            sinks.append(to_tensorboard)
+        if self.cfg.log.wandb:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError("log.wandb=true needs wandb: pip install wandb") from exc
+            run = wandb.init(project="hermesflow_fast", name=self.cfg.run.name, dir=str(self.run_dir),
+                             config=config_to_dict(self.cfg))
+            sinks.append(lambda m: run.log({k: v for k, v in m.items() if k != "step"}, step=m["step"]))
+        return sinks
 
     # ------------------------------------------------------------------------------------------ save / load -----
     def _model_state(self) -> dict[str, torch.Tensor]:

@@ -118,3 +118,25 @@ def test_nan_stops_with_step_and_last_checkpoint(tmp_path):
                  "train.nan_policy=skip"])
     assert skip.returncode == 0, skip.stderr[-2000:]
     assert _metrics(tmp_path / "skip")[-1]["skipped_steps"] > 0
+
+
+def test_text_dropout_is_one_draw_per_pair(tmp_path):
+    from hermesflow_fast.train.config import load_config
+    from hermesflow_fast.train.trainer import Trainer
+
+    cfg = load_config(TINY, [*FAST, "train.text_dropout=0.5", f"run.run_dir={tmp_path}"])
+    tr = Trainer(cfg, log=lambda m: None).setup()
+    pairs = tr.data.pairs[:16]
+    a, b = tr._drop_text(pairs, 0), tr._drop_text(pairs, 0)
+    dropped = [x.prompt_ids == [] for x in a]
+    assert dropped == [x.prompt_ids == [] for x in b] and 2 <= sum(dropped) <= 14  # seeded, about half
+    assert [x.prompt_ids == [] for x in tr._drop_text(pairs, 1)] != dropped  # a new draw each epoch
+    from hermesflow_fast.data.batching import pair_sequences
+
+    v = tr.data.vocab
+    pair = next(x for x in a if x.prompt_ids == [])
+    gen = pair_sequences(tr.data.layout, pair, 0, cfg.run.seed)["gen"]
+    ids = gen.input_ids[0][gen.mask.valid[0]].tolist()
+    i = ids.index(v.t2i)
+    assert ids[i:i + 4] == [v.t2i, v.bos, v.eos, v.soi]  # the empty prompt, shared by chosen and rejected
+    assert ids.count(v.t2i) == 1 and ids.count(v.soi) == 2
