@@ -393,13 +393,19 @@ class Trainer:
         state = ck.model_state
         own = self.policy.state_dict()
         key_map = {k.replace("_orig_mod.", ""): k for k in own}
-        self.policy.load_state_dict({key_map[k]: v for k, v in state.items()})
+        state = {key_map[k]: v for k, v in state.items()}
         if self.cfg.dist.strategy == "fsdp" and self.info.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
-            set_optimizer_state_dict(self.policy, self.optimizer, ck.optimizer_state,
-                                     options=StateDictOptions(full_state_dict=True))
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.policy, state, options=full)
+            set_optimizer_state_dict(self.policy, self.optimizer, ck.optimizer_state, options=full)
         else:
+            self.policy.load_state_dict(state)
             self.optimizer.load_state_dict(ck.optimizer_state)
         self.scheduler.load_state_dict(ck.scheduler_state)
         self.step = int(ck.extra["step"])

@@ -52,3 +52,13 @@ def test_resume_under_two_processes(two_procs, tmp_path):
     again = _train(copy, 2, "--resume", "auto")
     assert [r["step"] for r in again] == list(range(1, 9))
     assert [r["loss"] for r in again] == [r["loss"] for r in two]
+
+
+def test_fsdp2_matches_ddp_and_resumes(two_procs, tmp_path):
+    _, ddp = two_procs
+    fsdp = _train(tmp_path / "fsdp", 2, "dist.strategy=fsdp")
+    for a, b in zip(ddp, fsdp):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-00000008")
+    again = _train(tmp_path / "fsdp", 2, "dist.strategy=fsdp", "--resume", "auto")
+    assert [r["loss"] for r in again] == [r["loss"] for r in fsdp]
