@@ -49,8 +49,10 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
-                 info: DistInfo | None = None, log=print):
+                 info: DistInfo | None = None, log=print, data: TrainData | None = None):
+        """``data``: pairs already in memory (self-play hands its curated pairs over this way) instead of cfg.data."""
         self.cfg = cfg
+        self._given_data = data
         self.run_dir = Path(run_dir or cfg.run.run_dir or Path("runs") / cfg.run.name)
         self.resume = resume
         self.info = info
@@ -73,7 +75,7 @@ class Trainer:
             check_run_dir(self.run_dir, config_to_dict(cfg), resume=self.resume)
         barrier()
         policy, vocab = self._build_model()
-        self.data: TrainData = load_train_data(cfg, vocab, log=self.log)
+        self.data: TrainData = self._given_data or load_train_data(cfg, vocab, log=self.log)
         if policy is None:
             policy, _ = self._build_model(self.data.vocab)
         if policy.config.vocab_size != self.data.vocab.vocab_size:
