@@ -20,7 +20,11 @@ word of the detections (of that shape, if named); what colour → the majority c
 objects, each found by colour and shape, else by shape alone, else "none". A blank or noisy image gets answers
 (mostly "none", "no", "zero"); nothing raises on pixel content.
 
-Accuracy on rendered images of every category is 100% (tests/world/test_judge.py asks ≥ 98%).
+Measured accuracy: 100% on rendered images in every category (tests/world/test_judge.py asks ≥ 98%); on rendered
+images passed through a PatchVQTokenizer (4 px patches, k-means on 500 images, 10 iterations): 97.8% with 256
+codes (a square whose corners the codebook rounds off reads as a circle), 100% with 1024. The image tokenizer's
+reconstruction thus bounds any generation score: pick its size with this judge. Gaussian pixel noise: 100% up to
+σ = 30, about 60% at σ = 60. ~2 ms per 32×32 image on one CPU core.
 
     python -m pytest -q tests/world/test_judge.py
 """
