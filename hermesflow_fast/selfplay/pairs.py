@@ -15,7 +15,7 @@ Round r ≥ 2, the paper's Eq. (10), against the record's round r−1 pair (w', 
 A record without candidates is dropped as "no candidates"; one without a previous pair in round r ≥ 2 falls back
 to the round-1 rule. Every drop is counted by reason; nothing is reused from another record (joins are by id).
 
-    python -m pytest -q tests/selfplay/test_pairs.py
+    python -m pytest -q tests/selfplay/test_preference_pairs.py
 """
 
 from __future__ import annotations
