@@ -41,8 +41,37 @@ def cosine_schedule(ratio: Tensor | float) -> Tensor:
     return torch.cos(math.pi / 2 * torch.as_tensor(ratio, dtype=torch.float64))
 
 
-def _gumbel(shape, generator, device) -> Tensor:
-    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64).clamp_(1e-20, 1.0)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _rows_of(generator: Generators, rows: int, repeats: int = 1) -> list | None:
+    """One generator per output row (a list given per prompt/image is repeated ``repeats`` times), or None."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    gens = [g for g in generator for _ in range(repeats)]
+    if len(gens) != rows:
+        raise ValueError(f"{len(generator)} generators for {rows // repeats} rows: pass one per prompt/image or one")
+    return gens
+
+
+def _rand(shape, generator: Generators, gens: list | None, device) -> Tensor:
+    """Uniform [0, 1) float64 of ``shape``; with per-row generators each row draws from its own."""
+    if gens is None:
+        return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=torch.float64) for g in gens])
+
+
+def _multinomial(probs: Tensor, generator: Generators, gens: list | None, per_row: int = 1) -> Tensor:
+    """One draw per row of ``probs`` (rows, K); with per-row generators row i uses gens[i // per_row]."""
+    if gens is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    out = [torch.multinomial(probs[i:i + per_row], 1, generator=g).squeeze(-1)
+           for i, g in zip(range(0, probs.shape[0], per_row), gens)]
+    return torch.cat(out)
+
+
+def _gumbel(shape, generator: Generators, gens: list | None, device) -> Tensor:
+    u = _rand(shape, generator, gens, device).clamp_(1e-20, 1.0)
     return -torch.log(-torch.log(u))
 
 
@@ -50,10 +79,13 @@ def _gumbel(shape, generator, device) -> Tensor:
 def generate_images(
     model: UnifiedTransformer, layout: Layout, texts: Sequence[Sequence[int]], num_tokens: int,
     images_per_prompt: int = 1, steps: int = 50, guidance_scale: float = 5.0, noise_temperature: float = 1.0,
-    compounding_noise: bool = False, generator: torch.Generator | None = None, use_text_cache: bool = True,
+    compounding_noise: bool = False, generator: Generators = None, use_text_cache: bool = True,
     cfg_batched: bool = True,
 ) -> Tensor:
     """MaskGIT t2i sampling → codes (len(texts)·images_per_prompt, num_tokens) int64 in [0, num_image_codes).
+
+    ``generator``: one torch.Generator for the call, or one per prompt (then each prompt's images depend only on
+    its own generator, whatever the batch: what sharded curation needs to match a one-process run).
 
     Rows are ordered prompt-major (prompt 0's M images first). ``cfg_batched=False`` runs cond and uncond as two
     forwards (the benchmark's baseline); ``use_text_cache=False`` recomputes the text prefix every step.
@@ -66,6 +98,7 @@ def generate_images(
     dev = model.lm_head.weight.device
     rows = [list(t) for t in texts for _ in range(images_per_prompt)]
     R, N, K = len(rows), num_tokens, v.num_image_codes
+    gens = _rows_of(generator, R, repeats=images_per_prompt)  # per-prompt generators: results independent of batching
     g = float(guidance_scale)
     if g != 0:
         rows = rows + [[] for _ in range(R)]  # unconditional rows: the empty prompt
@@ -104,7 +137,7 @@ def generate_images(
         if g != 0:
             logits = (1 + g) * logits[:R] - g * logits[R:]
         probs = torch.softmax(logits, dim=-1)  # (R, N, K)
-        draw = torch.multinomial(probs.view(-1, K), 1, generator=generator).view(R, N)
+        draw = _multinomial(probs.view(-1, K), generator, gens, per_row=N).view(R, N)
         cur = ids[:R, slots]
         unknown = cur == v.mask
         sampled = torch.where(unknown, draw, cur - v.image_offset)
@@ -114,7 +147,7 @@ def generate_images(
         n_mask = max(1, min(n_mask, n_unknown - 1))
         tau = tau * (1 - ratio) if compounding_noise else noise_temperature * (1 - ratio)
         p_sel = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1).double()
-        conf = torch.log(p_sel.clamp_min(1e-30)) + tau * _gumbel((R, N), generator, dev)
+        conf = torch.log(p_sel.clamp_min(1e-30)) + tau * _gumbel((R, N), generator, gens, dev)
         conf = conf.masked_fill(~unknown, float("inf"))
         cutoff = conf.sort(dim=-1).values[:, n_mask - 1:n_mask]  # the n_mask-th lowest confidence
         remask = conf <= cutoff
@@ -136,30 +169,32 @@ def _left_align(seqs: Sequences) -> tuple[Tensor, Tensor, OmniMask]:
     return take(seqs.input_ids), take(seqs.position_ids), OmniMask(take(m.valid), take(m.block), take(m.branch))
 
 
-def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator: Generators,
+                gens: list | None = None) -> Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+    return _multinomial(torch.softmax(logits, -1), generator, gens)
 
 
 @torch.no_grad()
 def generate_text(
     model: UnifiedTransformer, layout: Layout, codes: Tensor, prompts: Sequence[Sequence[int]],
     max_new_tokens: int = 100, temperature: float = 0.0, top_k: int | None = None, num_return_sequences: int = 1,
-    generator: torch.Generator | None = None, use_cache: bool = True, sot: bool = True,
+    generator: Generators = None, use_cache: bool = True, sot: bool = True,
 ) -> list[list[int]]:
     """Answers/captions for ``codes`` (B, N) with ``prompts`` → B·K token lists (row-major: image 0's K first),
-    each without its eos; a row that hits ``max_new_tokens`` ends there."""
+    each without its eos; a row that hits ``max_new_tokens`` ends there. ``generator``: one, or one per image."""
     v = layout.vocab
     dev = model.lm_head.weight.device
     seqs = layout.mmu(codes, prompts, answers=None, sot=sot, pad_to=False).to(dev)
     ids, pos, mask = _left_align(seqs)
     B, T = ids.shape
     Kr = num_return_sequences
+    gens = _rows_of(generator, B * Kr, repeats=Kr)  # one generator per image: independent of batching
     W_text = model.lm_head.weight[: v.text_vocab_size]  # captions are text: codes and specials are never emitted
     b_text = model.lm_head.bias[: v.text_vocab_size]
     out = torch.full((B * Kr, max_new_tokens), v.pad, dtype=torch.long, device=dev)
@@ -179,7 +214,7 @@ def generate_text(
     last_pos = pos[:, -1].repeat_interleave(Kr, 0) if use_cache else pos[:, -1]
     for t in range(max_new_tokens):
         logits = F.linear(h, W_text, b_text)  # (rows, text vocab): the head on the last position only
-        tok = _next_token(logits, temperature, top_k, generator)
+        tok = _next_token(logits, temperature, top_k, generator, gens)
         tok = torch.where(done, torch.full_like(tok, v.pad), tok)
         out[:, t] = tok
         done |= tok == v.eos

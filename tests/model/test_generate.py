@@ -86,3 +86,18 @@ def test_decoding_stops_at_eos_per_row(model):
         m.lm_head.bias[VOCAB.eos] = 50.0  # eos wins at once
     out = generate_text(m, LAYOUT, torch.zeros(2, 6, dtype=torch.long), [[5], [6, 7]], max_new_tokens=10)
     assert out == [[], []]
+
+
+def test_per_prompt_generators_make_rows_independent_of_the_batch(model):
+    texts = [[5, 6], [7], [8, 9]]
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]  # noqa: E731
+    together = generate_images(model, LAYOUT, texts, num_tokens=8, images_per_prompt=2, steps=4, generator=gens())
+    alone = generate_images(model, LAYOUT, texts[1:2], num_tokens=8, images_per_prompt=2, steps=4,
+                            generator=gens()[1:2])
+    assert torch.equal(together[2:4], alone)
+    codes = torch.randint(0, 32, (3, 6))
+    txt = generate_text(model, LAYOUT, codes, [[5]] * 3, max_new_tokens=6, temperature=1.0, num_return_sequences=2,
+                        generator=gens())
+    one = generate_text(model, LAYOUT, codes[2:], [[5]], max_new_tokens=6, temperature=1.0, num_return_sequences=2,
+                        generator=gens()[2:])
+    assert txt[4:6] == one
