@@ -1,0 +1,216 @@
+"""The curation stages of one self-play round, each resumable (a Journal per stage, joins by record id):
+
+    und_candidates   K captions per real image: greedy + top-k × temperature grid (the paper's code: greedy, then
+                     top-k ∈ {2,3,4} × temperature ∈ {0.1, 0.7, 2.0}); KV-cached, batched over records
+    und_scores       each caption scored against the record's truth (pluggable ``caption_scorer``; the world's is
+                     exact attribute agreement)
+    gen_candidates   M images per prompt: batched MaskGIT with CFG, kept as token grids (never pixels)
+    gen_scores       self-VQA: the same model answers the record's questions about each of its generated images
+                     (token grids go straight in), free-form answers mapped to a choice; score = accuracy
+    pairs            winner/loser per side (round 1: best vs worst, generation needs best > threshold; round ≥ 2:
+                     Eq. 10 against the previous round's pairs), drops counted by reason → pairs.jsonl, stats.json
+
+Randomness is drawn per record (a generator seeded by (record id, round, stage, seed)), so results do not depend on
+batching or on how records are sharded over ranks.
+
+    python -m pytest -q tests/selfplay/test_stages.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
+from hermesflow_fast.model.generate import generate_images, generate_text
+from hermesflow_fast.selfplay.journal import Journal
+from hermesflow_fast.selfplay.pairs import Choice, self_play_pair
+
+__all__ = ["CurationRecord", "CurationSettings", "build_pairs", "gen_candidates", "gen_scores", "record_generator",
+           "und_candidates", "und_scores"]
+
+PAPER_CAPTION_GRID = ((1, 0.0),) + tuple((k, t) for k in (2, 3, 4) for t in (0.1, 0.7, 2.0))
+
+
+@dataclass
+class CurationRecord:
+    """What curation needs of a record: the real image's codes, the prompt, questions, and the truth to score."""
+
+    id: str
+    prompt: str
+    image_codes: Tensor  # (N,)
+    questions: list[Any]  # objects with .prompt, .choices, .answer, .category
+    truth: Any = None  # what caption_scorer compares against (the world: the Scene)
+
+
+@dataclass
+class CurationSettings:
+    caption_grid: Sequence[tuple[int, float]] = PAPER_CAPTION_GRID  # (top_k, temperature); temperature 0 = greedy
+    images_per_prompt: int = 8
+    steps: int = 12
+    guidance_scale: float = 3.0
+    noise_temperature: float = 1.0
+    vqa_threshold: float = 0.6
+    caption_tokens: int = 24
+    answer_tokens: int = 4
+    batch_size: int = 16
+    seed: int = 0
+    question: str = DEFAULT_QUESTION
+    extra: dict = field(default_factory=dict)
+
+
+def record_generator(record_id: str, round_: int, stage: str, seed: int, device="cpu") -> torch.Generator:
+    key = f"selfplay\x1f{stage}\x1f{record_id}\x1f{round_}\x1f{seed}".encode()
+    g = torch.Generator(device)
+    g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+def _todo(records: Sequence[CurationRecord], journal: Journal) -> list[CurationRecord]:
+    return [r for r in records if r.id not in journal]
+
+
+def _batches(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _device(wm) -> torch.device:
+    return wm.model.lm_head.weight.device
+
+
+def und_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: CurationSettings, round_: int,
+                   progress: Callable[[int], None] | None = None) -> Journal:
+    """K = len(caption_grid) captions per record → {"id", "captions": [str], "settings": [[top_k, temperature]]}."""
+    tok, dev = wm.text_tokenizer, _device(wm)
+    q = und_prompt_ids(tok, s.question)
+    for batch in _batches(_todo(records, journal), s.batch_size):
+        codes = torch.stack([r.image_codes for r in batch]).to(dev)
+        caps: list[list[str]] = [[] for _ in batch]
+        for j, (k, t) in enumerate(s.caption_grid):
+            gens = [record_generator(r.id, round_, f"caption{j}", s.seed) for r in batch]
+            out = generate_text(wm.model, wm.layout, codes, [q] * len(batch), max_new_tokens=s.caption_tokens,
+                                temperature=t, top_k=None if t <= 0 else k, generator=gens)
+            for i, ids in enumerate(out):
+                caps[i].append(tok.decode(ids, skip_special_tokens=True).strip())
+        for r, c in zip(batch, caps):
+            journal.append({"id": r.id, "captions": c, "settings": [list(x) for x in s.caption_grid]})
+        if progress:
+            progress(len(batch))
+    return journal
+
+
+def und_scores(records: Sequence[CurationRecord], candidates: Journal, journal: Journal,
+               caption_scorer: Callable[[str, Any], float]) -> Journal:
+    """Each caption scored against the record's truth → {"id", "scores": [float]}."""
+    cands = candidates.records()
+    for r in _todo(records, journal):
+        if r.id not in cands:
+            raise ValueError(f"{candidates.path}: no captions for record {r.id!r}; run und_candidates first")
+        journal.append({"id": r.id, "scores": [float(caption_scorer(c, r.truth)) for c in cands[r.id]["captions"]]})
+    return journal
+
+
+def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: CurationSettings, round_: int,
+                   progress: Callable[[int], None] | None = None) -> Journal:
+    """M images per prompt as token grids → {"id", "images": [[code, …] × M]}."""
+    tok = wm.text_tokenizer
+    N = int(records[0].image_codes.numel()) if records else 0
+    for batch in _batches(_todo(records, journal), s.batch_size):
+        gens = [record_generator(r.id, round_, "image", s.seed) for r in batch]
+        texts = [prompt_ids(tok, r.prompt) for r in batch]
+        codes = generate_images(wm.model, wm.layout, texts, N, images_per_prompt=s.images_per_prompt, steps=s.steps,
+                                guidance_scale=s.guidance_scale, noise_temperature=s.noise_temperature,
+                                generator=gens).cpu()
+        M = s.images_per_prompt
+        for i, r in enumerate(batch):
+            journal.append({"id": r.id, "images": codes[i * M:(i + 1) * M].tolist()})
+        if progress:
+            progress(len(batch))
+    return journal
+
+
+def gen_scores(wm, records: Sequence[CurationRecord], candidates: Journal, journal: Journal, s: CurationSettings,
+               answer_match: Callable[[str, Sequence[str]], str | None],
+               progress: Callable[[int], None] | None = None) -> Journal:
+    """Self-VQA: accuracy of the model's own answers about each generated image → {"id", "accuracy": [float × M]}.
+
+    Greedy answers (as the original); a record without questions is an error naming it (it cannot be scored)."""
+    tok, dev = wm.text_tokenizer, _device(wm)
+    cands = candidates.records()
+    for batch in _batches(_todo(records, journal), max(1, s.batch_size // 4)):
+        rows_codes, rows_prompts, meta = [], [], []
+        for r in batch:
+            if not r.questions:
+                raise ValueError(f"record {r.id!r} has no questions: its generated images cannot be scored")
+            if r.id not in cands:
+                raise ValueError(f"{candidates.path}: no images for record {r.id!r}; run gen_candidates first")
+            for m, img in enumerate(cands[r.id]["images"]):
+                for q in r.questions:
+                    rows_codes.append(torch.tensor(img))
+                    rows_prompts.append(und_prompt_ids(tok, q.prompt))
+                    meta.append((r.id, m, q))
+        answers = generate_text(wm.model, wm.layout, torch.stack(rows_codes).to(dev), rows_prompts,
+                                max_new_tokens=s.answer_tokens)
+        right: dict[str, dict[int, list[int]]] = {}
+        for (rid, m, q), ids in zip(meta, answers):
+            said = answer_match(tok.decode(ids, skip_special_tokens=True).strip(), q.choices)
+            right.setdefault(rid, {}).setdefault(m, []).append(int(said == q.answer))
+        for r in batch:
+            acc = [sum(v) / len(v) for _, v in sorted(right[r.id].items())]
+            journal.append({"id": r.id, "accuracy": acc})
+        if progress:
+            progress(len(batch))
+    return journal
+
+
+def build_pairs(records: Sequence[CurationRecord], und_cands: Journal, und_sc: Journal, gen_cands: Journal,
+                gen_sc: Journal, previous: dict[str, dict] | None, threshold: float, out: Path) -> dict:
+    """Pairs per side for every record → ``out`` (JSONL, one line per record with at least one side) and the stats
+    (returned and written beside it as stats.json)."""
+    drops = {"und": Counter(), "gen": Counter()}
+    kept = {"und": 0, "gen": 0}
+    score_sums = {"und": [0.0, 0.0], "gen": [0.0, 0.0]}
+    uc, us, gc, gs = und_cands.records(), und_sc.records(), gen_cands.records(), gen_sc.records()
+    for j, got in ((und_cands, uc), (und_sc, us), (gen_cands, gc), (gen_sc, gs)):
+        missing = [r.id for r in records if r.id not in got]
+        if missing:
+            raise ValueError(f"{j.path}: {len(missing)} record(s) missing, e.g. {missing[:3]}; finish that stage first")
+    lines = []
+    for r in records:
+        prev = (previous or {}).get(r.id, {})
+        rec: dict[str, Any] = {"id": r.id, "prompt": r.prompt}
+        sides = (("und", uc[r.id]["captions"], us[r.id]["scores"], None),
+                 ("gen", gc[r.id]["images"], gs[r.id]["accuracy"], threshold))
+        for side, cands, scores, thr in sides:
+            p = prev.get(side)
+            old = (Choice(p["chosen"], p["scores"][0]), Choice(p["rejected"], p["scores"][1])) if p else None
+            pair = self_play_pair(cands, scores, old, thr, drops[side])
+            if pair is None:
+                continue
+            w, lo = pair
+            rec[side] = {"chosen": w.item, "rejected": lo.item, "scores": [w.score, lo.score]}
+            kept[side] += 1
+            score_sums[side][0] += w.score
+            score_sums[side][1] += lo.score
+        if "und" in rec or "gen" in rec:
+            lines.append(rec)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
+    tmp.replace(out)
+    stats = {"records": len(records), "pairs": len(lines)}
+    for side in ("und", "gen"):
+        n = kept[side]
+        stats[side] = {"kept": n, "dropped": dict(drops[side]),
+                       "mean_score_chosen": score_sums[side][0] / n if n else None,
+                       "mean_score_rejected": score_sums[side][1] / n if n else None}
+    (out.parent / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
