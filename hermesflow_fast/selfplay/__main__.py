@@ -1,0 +1,8 @@
+"""``python -m hermesflow_fast.selfplay`` — what torchrun runs on every rank for ``hermesflow selfplay --nproc N``."""
+
+import sys
+
+from hermesflow_fast.selfplay.cli import selfplay_main
+
+if __name__ == "__main__":
+    raise SystemExit(selfplay_main(sys.argv[1:]))

@@ -1,0 +1,84 @@
+"""``hermesflow selfplay`` and ``hermesflow demo`` (argument handling; torchrun re-launch for --nproc).
+
+    hermesflow selfplay --config configs/selfplay-shapes.yaml --run-dir runs/sp [--rounds 2] [--resume] [--nproc N]
+                        [key=value ...]
+    hermesflow demo [--run-dir runs/demo] [--rounds 2]          two rounds from the shipped base on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["DEMO_OVERRIDES", "demo", "selfplay_main"]
+
+# The demo's recipe on top of SelfPlayConfig's defaults: sized for 2 CPU cores in under 10 minutes.
+DEMO_OVERRIDES = ["log.progress=true", "log.every=1", "checkpoint.every=1000", "checkpoint.keep=1"]
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="HermesFlow self-play rounds on the shapes world.")
+    ap.add_argument("--config", default=None, help="YAML recipe (configs/selfplay-shapes.yaml); none = defaults")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--resume", action="store_true", help="continue at the first unfinished stage")
+    ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun underneath)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. curation.steps=8 train.lr=1e-4")
+    return ap
+
+
+def selfplay_main(argv: list[str]) -> int:
+    args = _parser("hermesflow selfplay").parse_args(argv)
+    if args.nproc > 1 and "RANK" not in os.environ:
+        have = os.cpu_count() or 1
+        if args.nproc > have:
+            raise SystemExit(f"--nproc {args.nproc} but this machine has {have} CPU cores")
+        i = argv.index("--nproc")
+        rest = argv[:i] + argv[i + 2:]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "hermesflow_fast.selfplay", *rest]
+        return subprocess.call(cmd)
+    return _run(args, list(args.overrides))
+
+
+def _run(args, overrides: list[str]) -> int:
+    from hermesflow_fast.selfplay.config import SelfPlayConfig
+    from hermesflow_fast.selfplay.report import format_table
+    from hermesflow_fast.selfplay.rounds import run_selfplay
+    from hermesflow_fast.train.config import ConfigError, load_config
+    from hermesflow_fast.train.distributed import shutdown
+
+    try:
+        cfg = load_config(args.config, overrides, schema=SelfPlayConfig)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    t0 = time.perf_counter()
+    try:
+        results = run_selfplay(cfg, args.run_dir, args.rounds, resume=args.resume)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir = Path(args.run_dir)
+        print("\n" + format_table(results))
+        print(f"\n{args.rounds} round(s) in {time.perf_counter() - t0:.0f} s; report: {run_dir / 'report.md'}, "
+              f"plot: {run_dir / 'gap.png'}, scores: {run_dir / 'summary.json'}")
+    return 0
+
+
+def demo(run_dir: str, rounds: int) -> int:
+    """Two self-play rounds from the shipped base (what `make demo` runs); a finished run dir is reported again."""
+    run = Path(run_dir)
+    if (run / "summary.json").is_file():
+        done = json.loads((run / "summary.json").read_text())["rounds"]
+        if len(done) >= rounds + 1:
+            from hermesflow_fast.selfplay.report import format_table
+
+            print(format_table(done) + f"\n(already done; report: {run / 'report.md'}, plot: {run / 'gap.png'})")
+            return 0
+    args = argparse.Namespace(config=None, run_dir=run_dir, rounds=rounds, resume=run.exists())
+    return _run(args, list(DEMO_OVERRIDES))

@@ -1,0 +1,232 @@
+"""Self-play rounds: for r = 1..R, curate with M_{r−1}, train M_r from M_{r−1} (policy init = reference = M_{r−1}),
+evaluate on held-out records.
+
+    run_dir/round-0/eval.json                  the base model, measured the same way
+    run_dir/round-r/und_candidates.jsonl       K captions per record         (journal: resumable per record)
+                    und_scores.jsonl           their scores
+                    gen_candidates.jsonl       M token grids per prompt
+                    gen_scores.jsonl           self-VQA accuracy per grid
+                    pairs.jsonl, stats.json    the round's pairs (Eq. 10 from round 2) and why others were dropped
+                    train/                     the trainer's run dir (metrics.jsonl, checkpoints)
+                    model/                     M_r (a WorldModel folder)
+                    eval.json, samples.png     held-out und / gen / gap, per category; sample generations
+    run_dir/summary.json, report.md, gap.png   every round's scores
+
+Each stage leaves ``<stage>.done`` when complete; ``resume`` continues at the first unfinished stage of the first
+unfinished round. With torchrun (``--nproc N``), each rank curates a disjoint shard of the records into its own
+journal, merged by id; training runs DDP over the same ranks.
+
+    hermesflow selfplay --config configs/selfplay-shapes.yaml --run-dir runs/sp --rounds 2
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hermesflow_fast.data.batching import TokenizedPair
+from hermesflow_fast.data.text import caption_ids, prompt_ids, und_prompt_ids
+from hermesflow_fast.selfplay.config import SelfPlayConfig
+from hermesflow_fast.selfplay.journal import Journal, merge_shards
+from hermesflow_fast.selfplay.stages import (
+    CurationRecord,
+    CurationSettings,
+    build_pairs,
+    gen_candidates,
+    gen_scores,
+    und_candidates,
+    und_scores,
+)
+from hermesflow_fast.train.config import TrainConfig, config_to_dict
+from hermesflow_fast.train.dataset import TrainData
+from hermesflow_fast.train.distributed import DistInfo, barrier, init_distributed
+
+__all__ = ["run_selfplay", "world_curation_records"]
+
+STAGES = ("und_candidates", "und_scores", "gen_candidates", "gen_scores", "pairs", "train", "eval")
+
+
+def world_curation_records(wm, records) -> list[CurationRecord]:
+    """World records → curation records: the rendered image encoded once by the world's VQ tokenizer."""
+    from hermesflow_fast.world import render
+
+    imgs = torch.stack([torch.from_numpy(render(r.scene)).permute(2, 0, 1).float() / 127.5 - 1 for r in records])
+    with torch.no_grad():
+        codes = wm.image_tokenizer.encode(imgs.to(wm.image_tokenizer.device)).cpu()
+    return [CurationRecord(r.id, r.prompt, c, list(r.questions), r.scene) for r, c in zip(records, codes)]
+
+
+def _settings(cfg: SelfPlayConfig) -> CurationSettings:
+    c = cfg.curation
+    return CurationSettings(caption_grid=tuple((int(k), float(t)) for k, t in c.caption_grid),
+                            images_per_prompt=c.images_per_prompt, steps=c.steps, guidance_scale=c.guidance_scale,
+                            noise_temperature=c.noise_temperature, vqa_threshold=c.vqa_threshold,
+                            caption_tokens=c.caption_tokens, answer_tokens=c.answer_tokens,
+                            batch_size=c.batch_size, seed=cfg.run.seed)
+
+
+def _tokenized_pairs(wm, records: list[CurationRecord], pairs_file: Path) -> list[TokenizedPair]:
+    tok, lay = wm.text_tokenizer, wm.layout
+    by_id = {r.id: r for r in records}
+    q = und_prompt_ids(tok)
+    cap_budget = lay.mmu_text_len - len(q) - 1
+    out = []
+    for line in pairs_file.read_text().splitlines():
+        p = json.loads(line)
+        r = by_id[p["id"]]
+        und, gen = p.get("und"), p.get("gen")
+        out.append(TokenizedPair(
+            id=r.id, prompt_ids=prompt_ids(tok, r.prompt)[: lay.t2i_text_len - 3], und_prompt_ids=q,
+            image_codes=r.image_codes if und else None,
+            caption_chosen_ids=caption_ids(tok, und["chosen"])[:cap_budget] if und else None,
+            caption_rejected_ids=caption_ids(tok, und["rejected"])[:cap_budget] if und else None,
+            image_chosen_codes=torch.tensor(gen["chosen"]) if gen else None,
+            image_rejected_codes=torch.tensor(gen["rejected"]) if gen else None))
+    return out
+
+
+def _train_config(cfg: SelfPlayConfig, init_from: Path, wm) -> TrainConfig:
+    t = TrainConfig()
+    t.run = cfg.run
+    t.train, t.checkpoint, t.log, t.dist = cfg.train, cfg.checkpoint, cfg.log, cfg.dist
+    t.model.init_from = str(init_from)
+    t.model.compile = False
+    t.data.t2i_text_len, t.data.text_budget = wm.layout.t2i_text_len, wm.layout.mmu_text_len
+    return t
+
+
+def _done(rd: Path, stage: str) -> bool:
+    return (rd / f"{stage}.done").is_file()
+
+
+def _mark(rd: Path, stage: str, info: DistInfo) -> None:
+    if info.is_main:
+        (rd / f"{stage}.done").write_text("")
+    barrier()
+
+
+def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -> dict:
+    from hermesflow_fast.selfplay.evaluate import evaluate, save_grid
+
+    if _done(rd, "eval"):
+        return json.loads((rd / "eval.json").read_text())
+    e = cfg.eval
+    res = evaluate(wm, heldout, images_per_prompt=e.images_per_prompt, steps=e.steps, guidance_scale=e.guidance_scale,
+                   seed=cfg.run.seed, batch_size=e.batch_size)
+    out = {"und": res.und, "gen": res.gen, "gap": res.gap, "gen_by_category": res.gen_by_category,
+           "caption_agreement": res.caption_agreement, "records": len(heldout)}
+    if info.is_main:
+        rd.mkdir(parents=True, exist_ok=True)
+        (rd / "eval.json").write_text(json.dumps(out, indent=1) + "\n")
+        save_grid(wm, res, rd / "samples.png")
+    _mark(rd, "eval", info)
+    return out
+
+
+def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: bool = False,
+                 log: Callable[[str], None] = print, info: DistInfo | None = None) -> list[dict]:
+    """Rounds 1..``rounds`` after the base (round 0); returns every round's eval dict (round 0 first)."""
+    from hermesflow_fast.train.trainer import Trainer
+    from hermesflow_fast.world import make_records
+    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.scoring import answer_match, caption_agreement
+
+    run_dir = Path(run_dir)
+    info = info or init_distributed(cfg.dist.backend)
+    say = log if info.is_main else (lambda m: None)
+    if info.is_main:
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            raise ValueError(f"run dir {run_dir} is not empty; pass --resume to continue it or choose another one")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from hermesflow_fast.train.config import save_config
+
+        save_config(cfg, run_dir / "config.yaml")
+    barrier()
+    settings = _settings(cfg)
+    wm = load_base(cfg.world.base, device=info.device)
+    train_recs = world_curation_records(wm, make_records(cfg.world.train_records, cfg.world.seed, "train"))
+    heldout = make_records(cfg.world.heldout_records, cfg.world.seed, "heldout")
+    mine = train_recs[info.rank::info.world_size]
+    order = [r.id for r in train_recs]
+    results = [dict(round=0, **_evaluate_into(wm, heldout, cfg, run_dir / "round-0", info))]
+    say(f"round 0 (base): und {results[0]['und']:.3f}  gen {results[0]['gen']:.3f}  gap {results[0]['gap']:+.3f}")
+    previous: dict[str, dict] | None = None
+    prev_model = Path(cfg.world.base) if cfg.world.base else None
+    for r in range(1, rounds + 1):
+        rd = run_dir / f"round-{r}"
+        rd.mkdir(parents=True, exist_ok=True)
+
+        def journal(stage: str, rd: Path = rd) -> Journal:
+            return Journal(rd / f"{stage}.jsonl", rank=info.rank if info.distributed else None)
+
+        def finish(stage: str, rd: Path = rd) -> Journal:
+            if info.distributed:
+                barrier()
+                if info.is_main:
+                    merge_shards(rd / f"{stage}.jsonl", info.world_size, order)
+                barrier()
+            _mark(rd, stage, info)
+            return Journal(rd / f"{stage}.jsonl")
+
+        def full(stage: str, rd: Path = rd) -> Journal:
+            return Journal(rd / f"{stage}.jsonl")
+
+        wm.model.eval()
+        if not _done(rd, "und_candidates"):
+            say(f"round {r}: captions ({len(settings.caption_grid)} per image, {len(train_recs)} images)")
+            und_candidates(wm, mine, journal("und_candidates"), settings, r)
+            finish("und_candidates")
+        if not _done(rd, "und_scores"):
+            und_scores(mine, full("und_candidates"), journal("und_scores"), caption_agreement)
+            finish("und_scores")
+        if not _done(rd, "gen_candidates"):
+            say(f"round {r}: images ({settings.images_per_prompt} per prompt)")
+            gen_candidates(wm, mine, journal("gen_candidates"), settings, r)
+            finish("gen_candidates")
+        if not _done(rd, "gen_scores"):
+            say(f"round {r}: self-VQA")
+            gen_scores(wm, mine, full("gen_candidates"), journal("gen_scores"), settings, answer_match)
+            finish("gen_scores")
+        if not _done(rd, "pairs"):
+            if info.is_main:
+                stats = build_pairs(train_recs, full("und_candidates"), full("und_scores"), full("gen_candidates"),
+                                    full("gen_scores"), previous, settings.vqa_threshold, rd / "pairs.jsonl")
+                say(f"round {r}: pairs {json.dumps({k: stats[k] for k in ('pairs', 'und', 'gen')})}")
+            _mark(rd, "pairs", info)
+        previous = {}
+        for line in (rd / "pairs.jsonl").read_text().splitlines():
+            p = json.loads(line)
+            previous[p["id"]] = p
+        model_dir = rd / "model"
+        if not _done(rd, "train"):
+            init = prev_model
+            if init is None:  # the shipped base: train from a folder copy of it
+                init = run_dir / "round-0" / "model"
+                if info.is_main and not (init / "config.json").is_file():
+                    wm.save(init)
+                barrier()
+            tcfg = _train_config(cfg, init, wm)
+            pairs = _tokenized_pairs(wm, train_recs, rd / "pairs.jsonl")
+            data = TrainData(wm.vocab, wm.layout, pairs, f"round {r}: {len(pairs)} pairs", wm.num_image_tokens)
+            resume_train = (rd / "train" / "checkpoints").is_dir() and any((rd / "train" / "checkpoints").iterdir())
+            trainer = Trainer(tcfg, run_dir=rd / "train", resume=resume_train, info=info, log=say, data=data)
+            trainer.setup()
+            trainer.train()
+            if info.is_main:
+                wm.model = trainer.policy.eval()
+                wm.save(model_dir)
+            barrier()
+            _mark(rd, "train", info)
+        wm = load_base(model_dir, device=info.device)
+        prev_model = model_dir
+        res = dict(round=r, **_evaluate_into(wm, heldout, cfg, rd, info))
+        results.append(res)
+        say(f"round {r}: und {res['und']:.3f}  gen {res['gen']:.3f}  gap {res['gap']:+.3f}")
+    if info.is_main:
+        from hermesflow_fast.selfplay.report import write_report
+
+        write_report(run_dir, results, config_to_dict(cfg))
+    return results
