@@ -14,6 +14,9 @@
 #   bench_nc   bench_nearest_code --device cuda, N=16384, K 512..16384, D 8/13/256   -> $OUT/nearest_code_gpu.csv
 #   bench_gen  bench_generate all --device cuda at Show-o-512's backbone (random weights): caption decoding
 #              (original / recompute / KV cache) and MaskGIT at 16×16 tokens, 8,192 codes  -> $OUT/generate_gpu.csv
+#   bench_step bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8: one Pair-DPO training step,
+#              HermesFlow-style vs ours and the ablation rows, pairs/s, peak memory, MFU (no +compile row: its
+#              Inductor compile would not fit the step's 90 s)           -> $OUT/step_gpu.csv, $OUT/plots/step_gpu.png
 #   plots      bench.plot of both CSVs (when matplotlib is there)                    -> $OUT/plots/
 # A wall-clock budget (HFF_GPU_BUDGET_S, default 420 s) caps every step's timeout, so the whole run stays under
 # 8 minutes; $OUT/summary.txt has one line per step: name, exit code, seconds. Exit code: 0 when every step passed.
@@ -104,6 +107,8 @@ step bench_nc 40 45 "$PY" -m bench.bench_nearest_code --device cuda --reps 20 --
 step bench_gen 100 20 "$PY" -m bench.bench_generate all --device cuda --d 2048 --layers 24 --heads 32 --batch 16 \
     --grid 16 --codes 8192 --text-len 129 --steps 16 --prompts 2 --images 2 --reps 2 \
     --out "$OUT/generate_gpu.csv" --plot "$OUT/plots/generate_gpu.png"
+step bench_step 90 25 "$PY" -m bench.bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8 \
+    --no-compile --reps 3 --out "$OUT/step_gpu.csv" --plot "$OUT/plots/step_gpu.png"
 step bench_fp32 80 30 "$PY" -m bench.bench_logprobs --device cuda --dtype fp32 --tokens 2048,8192 --reps 5 \
     --out "$OUT/logprobs_gpu.csv"
 step plots 30 10 bash -c plots

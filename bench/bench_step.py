@@ -1,0 +1,665 @@
+"""One Pair-DPO training step, pairs/s and peak memory: ours vs a faithful HermesFlow-style step, same model, pairs and
+hardware, in one run, with the levers added one at a time.
+
+A step = the frozen reference's forward + the policy's forward and backward + gradient clipping + an AdamW step, for
+``--pairs`` B homologous pairs (each has both sides: a caption pair on a real image, an image pair for a prompt).
+
+Providers (rows), each lever on top of the previous one:
+    hermesflow     bench/hermesflow_step.py: every image (win, lose, real) re-encoded by MAGVIT-v2 every step,
+                   unpacked padded t2i + mmu rows per win/lose (Layout.t2i / Layout.mmu, T = 387 at 256 px), dense
+                   float additive masks (2B, 1, T, T), four forwards (policy win/lose, reference win/lose), full
+                   (2B, T, V) logits → full-vocabulary log_softmax → gather, per-pair sums, ops.reference.pair_dpo_loss
+    +token_cache   the same without the per-step encode (the pairs' codes precomputed once: `hermesflow tokenize`)
+    +packing       Trainer.train_step with our packed micro-batches (shared-prefix pair layouts, pad-free first-fit
+                   rows of ≤ --token-budget tokens, one forward per model per micro-batch, the OmniMask on the
+                   attention backend "auto" picks: SDPA with a dense boolean mask on CPU, flash-attention varlen or
+                   FlexAttention on CUDA) but the naive head: full logits of every packed position, full log_softmax,
+                   gather at the target rows (NaiveHeadObjective below)
+    +fused_head    = ours: Trainer.train_step as users run it (PairDPOObjective: the fused head on target rows only)
+    +compile       ours with model.compile=true (torch.compile of every block); on by default on CUDA, off on CPU
+                   (Inductor takes minutes on 2 cores; --compile forces it)
+Ours is built by ``make_trainer``: Trainer.setup's steps without the run folder and the file-based data loading
+(models, data, optimizer, scheduler, speed options set as setup sets them); the timed call is ``Trainer.train_step``.
+
+Before timing, a check (in fp32, whatever --dtype) builds one batch and asserts that the HermesFlow-style step, the
++packing objective and ours give the same loss (relative 1e-4), the same mean policy log-probs and reward margins
+per side, and that re-encoding the pixels gives the cached codes.
+
+Shapes. Show-o's token layout at 256 px (N = 256 image tokens, t2i text 129, mmu text 128, T = 387), Show-o's vocabulary
+(50,295 text + 10 special + 8,192 codes + [MASK] = 58,498). Pairs: random prompt (20–60 tokens), a 13-token question,
+captions of 30–90 tokens, random pixels (B, 3, 256, 256) whose codes the same encoder gives. The policy starts as the
+reference plus 0.01·N(0, 1) on every weight, so margins are not 0. CPU default ("tiny-to-small"): d 384, 6 layers,
+6 heads (head_dim 64, partial rotary 32), MLP 4d, B = 4, fp32, and a MAGVIT-v2 of Show-o's architecture scaled to the
+backbone: ch 24 (Show-o: 128; multipliers (1, 2, 2, 4, 4), res-blocks (4, 3, 4, 3, 4), 13 LFQ bits), GroupNorm 8
+groups, so the encoder's share of the step's FLOPs is near Show-o's (ch ≈ 128·√(P_small / P_Show-o) rounded to a
+multiple of 8; P = matmul parameters with the head). ``--preset show_o_512``: d 2048, 24 layers, 32 heads, the full
+MAGVIT-v2 (ch 128, 32 groups). Token budget (data.token_budget of ours): 8192 on CUDA, as the Show-o-512 recipe; 1024
+on CPU, about one pair (its gen and und sequences, ~950 tokens) per row: CPU attention is SDPA with a dense mask over
+the whole packed row, so its cost grows with the row's length squared (4096: all 4 pairs in one 3,800-token row, and
+attention took ~35% of our step in a profile), while on CUDA the flash/flex paths skip the cross-sequence blocks.
+
+Metrics per provider: pairs_per_s (B / step time; q20/q80 of the timed steps), memory_extra (MB: peak during a timed
+step above the memory held between steps: weights, reference, AdamW state), and on CUDA mfu: model FLOPs
+(3·2·P_body·T_policy + 3·2·P_head·R_policy + 2·P_body·T_ref + 2·P_head·R_ref, P_body = block matmul parameters,
+P_head = the LM head's, T = tokens through the backbone, R = rows through the head: every token for the full-logits
+rows, the target rows for the fused head; attention and the encoder not counted) / step time / the card's bf16 peak
+(989 TFLOP/s on H100). On CPU each provider runs in a fresh process (MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset before
+the first timed step, as bench_logprobs does); on CUDA in this process (torch.cuda.max_memory_allocated).
+
+    python -m bench.bench_step                       # CPU default → bench/results/step.csv, bench/plots/step.png
+    python -m bench.bench_step --profile hermesflow,+fused_head --out ''      # where the time goes, one step each
+    python -m bench.bench_step --d 64 --layers 1 --heads 2 --text-vocab 300 --code-bits 6 --image-size 64 \\
+        --text-len 24 --vq-ch 8 --pairs 2 --reps 1 --warmup 0 --inprocess --out /tmp/step.csv   # toy size
+    python -m bench.bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8 --out /tmp/step_gpu.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import math
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import utils
+from bench.hermesflow_step import HermesFlowStep, Pixels, encode_pixels
+from hermesflow_fast.data.batching import TokenizedPair, micro_batches
+from hermesflow_fast.model import Layout, ModelConfig, UnifiedTransformer, Vocabulary
+from hermesflow_fast.model.layout import IGNORE_INDEX
+from hermesflow_fast.model.magvit import MAGVITv2, MAGVITv2Config
+from hermesflow_fast.ops import reference as ops_reference
+from hermesflow_fast.train.config import TrainConfig, load_config
+from hermesflow_fast.train.dataset import TrainData
+from hermesflow_fast.train.distributed import DistInfo
+from hermesflow_fast.train.objective import SIDES, PairDPOObjective, gather_side, side_stats_names
+from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_cosine
+from hermesflow_fast.train.trainer import Trainer, _peak_flops
+
+CSV = utils.RESULTS_DIR / "step.csv"
+PLOT = utils.PLOTS_DIR / "step.png"
+KERNEL = "pair_dpo_step"
+PROVIDERS = ("hermesflow", "+token_cache", "+packing", "+fused_head", "+compile")
+OURS = "+fused_head"
+SHOW_O_MATMUL_PARAMS = 1.328e9  # phi-1.5 blocks 1.208 B + the 58,498 × 2048 head (perf-anchors §1.1)
+QUESTION_LEN = 13  # "USER: Give a detailed caption for this image. ASSISTANT:" in phi-1.5 tokens
+PERTURB = 0.01  # policy = reference + PERTURB · N(0, 1) per weight
+CHECK_RTOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# problem
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    d: int = 384
+    layers: int = 6
+    heads: int = 6
+    pairs: int = 4
+    image_size: int = 256
+    text_len: int = 128  # mmu text budget; t2i text part = text_len + 1 (Show-o: 128 / 129)
+    text_vocab: int = 50295
+    code_bits: int = 13  # LFQ bits: 2^13 = 8192 codes
+    vq_ch: int = 24
+    vq_groups: int = 8
+    token_budget: int = 1024
+    dtype: str = "fp32"
+    device: str = "cpu"
+    seed: int = 0
+    compile: bool = False  # whether the +compile provider is part of the run (recorded in the config)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 16  # MAGVIT-v2's stride
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid**2
+
+    @property
+    def row_len(self) -> int:
+        """HermesFlow's row length: t2i (text_len + 1) + soi + N + eoi = mmu 3 + N + text_len."""
+        return self.text_len + 3 + self.image_tokens
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, hidden_size=self.d, intermediate_size=4 * self.d,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           max_position_embeddings=max(2048, 2 * self.row_len), attn_backend="auto")
+
+    def vq_config(self) -> MAGVITv2Config:
+        return MAGVITv2Config(ch=self.vq_ch, norm_groups=self.vq_groups, z_channels=self.code_bits,
+                              resolution=self.image_size)
+
+    def matmul_params(self) -> tuple[int, int]:
+        """(P_body, P_head): matmul weights of the blocks (q, k, v, dense, fc1, fc2) and of the LM head."""
+        d, f = self.d, 4 * self.d
+        return self.layers * (4 * d * d + 2 * d * f), (self.text_vocab + 10 + 2**self.code_bits + 1) * d
+
+
+def scaled_vq_ch(d: int, layers: int, vocab_size: int) -> int:
+    """MAGVIT-v2 width whose encoder FLOPs keep Show-o's ratio to the backbone's: 128·√(P / P_Show-o), ×8, ≥ 8."""
+    p = layers * 12 * d * d + vocab_size * d
+    return max(8, 8 * round(128 * math.sqrt(p / SHOW_O_MATMUL_PARAMS) / 8))
+
+
+PRESETS = {
+    "show_o_512": dict(d=2048, layers=24, heads=32, vq_ch=128, vq_groups=32),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the world of one run: models, tokenizer, pixels, pairs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    p: Problem
+    vocab: Vocabulary
+    layout: Layout
+    policy: UnifiedTransformer
+    reference: UnifiedTransformer
+    vq: MAGVITv2
+    pixels: Pixels
+    pairs: list[TokenizedPair]
+
+
+@contextlib.contextmanager
+def _exact_fp32(device: str):
+    """TF32 off for matmuls and convolutions on CUDA (the check compares fp32 paths at 1e-4)."""
+    if device != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _texts(g: torch.Generator, n: int, lo: int, hi: int, vocab: int) -> list[list[int]]:
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(lo, hi + 1, (), generator=g))
+        out.append(torch.randint(0, min(vocab, 50000), (k,), generator=g).tolist())
+    return out
+
+
+def build_world(p: Problem) -> World:
+    """Seeded: every process that builds the world of the same Problem gets the same weights, pixels and pairs."""
+    dev = torch.device(p.device)
+    eos = 50256 if p.text_vocab > 50256 else p.text_vocab - 1
+    vocab = Vocabulary.build(text_vocab_size=p.text_vocab, eos=eos, num_image_codes=2**p.code_bits)
+    layout = Layout(vocab, t2i_text_len=p.text_len + 1, mmu_text_len=p.text_len)
+    torch.manual_seed(p.seed)
+    with dev:  # initialised on the device (a 1.4 B model initialised on the host takes long)
+        policy = UnifiedTransformer(p.model_config(vocab.vocab_size))
+        vq = MAGVITv2(p.vq_config())
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    torch.manual_seed(p.seed + 1)
+    with torch.no_grad():
+        for w in policy.parameters():
+            w.add_(PERTURB * torch.randn_like(w))
+    g = torch.Generator().manual_seed(p.seed)
+    B, S = p.pairs, p.image_size
+    pixels = Pixels(*(torch.rand(B, 3, S, S, generator=g).mul_(2).sub_(1).to(dev) for _ in range(3)))
+    with _exact_fp32(p.device):
+        real, chosen, rejected = (c.cpu() for c in encode_pixels(vq, pixels))  # the token cache
+    q = min(QUESTION_LEN, p.text_len // 4)
+    cap_hi = min(90, p.text_len - q - 1)
+    prompt_hi = min(60, p.text_len - 2)
+    prompts = _texts(g, B, min(20, prompt_hi), prompt_hi, p.text_vocab)
+    caps = _texts(g, 2 * B, min(30, cap_hi), cap_hi, p.text_vocab)
+    question = _texts(g, 1, q, q, p.text_vocab)[0]
+    pairs = [TokenizedPair(id=f"bench-{i:04d}", prompt_ids=prompts[i], und_prompt_ids=question,
+                           image_codes=real[i], caption_chosen_ids=caps[2 * i], caption_rejected_ids=caps[2 * i + 1],
+                           image_chosen_codes=chosen[i], image_rejected_codes=rejected[i]) for i in range(B)]
+    return World(p, vocab, layout, policy, reference, vq, pixels, pairs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ours: the Trainer's step (and the +packing variant with the naive head)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class NaiveHeadObjective(PairDPOObjective):
+    """PairDPOObjective with the head done the HermesFlow way (the +packing row): the full logits of every packed
+    position for the policy and the reference, a full-vocabulary log_softmax, the target rows gathered from it."""
+
+    def forward(self, batch, ref=None, ref_logps=None, scale: float = 1.0):
+        if ref is None:
+            raise ValueError("NaiveHeadObjective needs the reference's hidden states (train.precompute_ref_logps off)")
+        policy = self.policy
+        hidden = policy(batch.input_ids, batch.mask, batch.position_ids)  # (B, T, d)
+        logp = torch.log_softmax(policy.lm_head(hidden).float(), dim=-1).flatten(0, 1)  # (B·T, V)
+        with torch.no_grad():
+            ref_logp = torch.log_softmax(F.linear(ref[0], ref[1], ref[2]).float(), dim=-1).flatten(0, 1)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        zero = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        stats = dict.fromkeys(side_stats_names(), zero)
+        for side in SIDES:
+            sr = gather_side(batch, side)
+            if sr is None:
+                continue
+            Q = sr.pairs.numel()
+            rows, y = sr.rows.to(hidden.device), sr.labels.to(hidden.device)
+            keep = y != IGNORE_INDEX
+            cols = y.clamp_min(0)
+
+            lp, rlp = ((t[rows, cols] * keep).sum(-1) for t in (logp, ref_logp))  # (2Q,) each
+            pc, pr, rc, rr = lp[:Q], lp[Q:], rlp[:Q], rlp[Q:]
+            losses = ops_reference.dpo_per_pair_losses(pc, pr, rc, rr, self.beta, self.loss_type,
+                                                       self.label_smoothing)
+            total = total + (self.coeff[side] * scale) * losses.sum()
+            ch, rj = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
+            d = lambda t: t.detach().double().sum()  # noqa: E731
+            stats.update({f"{side}/count": zero + Q, f"{side}/loss": d(losses), f"{side}/rewards/chosen": d(ch),
+                          f"{side}/rewards/rejected": d(rj), f"{side}/rewards/margins": d(ch - rj),
+                          f"{side}/rewards/accuracies": d((ch > rj).float()), f"{side}/logps/chosen": d(pc),
+                          f"{side}/logps/rejected": d(pr)})
+        return total, stats
+
+
+def train_config(p: Problem, compile_blocks: bool) -> TrainConfig:
+    return load_config(None, [
+        f"run.seed={p.seed}", f"model.dtype={'bf16' if p.dtype == 'bf16' else 'fp32'}",
+        f"model.compile={str(compile_blocks).lower()}", "model.attn_backend=auto",
+        f"data.token_budget={p.token_budget}", f"data.t2i_text_len={p.text_len + 1}", f"data.text_budget={p.text_len}",
+        f"train.batch_size={p.pairs}", "train.max_steps=1000000", "train.warmup_ratio=0.0",
+    ])
+
+
+def make_trainer(w: World, provider: str, dtype: str | None = None) -> Trainer:
+    """A Trainer set up as ``Trainer.setup`` does (same objective, optimizer, scheduler and speed options) on the
+    world's in-memory models and pairs, without a run folder; ``train_step(step)`` is then the real step."""
+    p = w.p if dtype is None else dataclasses.replace(w.p, dtype=dtype)
+    cfg = train_config(p, compile_blocks=provider == "+compile")
+    tr = Trainer(cfg, run_dir="/nonexistent-bench-run", info=DistInfo(device=torch.device(p.device)),
+                 log=lambda msg: None)
+    tr.data = TrainData(w.vocab, w.layout, w.pairs, "bench pairs", p.image_tokens)
+    tr.policy, tr.reference = w.policy, w.reference
+    tr._configure_speed()
+    t = cfg.train
+    cls = NaiveHeadObjective if provider == "+packing" else PairDPOObjective
+    tr.objective = cls(tr.policy, t.beta, t.loss_type, t.und_coeff, t.gen_coeff, t.label_smoothing)
+    tr.model = tr.objective
+    tr.optimizer = build_optimizer(tr.policy, t)
+    tr.batch_size = min(t.batch_size, len(w.pairs))
+    tr.steps_per_epoch = math.ceil(len(w.pairs) / tr.batch_size)
+    tr.total_steps = t.max_steps
+    tr.scheduler = warmup_cosine(tr.optimizer, resolve_warmup(t, tr.total_steps), tr.total_steps)
+    tr.ckpt = types.SimpleNamespace(latest=lambda: None)  # only read when a non-finite step stops the run
+    tr.ref_cache = {}
+    return tr
+
+
+def _autocast(p: Problem):
+    if p.device == "cuda" and p.dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_hermesflow(w: World, provider: str, dtype: str | None = None) -> HermesFlowStep:
+    p = w.p if dtype is None else dataclasses.replace(w.p, dtype=dtype)
+    opt = torch.optim.AdamW(w.policy.parameters(), lr=2e-5, weight_decay=0.01)  # HermesFlow: torch AdamW, defaults
+    encode = provider == "hermesflow"
+    return HermesFlowStep(w.policy, w.reference, w.layout, opt, vq=w.vq if encode else None,
+                          pixels=w.pixels if encode else None, beta=0.2, max_grad_norm=1.0, seed=p.seed,
+                          autocast=_autocast(p))
+
+
+def make_runner(w: World, provider: str):
+    """(step(k) → loss, owner) for a provider; ``owner`` holds the optimizer (drop it to free the AdamW state)."""
+    if provider in ("hermesflow", "+token_cache"):
+        hf = make_hermesflow(w, provider)
+        return (lambda k: hf.train_step(w.pairs, epoch=k)), hf
+    tr = make_trainer(w, provider)
+    return (lambda k: tr.train_step(k)["loss"]), tr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLOPs (for MFU) of one step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def step_work(w: World, provider: str, epoch: int) -> dict:
+    """Tokens through the backbone and rows through the head, per model, of the step at ``epoch``."""
+    p = w.p
+    if provider in ("hermesflow", "+token_cache"):
+        t = 2 * (2 * p.pairs * p.row_len)  # win + lose batches of 2B rows
+        return {"tokens": t, "head_rows": t, "tokens_valid": t}
+    mbs = micro_batches(w.pairs, w.layout, p.token_budget, epoch, p.seed)
+    tokens = sum(mb.input_ids.numel() for mb in mbs)
+    valid = sum(mb.num_tokens for mb in mbs)
+    targets = sum(int((t.labels != IGNORE_INDEX).sum()) for mb in mbs for t in mb.targets.values())
+    return {"tokens": tokens, "head_rows": tokens if provider == "+packing" else targets, "tokens_valid": valid,
+            "micro_batches": len(mbs)}
+
+
+def model_flops(p: Problem, work: dict) -> float:
+    body, head = p.matmul_params()
+    fwd = 2.0 * body * work["tokens"] + 2.0 * head * work["head_rows"]
+    return 3.0 * fwd + fwd  # policy forward + backward, reference forward
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the check: same loss on the same batch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_losses(p: Problem, rtol: float = CHECK_RTOL, world: World | None = None) -> dict[str, float]:
+    """HermesFlow-style loss vs +packing vs ours (Trainer.train_step's reported loss) at step 0, in fp32; also the
+    per-side mean policy log-probs and reward margins, and the re-encoded codes. AssertionError with the numbers."""
+    w = world or build_world(p)  # the models hold fp32 weights whatever --dtype; the check runs without autocast
+    with _exact_fp32(p.device):
+        saved = {k: v.detach().to("cpu", copy=True) for k, v in w.policy.state_dict().items()}  # restored after
+        hf = make_hermesflow(w, "hermesflow", dtype="fp32")
+        codes = hf.codes(w.pairs)
+        cached = (torch.stack([q.image_codes for q in w.pairs]), torch.stack([q.image_chosen_codes for q in w.pairs]),
+                  torch.stack([q.image_rejected_codes for q in w.pairs]))
+        assert all(torch.equal(a, b) for a, b in zip(codes, cached)), "re-encoded pixels differ from the cached codes"
+        with torch.no_grad():
+            loss, lp = hf.loss(w.pairs, epoch=0)
+        B = p.pairs
+        base = {"loss": float(loss)}
+        for side in SIDES:
+            c, r = lp[f"{side}/chosen"].double(), lp[f"{side}/rejected"].double()
+            rc, rr = lp[f"{side}/ref_chosen"].double(), lp[f"{side}/ref_rejected"].double()
+            base[f"{side}/logps/chosen"] = float(c.sum() / B)
+            base[f"{side}/logps/rejected"] = float(r.sum() / B)
+            base[f"{side}/rewards/margins"] = float(0.2 * ((c - rc) - (r - rr)).sum() / B)
+        del hf
+        got = {"hermesflow": base}
+        for provider in ("+packing", OURS):
+            tr = make_trainer(w, provider, dtype="fp32")
+            m = tr.train_step(0)
+            got[provider] = {k: float(m[k]) for k in base}
+            w.policy.load_state_dict(saved)
+            del tr
+        # a margin is a difference of four sums: its tolerance is rtol of the sums' scale (β·(|chosen| + |rejected|)·2)
+        scale = {k: abs(b) for k, b in base.items()}
+        for side in ("und", "gen"):
+            scale[f"{side}/rewards/margins"] = 0.4 * (abs(base[f"{side}/logps/chosen"]) +
+                                                      abs(base[f"{side}/logps/rejected"]))
+        bad = [f"{prov} {k}: {v[k]:.6f} vs hermesflow {base[k]:.6f} (off by {abs(v[k] - base[k]) / scale[k]:.1e} of "
+               f"its scale)" for prov, v in got.items() for k in base if abs(v[k] - base[k]) > rtol * scale[k]]
+        assert not bad, "the steps disagree on the same batch:\n  " + "\n  ".join(bad)
+    gc.collect()
+    if p.device == "cuda":
+        torch.cuda.empty_cache()
+    return {prov: v["loss"] for prov, v in got.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one measurement
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _time_steps(w: World, provider: str, reps: int, warmup: int) -> tuple[tuple[float, ...], list[float], object]:
+    """(time quantiles, losses, PeakMemory) of ``provider``'s steps 0, 1, …; its optimizer goes when this returns."""
+    run, _owner = make_runner(w, provider)
+    counter = [0]
+    losses: list[float] = []
+
+    def step() -> None:
+        losses.append(run(counter[0]))
+        counter[0] += 1
+
+    pm = utils.PeakMemory(w.p.device)
+    times = utils.do_bench(step, warmup=warmup, rep=reps, device=w.p.device, first_call_ctx=pm)
+    return times, losses, pm
+
+
+def measure(p: Problem, provider: str, reps: int, warmup: int = 1, world: World | None = None) -> dict:
+    """Warm up, time ``reps`` steps; the first timed step also measures the peak memory above the level at entry."""
+    w = world or build_world(p)
+    if provider == "+compile":
+        warmup = max(warmup, 2)  # the first steps compile (and recompile once for a new micro-batch shape)
+    times, losses, pm = _time_steps(w, provider, reps, warmup)
+    gc.collect()
+    if p.device == "cuda":
+        torch.cuda.empty_cache()
+    works = [step_work(w, provider, k) for k in range(warmup, warmup + reps)]
+    work = {k: sum(x[k] for x in works) / len(works) for k in works[0]}
+    flops = model_flops(p, work)
+    peak = _peak_flops(torch.device(p.device)) if p.device == "cuda" else None
+    return {
+        "provider": provider,
+        "problem": asdict(p),
+        "time": list(times),
+        "loss": losses[warmup] if len(losses) > warmup else None,
+        "mem_extra": pm.growth,
+        "peak_reset": pm.reset,
+        "work": work,
+        "model_flops": flops,
+        "mfu": [flops / t / peak for t in times] if peak else None,
+    }
+
+
+def measure_in_subprocess(p: Problem, provider: str, reps: int, warmup: int, threads: int | None,
+                          timeout: float | None) -> dict:
+    spec = {"problem": asdict(p), "provider": provider, "reps": reps, "warmup": warmup, "threads": threads}
+    return utils.run_worker("bench.bench_step", spec, threads, timeout, provider)
+
+
+def profile(p: Problem, provider: str, world: World, warmup: int, rows: int = 25) -> str:
+    """One step of ``provider`` under torch.profiler after ``warmup`` steps: the top ops by self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run, _owner = make_runner(world, provider)
+    for k in range(warmup):
+        run(k)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if p.device == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        run(warmup)
+    key = "self_cuda_time_total" if p.device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rows, table, plot
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def to_rows(results: list[dict], cfg, stamps: dict) -> list[dict]:
+    rows = []
+    for r in results:
+        p = Problem(**r["problem"])
+        B = p.pairs
+        t50, t20, t80 = r["time"]
+        config = {**asdict(p), "V": p.text_vocab + 10 + 2**p.code_bits + 1, "N": p.image_tokens,
+                  "row_len": p.row_len, "threads": cfg.threads or torch.get_num_threads(), "reps": cfg.reps,
+                  "step_time_s": t50, "loss": r["loss"], "peak_reset": r["peak_reset"], **r["work"],
+                  "model_tflop": r["model_flops"] / 1e12}
+        common = dict(kernel_name=KERNEL, provider=r["provider"], x_name="pairs", x_value=B, config=config,
+                      device=p.device, dtype=p.dtype, stamps=stamps)
+        rows.append(utils.make_row(metric="pairs_per_s", unit="1/s", y=(B / t50, B / t80, B / t20), **common))
+        rows.append(utils.make_row(metric="memory_extra", unit="MB", y=(r["mem_extra"] / utils.MB,), **common))
+        if r["mfu"]:
+            m50, m20, m80 = r["mfu"]
+            rows.append(utils.make_row(metric="mfu", unit="fraction", y=(m50, m80, m20), **common))
+    return rows
+
+
+def format_table(results: list[dict]) -> str:
+    base = next((r for r in results if r["provider"] == "hermesflow"), None)
+    lines = [f"{'provider':<14} {'step s':>9} {'pairs/s':>9} {'× hermesflow':>13} {'extra MB':>10} "
+             f"{'tokens':>7} {'head rows':>9} {'model TFLOP':>11} {'MFU':>7}"]
+    for r in results:
+        p = Problem(**r["problem"])
+        t = r["time"][0]
+        x = f"{base['time'][0] / t:.2f}×" if base else "-"
+        mfu = f"{r['mfu'][0] * 100:.1f}%" if r["mfu"] else "-"
+        lines.append(f"{r['provider']:<14} {t:>9.3f} {p.pairs / t:>9.3f} {x:>13} {r['mem_extra'] / utils.MB:>10.0f} "
+                     f"{r['work']['tokens']:>7.0f} {r['work']['head_rows']:>9.0f} {r['model_flops'] / 1e12:>11.3f} "
+                     f"{mfu:>7}")
+    return "\n".join(lines)
+
+
+def plot(csv: Path, out: Path) -> Path:
+    """Bars of the newest run: pairs/s and memory_extra per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in utils.read_rows(csv) if r["kernel_name"] == KERNEL]
+    if not rows:
+        raise ValueError(f"{csv} has no {KERNEL} rows")
+    newest = max(r["timestamp"] for r in rows)
+    rows = [r for r in rows if r["timestamp"] == newest]  # the newest run (its rows share one stamp)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    colors = {"hermesflow": "#999999", "+token_cache": "#c9b27c", "+packing": "#8fb0d8", "+fused_head": "#4c72b0",
+              "+compile": "#55a868"}
+    for ax, metric, label in ((axes[0], "pairs_per_s", "pairs / s (higher is better)"),
+                              (axes[1], "memory_extra", "peak memory above weights + AdamW, MB (lower is better)")):
+        rs = {r["kernel_provider"]: r for r in rows if r["metric_name"] == metric}
+        names = [n for n in PROVIDERS if n in rs]
+        vals = [float(rs[n]["y_value_50"]) for n in names]
+        bars = ax.bar(names, vals, color=[colors[n] for n in names])
+        if metric == "pairs_per_s" and "hermesflow" in rs:
+            base = float(rs["hermesflow"]["y_value_50"])
+            for b, v in zip(bars, vals):
+                ax.annotate(f"{v / base:.2f}×", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom",
+                            fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=8)
+    import json
+
+    c = json.loads(rows[0]["extra_benchmark_config_str"])
+    fig.suptitle(f"Pair-DPO step: d {c['d']}, {c['layers']} layers, V {c['V']}, N {c['N']}, B {c['pairs']}, "
+                 f"{rows[0]['dtype']} — {rows[0]['device_name']}, {rows[0]['commit']}", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_step", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model + tokenizer sizes (overrides)")
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--pairs", type=int, default=4, help="B: pairs per step")
+    ap.add_argument("--image-size", type=int, default=256, help="pixels (N = (size/16)² image tokens)")
+    ap.add_argument("--text-len", type=int, default=128, help="mmu text budget (t2i text part: +1)")
+    ap.add_argument("--text-vocab", type=int, default=50295, help="text vocabulary (Show-o/phi-1.5: 50295)")
+    ap.add_argument("--code-bits", type=int, default=13, help="LFQ bits (2^bits image codes; Show-o: 13)")
+    ap.add_argument("--vq-ch", type=int, default=None, help="MAGVIT-v2 base width (default: scaled to the model)")
+    ap.add_argument("--vq-groups", type=int, default=None, help="GroupNorm groups (default 8; 32 at ch ≥ 128)")
+    ap.add_argument("--token-budget", type=int, default=None,
+                    help="tokens per packed micro-batch (default: 1024 on CPU, 8192 on CUDA as the Show-o recipe)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="add the +compile row (default: on for CUDA, off on CPU)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--inprocess", action="store_true", help="CPU: measure in this process (no fresh-process RSS)")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per CPU worker process")
+    ap.add_argument("--skip-check", action="store_true", help="skip the loss-agreement check")
+    ap.add_argument("--profile", default=None, help="providers to profile (one step each) instead of measuring")
+    ap.add_argument("--out", default=str(CSV), help="CSV to append to ('' for none)")
+    ap.add_argument("--plot", default=str(PLOT), help="PNG ('' for none)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    cfg = ap.parse_args(argv)
+    if cfg.worker is not None:
+        return cfg
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    if cfg.dtype == "bf16" and cfg.device == "cpu":
+        ap.error("--dtype bf16 is for CUDA (autocast); the CPU bench runs fp32")
+    preset = PRESETS.get(cfg.preset, {})
+    for k, v in preset.items():
+        if k not in ("vq_ch", "vq_groups") or getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    vocab_size = cfg.text_vocab + 10 + 2**cfg.code_bits + 1
+    cfg.vq_ch = cfg.vq_ch or scaled_vq_ch(cfg.d, cfg.layers, vocab_size)
+    cfg.vq_groups = cfg.vq_groups or (32 if cfg.vq_ch % 32 == 0 and cfg.vq_ch >= 128 else 8)
+    cfg.token_budget = cfg.token_budget or (8192 if cfg.device == "cuda" else 1024)
+    if cfg.compile is None:
+        cfg.compile = cfg.device == "cuda"
+    names = cfg.providers.split(",") if cfg.providers else [n for n in PROVIDERS if n != "+compile" or cfg.compile]
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        ap.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    cfg.providers = [n for n in PROVIDERS if n in names]  # each lever on top of the previous; +compile mutates
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse_args(argv)
+    if cfg.worker is not None:
+        utils.worker_main(cfg.worker, measure, Problem)
+        return []
+    utils.set_threads(cfg.threads)
+    p = Problem(d=cfg.d, layers=cfg.layers, heads=cfg.heads, pairs=cfg.pairs, image_size=cfg.image_size,
+                text_len=cfg.text_len, text_vocab=cfg.text_vocab, code_bits=cfg.code_bits, vq_ch=cfg.vq_ch,
+                vq_groups=cfg.vq_groups, token_budget=cfg.token_budget, dtype=cfg.dtype, device=cfg.device,
+                seed=cfg.seed, compile="+compile" in cfg.providers)
+    body, head = p.matmul_params()
+    print(f"step: d {p.d}, {p.layers} layers, {p.heads} heads, V {head // p.d}, N {p.image_tokens}, T {p.row_len}, "
+          f"B {p.pairs}, {p.dtype} on {p.device}; matmul params {body / 1e6:.1f} M blocks + {head / 1e6:.1f} M head; "
+          f"MAGVIT-v2 ch {p.vq_ch}; token budget {p.token_budget}", flush=True)
+    inprocess = cfg.inprocess or cfg.device == "cuda" or cfg.profile
+    world = build_world(p) if inprocess else None
+    if not cfg.skip_check:
+        losses = check_losses(p, world=world)
+        print("check: same batch, fp32, losses agree within 1e-4: "
+              + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()), flush=True)
+    if cfg.profile:
+        for name in cfg.profile.split(","):
+            print(f"\n== profile of one {name} step (after {cfg.warmup} warm-up steps)")
+            print(profile(p, name, world, max(cfg.warmup, 2 if name == "+compile" else 0)), flush=True)
+        return []
+    stamps, results = utils.run_stamps(cfg.device), []
+    try:
+        for name in cfg.providers:
+            if inprocess:
+                r = measure(p, name, cfg.reps, cfg.warmup, world=world)
+            else:
+                r = measure_in_subprocess(p, name, cfg.reps, cfg.warmup, cfg.threads, cfg.timeout)
+            results.append(r)
+            print(f"{name:<14} {r['time'][0]:8.3f} s/step  {p.pairs / r['time'][0]:7.3f} pairs/s  "
+                  f"{r['mem_extra'] / utils.MB:8.0f} MB extra", flush=True)
+            if cfg.out:
+                utils.append_rows(cfg.out, to_rows([r], cfg, stamps))
+    except KeyboardInterrupt:
+        print("\ninterrupted: the table below has the providers measured so far")
+    print()
+    print(format_table(results))
+    base = next((r for r in results if r["provider"] == "hermesflow"), None)
+    for name in (OURS, "+compile"):
+        ours = next((r for r in results if r["provider"] == name), None)
+        if base and ours:
+            print(f"{name} / hermesflow: {base['time'][0] / ours['time'][0]:.2f}× pairs/s, "
+                  f"{ours['mem_extra'] / max(base['mem_extra'], 1):.2f}× extra memory")
+    if cfg.out and results:
+        print(f"appended {len(to_rows(results, cfg, stamps))} rows to {cfg.out}")
+        if cfg.plot:
+            print(f"plot: {plot(Path(cfg.out), Path(cfg.plot))}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
