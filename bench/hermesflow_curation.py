@@ -1,0 +1,96 @@
+"""A HermesFlow-style curation pass, written from the spec's description (§3.2–3.5), as the curation benchmark's
+baseline. Per record, batch 1 throughout:
+
+- captions: for each (top_k, temperature) of the grid, token by token WITHOUT a KV cache, the whole sequence and
+  its full-vocabulary logits recomputed at every step (``mmu_generate``), top-k + temperature sampling;
+- images: M images of the prompt in one batch with their unconditional rows in the same forward (as
+  ``t2i_generate`` does: cond and uncond concatenated), the whole sequence recomputed every step (no text cache);
+- self-VQA: every generated image decoded to pixels, written as PNG, read back and re-encoded by the image tokenizer
+  (the original scores PNG files), then each question answered alone, greedy, without a KV cache.
+
+The same model, records and sampling settings as ours; only the execution differs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hermesflow_fast.data.text import und_prompt_ids
+from hermesflow_fast.model.generate import generate_images
+
+__all__ = ["hermesflow_curation_pass"]
+
+
+@torch.no_grad()
+def _decode_uncached(wm, codes, prompt, max_new: int, temperature: float, top_k: int | None, gen) -> list[int]:
+    v, lay, model = wm.vocab, wm.layout, wm.model
+    s = lay.mmu(codes[None], [prompt], answers=None, sot=True, pad_to=False)
+    ids, mask = s.input_ids, s.mask.dense()
+    out: list[int] = []
+    for _ in range(max_new):
+        logits = model.logits(ids, mask)[:, -1, : v.text_vocab_size]  # full logits of every position computed
+        if temperature <= 0:
+            tok = logits.argmax(-1)
+        else:
+            z = logits / temperature
+            if top_k is not None:
+                kth = z.topk(top_k, -1).values[..., -1:]
+                z = z.masked_fill(z < kth, float("-inf"))
+            tok = torch.multinomial(torch.softmax(z, -1), 1, generator=gen)[:, 0]
+        out.append(int(tok))
+        if out[-1] == v.eos:
+            break
+        ids = torch.cat([ids, tok[:, None]], 1)
+        T = ids.shape[1]
+        grown = torch.zeros(1, T, T, dtype=torch.bool)
+        grown[:, :-1, :-1] = mask
+        grown[:, -1] = True
+        mask = grown
+    return out
+
+
+def _png_roundtrip(wm, codes: torch.Tensor) -> torch.Tensor:
+    """codes (M, N) → pixels → PNG bytes → pixels → codes (M, N), as scoring PNG files does."""
+    tok = wm.image_tokenizer
+    pix = tok.decode(codes.to(tok.device)).clamp(-1, 1)
+    out = []
+    for img in pix:
+        arr = ((img.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        back = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32)
+        out.append(torch.from_numpy(back).permute(2, 0, 1) / 127.5 - 1)
+    return tok.encode(torch.stack(out).to(tok.device)).cpu()
+
+
+def hermesflow_curation_pass(wm, records, settings, answer_match, seed: int = 0) -> list[dict]:
+    """K captions + M images + self-VQA for each record, one record at a time; returns per-record results."""
+    tok = wm.text_tokenizer
+    q = und_prompt_ids(tok, settings.question)
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for r in records:
+        caps = []
+        for k, t in settings.caption_grid:
+            ids = _decode_uncached(wm, r.image_codes, q, settings.caption_tokens, t, None if t <= 0 else k, gen)
+            caps.append(tok.decode(ids, skip_special_tokens=True).strip())
+        from hermesflow_fast.data.text import prompt_ids
+
+        codes = generate_images(wm.model, wm.layout, [prompt_ids(tok, r.prompt)], int(r.image_codes.numel()),
+                                images_per_prompt=settings.images_per_prompt, steps=settings.steps,
+                                guidance_scale=settings.guidance_scale, generator=gen, use_text_cache=False,
+                                cfg_batched=True)
+        codes = _png_roundtrip(wm, codes)
+        acc = []
+        for img in codes:
+            right = 0
+            for qu in r.questions:
+                ids = _decode_uncached(wm, img, und_prompt_ids(tok, qu.prompt), settings.answer_tokens, 0.0, None, gen)
+                right += int(answer_match(tok.decode(ids, skip_special_tokens=True).strip(), qu.choices) == qu.answer)
+            acc.append(right / len(r.questions))
+        results.append({"id": r.id, "captions": caps, "accuracy": acc})
+    return results
