@@ -9,6 +9,10 @@
     hermesflow tokenize SOURCE ...       images (folder or records JSONL) → token cache (safetensors shards + index)
     hermesflow train --config Y [...]    Pair-DPO training (torchrun underneath with --nproc N)
     hermesflow demo                      the fused-op demo: ours vs the naive path at Show-o's head shape
+    hermesflow pretrain --world shapes   pretrain the shapes world's base model (world/pretrain.py)
+    hermesflow eval --checkpoint P ...   understanding / generation / gap on held-out world records (Table 4)
+    hermesflow selfplay --run-dir D ...  self-play rounds on the shapes world (curate → pairs → train → evaluate)
+    hermesflow bench curation [ARGS...]  one curation pass: ours vs a HermesFlow-style pass (bench_curation.py)
 """
 
 from __future__ import annotations
@@ -145,6 +149,23 @@ def bench_step(args: tuple[str, ...]) -> None:
     _run_bench("bench.bench_step", args)
 
 
+@bench.command("curation", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_curation(args: tuple[str, ...]) -> None:
+    """One curation pass (K captions + M images + self-VQA per record): ours vs a HermesFlow-style pass."""
+    _run_bench("bench.bench_curation", args)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def selfplay(args: tuple[str, ...]) -> None:
+    """Self-play rounds: --run-dir D [--config Y] [--rounds R] [--resume] [--nproc N] [key=value ...]."""
+    from hermesflow_fast.selfplay.cli import selfplay_main
+
+    raise SystemExit(selfplay_main(list(args)))
+
+
 @main.command()
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(exists=True),
@@ -184,6 +205,70 @@ def demo(tokens: str, out: str) -> None:
         "bench.bench_logprobs",
         ("--tokens", tokens, "--providers", "gemm_floor,naive,ours", "--reps", "1", "--out", out),
     )
+
+
+@main.command()
+@click.option("--world", type=click.Choice(["shapes"]), default="shapes", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="output folder  [default: hermesflow_fast/world/base, the shipped base]")
+@click.option("--records", type=int, default=None, help="train records  [default: PretrainConfig.records]")
+@click.option("--steps", type=int, default=None, help="optimizer steps  [default: PretrainConfig.steps]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-records", type=int, default=None,
+              help="held-out records evaluated at the end (0: none)  [default: PretrainConfig.eval_records]")
+@click.option("--threads", type=int, default=None, help="torch CPU threads  [default: torch's]")
+def pretrain(world: str, out_dir: str | None, records: int | None, steps: int | None, seed: int,
+             eval_records: int | None, threads: int | None) -> None:
+    """Pretrain the world's tiny Show-o-architecture base from scratch (t2i + captioning + VQA), seeded."""
+    import torch
+
+    from hermesflow_fast.world.base import BASE_DIR
+    from hermesflow_fast.world.pretrain import PretrainConfig
+    from hermesflow_fast.world.pretrain import pretrain as run_pretrain
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    kw = {k: v for k, v in (("records", records), ("steps", steps), ("eval_records", eval_records)) if v is not None}
+    try:
+        cfg = PretrainConfig(world=world, seed=seed, **kw)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    run_pretrain(cfg, Path(out_dir) if out_dir else BASE_DIR, log=click.echo)
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
+              help="a world model folder (the shipped base hermesflow_fast/world/base, or a self-play round's model/)")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="writes eval.json and samples.png")
+@click.option("--records", type=int, default=300, show_default=True, help="held-out records")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the held-out records and the sampling")
+@click.option("--images-per-prompt", type=int, default=1, show_default=True)
+@click.option("--steps", type=int, default=12, show_default=True, help="MaskGIT steps")
+@click.option("--guidance-scale", type=float, default=3.0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def eval_command(checkpoint: str, run_dir: str, records: int, seed: int, images_per_prompt: int, steps: int,
+                 guidance_scale: float, batch_size: int, device: str) -> None:
+    """Understanding vs generation on held-out world records: und, gen, gap, per category (the paper's Table 4)."""
+    import json
+
+    from hermesflow_fast.selfplay.evaluate import evaluate, save_grid
+    from hermesflow_fast.world import make_records
+    from hermesflow_fast.world.base import load_base
+
+    if records < 1:
+        raise click.BadParameter(f"--records must be ≥ 1, got {records}")
+    wm = load_base(checkpoint, device=device)
+    res = evaluate(wm, make_records(records, seed, "heldout"), images_per_prompt=images_per_prompt, steps=steps,
+                   guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"checkpoint": str(checkpoint), **res.to_dict(samples=False),
+                                               "samples": {k: res.samples[k] for k in ("prompts", "captions")}},
+                                              indent=1) + "\n")
+    save_grid(wm, res, out / "samples.png")
+    click.echo(res.table())
+    click.echo(f"wrote {out / 'eval.json'} and {out / 'samples.png'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""The shapes world's base model as one object: the unified transformer with its vocabulary, token layout, word
+tokenizer and patch-VQ image tokenizer, loaded from (and saved to) one folder.
+
+What self-play starts from (round 0 = M_0) and what every round's checkpoint is saved as. The folder:
+
+    config.json, model.safetensors   the transformer (``UnifiedTransformer.save_pretrained``); ``config.json``'s
+                                     "hermesflow" block carries ``vocab`` (the Vocabulary dict) and ``layout``
+                                     ({t2i_text_len, mmu_text_len})
+    vocab.json                       the Vocabulary dict again, for people and tools that read no model config
+    tokenizer/                       the word tokenizer, its [PAD] and Show-o specials already added
+    vq/                              the PatchVQTokenizer (32×32 images → 8×8 codes)
+    pretrain.json                    how ``hermesflow pretrain`` made it (only in pretrained folders; not read here)
+
+``load_base()`` reads the base shipped in the package (``hermesflow_fast/world/base/``, made by
+``hermesflow pretrain --world shapes``); ``load_base(path)`` any folder saved by ``WorldModel.save``. Loading checks
+that the pieces agree (vocabulary vs tokenizer, codes vs image tokenizer, vocabulary size vs model) and names the
+file that disagrees.
+
+    python -c "from hermesflow_fast.world.base import load_base; print(load_base())"
+    python -m pytest -q tests/world/test_pretrain.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hermesflow_fast.model.layout import Layout, Vocabulary
+from hermesflow_fast.model.tokenizer_vq import ImageTokenizer, load_image_tokenizer
+from hermesflow_fast.model.transformer import UnifiedTransformer
+
+__all__ = ["BASE_DIR", "WORLD_LAYOUT", "WorldModel", "load_base"]
+
+BASE_DIR = Path(__file__).resolve().parent / "base"
+# The world's text budgets: a t2i prompt is ≤ 10 words (+ [t2i][bos] … [eos] = 13 ≤ 16); an mmu text is ≤ 23
+# tokens for training texts (question + answer + eos), 48 leaves room for longer sampled captions in self-play.
+WORLD_LAYOUT = {"t2i_text_len": 16, "mmu_text_len": 48}
+_FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizer", "vq")
+
+
+@dataclass
+class WorldModel:
+    """A unified model ready to generate and to train: ``model`` (eval mode after loading), its ``vocab`` and
+    ``layout``, ``text_tokenizer`` (a HF fast tokenizer) and ``image_tokenizer`` (codes ↔ pixels)."""
+
+    model: UnifiedTransformer
+    vocab: Vocabulary
+    layout: Layout
+    text_tokenizer: Any
+    image_tokenizer: ImageTokenizer
+    path: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def num_image_tokens(self) -> int:
+        """N, the code grid's size (64 for the world's 8×8 grid)."""
+        h, w = self.image_tokenizer.grid
+        return h * w
+
+    def to(self, device: torch.device | str) -> WorldModel:
+        self.model.to(device)
+        self.image_tokenizer.to(device)
+        return self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the folder described in the module docstring (``pretrain.json`` excepted); returns its path."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = self.model.config
+        cfg.extra = {**cfg.extra, "vocab": self.vocab.to_dict(),
+                     "layout": {"t2i_text_len": self.layout.t2i_text_len, "mmu_text_len": self.layout.mmu_text_len}}
+        self.model.save_pretrained(path)
+        (path / "vocab.json").write_text(json.dumps(self.vocab.to_dict(), indent=2) + "\n")
+        self.text_tokenizer.save_pretrained(str(path / "tokenizer"))
+        self.image_tokenizer.save_pretrained(path / "vq")
+        self.path = path
+        return path
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return (f"WorldModel(path={str(self.path)!r}, params={sum(p.numel() for p in self.model.parameters()):,}, "
+                f"d={c.hidden_size}, layers={c.num_hidden_layers}, vocab={c.vocab_size}, "
+                f"codes={self.vocab.num_image_codes}, grid={self.image_tokenizer.grid}, "
+                f"t2i_text_len={self.layout.t2i_text_len}, mmu_text_len={self.layout.mmu_text_len})")
+
+
+def load_base(path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> WorldModel:
+    """The world model saved at ``path`` (default: the shipped base, ``hermesflow_fast/world/base/``), in eval mode.
+
+    FileNotFoundError names the missing files (and how to make the base); ValueError names the file whose contents
+    disagree with the rest."""
+    from hermesflow_fast.data.text import load_text_tokenizer
+
+    path = Path(BASE_DIR if path is None else path)
+    missing = [f for f in _FILES if not (path / f).exists()]
+    if missing:
+        hint = " (make it with `hermesflow pretrain --world shapes`)" if path == BASE_DIR else ""
+        raise FileNotFoundError(f"load_base: {path} lacks {missing}; expected a folder written by WorldModel.save"
+                                f"{hint}")
+    try:
+        vocab = Vocabulary.from_dict(json.loads((path / "vocab.json").read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path / 'vocab.json'}: not a Vocabulary dict ({type(exc).__name__}: {exc})") from exc
+    model = UnifiedTransformer.from_pretrained(path)
+    model.eval().requires_grad_(False)
+    cfg = model.config
+    if cfg.vocab_size != vocab.vocab_size:
+        raise ValueError(f"{path / 'config.json'}: vocab_size {cfg.vocab_size} but vocab.json gives "
+                         f"{vocab.vocab_size} (image_offset {vocab.image_offset} + {vocab.num_image_codes} codes + "
+                         f"[MASK])")
+    saved_vocab = cfg.extra.get("vocab")
+    if saved_vocab is not None and Vocabulary.from_dict(saved_vocab) != vocab:
+        raise ValueError(f"{path}: config.json's hermesflow.vocab differs from vocab.json")
+    text_tokenizer = load_text_tokenizer(path / "tokenizer")
+    from_tok = Vocabulary.from_tokenizer(text_tokenizer, vocab.num_image_codes)
+    if from_tok != vocab:
+        raise ValueError(f"{path / 'tokenizer'}: its ids give {from_tok.to_dict()}, vocab.json says "
+                         f"{vocab.to_dict()}; the tokenizer was not saved with this model")
+    image_tokenizer = load_image_tokenizer(path / "vq", device=device)
+    if image_tokenizer.num_codes != vocab.num_image_codes:
+        raise ValueError(f"{path / 'vq'}: {image_tokenizer.num_codes} codes, but the vocabulary has "
+                         f"{vocab.num_image_codes} image codes")
+    lens = {**WORLD_LAYOUT, **cfg.extra.get("layout", {})}
+    layout = Layout(vocab, t2i_text_len=int(lens["t2i_text_len"]), mmu_text_len=int(lens["mmu_text_len"]))
+    return WorldModel(model.to(device), vocab, layout, text_tokenizer, image_tokenizer, path)

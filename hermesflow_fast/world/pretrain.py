@@ -1,0 +1,366 @@
+"""Pretraining the shapes world's base model from scratch: a tiny Show-o-architecture transformer learns to draw
+(t2i), caption (mmu) and answer questions (VQA) on the world, on CPU, reproducibly; self-play then starts from it.
+
+    hermesflow pretrain --world shapes [--out hermesflow_fast/world/base] [--records 4000] [--steps 1800] [--seed 0]
+
+Data. ``records`` train records (``make_records(n, seed, "train")``), rendered at 32×32. The image tokenizer is a
+``PatchVQTokenizer`` with 4-px patches (an 8×8 grid: N = 64 codes per image) and 512 codes, k-means on the first
+``vq_images`` train images. Why 512: the judge reads VQ-reconstructed held-out images at 91% with 128 codes,
+97.8% with 256 (squares whose corners a code rounds off read as circles) and 100% with 512, so 512 is the
+smallest codebook that does not cap the generation score; 1024 adds nothing the judge sees and doubles the classes
+the tiny t2i head must tell apart. Every image is encoded once, before training. The word tokenizer is
+``build_word_tokenizer(world_words())`` with Show-o's [PAD] and specials added (``Vocabulary.from_tokenizer``).
+
+Each optimizer step mixes Show-o's three losses in one batch (spec §5.5), each a mean over its scored tokens:
+
+    t2i   B_t rows of [pad…][t2i][bos] prompt [eos] | [soi] x [eoi]: t ~ U(0,1), r = cos(πt/2), k = max(1, round(N·r))
+          slots drawn uniformly are set to [MASK]; CE at those slots (no shift, the model predicts the slot's own
+          code); the prompt is dropped to [t2i][bos][eos] with probability 0.1 so classifier-free guidance has an
+          unconditional model to push away from
+    cap   [mmu][soi] x [eoi] "USER: Give a detailed caption for this image. ASSISTANT:" caption [eos]
+    vqa   [mmu][soi] x [eoi] "USER: {question.prompt} ASSISTANT:" answer [eos]      for every question of x
+          B_u images per step, each with its caption and all its questions; next-token CE over answer + eos (as
+          Layout's "answer" target). They ride packed: one row per image holds the prefix [mmu][soi] x [eoi] once
+          and one branch per text (the masks' branch tags: a branch sees the prefix and itself; its positions
+          restart after the prefix), exactly the unpacked rows (tests/world/test_pretrain.py checks the
+          log-probs) at a third of the tokens: an image's prefix (67 tokens) is most of a VQA row. Half of the
+          branches, drawn at random, put <|sot|> before the prompt (Show-o's inference form, how the curation
+          decodes) and half do not (HermesFlow's training form, how Pair-DPO scores): the base answers under both
+
+    loss = t2i + cap + vqa;  log-probs by ``ops.linear_logprobs`` on the target rows only
+
+AdamW (no decay on biases, norms, embeddings; ``train.optim``), linear warm-up then cosine to 10% of the peak lr,
+gradient norm clipped at 1. All randomness (initialisation, batches, masks, dropout, sot) comes from ``seed``; the
+same seed gives bit-identical weights on the same machine and thread count (checked by tests/world/
+test_pretrain.py). At the end the base is evaluated with the Table 4 protocol (``selfplay.evaluate``) on
+``eval_records`` held-out records and everything is written to ``out`` (the folder ``world.base.load_base``
+reads, plus ``pretrain.json``: the command, config, wall time, loss curve, final losses and the eval numbers).
+
+Shipped base (``hermesflow_fast/world/base/``): the defaults below; see its pretrain.json for the measured wall
+time and scores.
+
+    python -m pytest -q tests/world/test_pretrain.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hermesflow_fast.data.text import DEFAULT_QUESTION, build_word_tokenizer, caption_ids, prompt_ids, und_prompt_ids
+from hermesflow_fast.model.config import ModelConfig
+from hermesflow_fast.model.layout import IGNORE_INDEX, Layout, Sequences, Target, Vocabulary
+from hermesflow_fast.model.masks import OmniMask
+from hermesflow_fast.model.tokenizer_vq import PatchVQTokenizer, image_to_tensor
+from hermesflow_fast.model.transformer import UnifiedTransformer
+from hermesflow_fast.ops import linear_logprobs
+from hermesflow_fast.train.optim import param_groups, warmup_cosine
+from hermesflow_fast.world.base import BASE_DIR, WORLD_LAYOUT, WorldModel
+from hermesflow_fast.world.records import WorldRecord, make_records
+from hermesflow_fast.world.vocabulary import world_words
+
+__all__ = ["WORLDS", "PretrainConfig", "WorldData", "build_batch", "mask_slots", "packed_mmu", "prepare_world",
+           "pretrain", "pretrain_losses", "render_batch", "target_logprobs"]
+
+WORLDS = ("shapes",)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    world: str = "shapes"
+    records: int = 4000  # train records
+    steps: int = 1800  # optimizer steps
+    seed: int = 0
+    # image tokenizer
+    patch_size: int = 4  # 32 px / 4 = an 8×8 grid, N = 64
+    num_codes: int = 512
+    vq_images: int = 1000  # k-means on the first vq_images train images
+    vq_iters: int = 10
+    # model (Phi): d, layers, heads, MLP
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    # batch: rows per task and step
+    batch_t2i: int = 32
+    batch_und: int = 16  # images per step whose caption and every question ride in one packed row
+    cond_dropout: float = 0.1  # t2i prompt dropout (classifier-free guidance)
+    sot_prob: float = 0.5  # mmu rows with <|sot|> before the prompt
+    coeffs: tuple[float, float, float] = (1.0, 1.0, 1.0)  # t2i, caption, vqa
+    # optimisation
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100  # capped at steps // 10 for short runs
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    # evaluation at the end (0 = none)
+    eval_records: int = 300
+    eval_steps: int = 12
+    eval_guidance: float = 3.0
+    log_every: int = 50
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.world not in WORLDS:
+            raise ValueError(f"pretrain: world must be one of {WORLDS}, got {self.world!r}")
+        for name in ("records", "steps", "batch_t2i", "batch_und", "vq_images", "num_codes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pretrain: {name} must be ≥ 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.eval_records < 0:
+            raise ValueError(f"pretrain: warmup_steps={self.warmup_steps} and eval_records={self.eval_records} "
+                             f"must be ≥ 0")
+        if not 0.0 <= self.cond_dropout < 1.0 or not 0.0 <= self.sot_prob <= 1.0:
+            raise ValueError(f"pretrain: cond_dropout={self.cond_dropout} must lie in [0, 1) and sot_prob="
+                             f"{self.sot_prob} in [0, 1]")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
+                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                           num_attention_heads=self.num_heads, max_position_embeddings=256)
+
+
+@dataclass
+class WorldData:
+    """Everything training needs, tokenized once: codes (R, N) of the train images, the prompt / caption ids per
+    record, and per record its questions' prompt and answer ids."""
+
+    records: list[WorldRecord]
+    codes: Tensor  # (R, N) int64
+    prompts: list[list[int]]  # t2i prompt ids per record
+    captions: list[list[int]]  # caption ids per record (the answer of the caption rows)
+    caption_prompt: list[int]  # und_prompt_ids(DEFAULT_QUESTION)
+    vqa: list[list[tuple[list[int], list[int]]]]  # per record: (question prompt ids, answer ids) per question
+
+
+def render_batch(records: Sequence[WorldRecord]) -> Tensor:
+    """(B, 3, 32, 32) float in [−1, 1]: the records' images as the image tokenizer takes them."""
+    return torch.stack([image_to_tensor(r.render()) for r in records])
+
+
+def prepare_world(cfg: PretrainConfig, tokenizer_dir: str | os.PathLike) -> tuple[WorldModel, WorldData]:
+    """Train records, the two tokenizers, the vocabulary, layout and a freshly initialised model (seeded), and
+    the tokenized data. ``tokenizer_dir`` is where the word tokenizer is first written (a scratch folder)."""
+    records = make_records(cfg.records, cfg.seed, "train")
+    images = render_batch(records)  # (R, 3, 32, 32)
+    vq = PatchVQTokenizer.fit(images[: cfg.vq_images], cfg.num_codes, seed=cfg.seed, iters=cfg.vq_iters,
+                              patch_size=cfg.patch_size)
+    codes = vq.encode(images)  # (R, N)
+    tok = build_word_tokenizer(world_words(), tokenizer_dir)
+    vocab = Vocabulary.from_tokenizer(tok, vq.num_codes)
+    layout = Layout(vocab, **WORLD_LAYOUT)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = UnifiedTransformer(cfg.model_config(vocab.vocab_size))
+
+    cache: dict[str, list[int]] = {}
+
+    def ids(fn: Callable[[Any, str], list[int]], text: str) -> list[int]:
+        key = f"{fn.__name__}\x1f{text}"
+        if key not in cache:
+            cache[key] = fn(tok, text)
+        return cache[key]
+
+    vqa = [[(ids(und_prompt_ids, q.prompt), ids(caption_ids, q.answer)) for q in r.questions] for r in records]
+    data = WorldData(records, codes, [ids(prompt_ids, r.prompt) for r in records],
+                     [ids(caption_ids, r.caption) for r in records], und_prompt_ids(tok, DEFAULT_QUESTION), vqa)
+    return WorldModel(model, vocab, layout, tok, vq), data
+
+
+def mask_slots(batch: int, num_tokens: int, generator: torch.Generator) -> Tensor:
+    """Show-o's training mask (B, N) bool: per row t ~ U(0,1), r = cos(πt/2), k = max(1, round(N·r)) slots drawn
+    uniformly without replacement."""
+    t = torch.rand(batch, generator=generator, dtype=torch.float64)
+    k = torch.round(num_tokens * torch.cos(math.pi / 2 * t)).clamp_(min=1).long()  # (B,)
+    rank = torch.rand(batch, num_tokens, generator=generator).argsort(1).argsort(1)  # (B, N) a random permutation
+    return rank < k.unsqueeze(1)
+
+
+def packed_mmu(vocab: Vocabulary, codes: Tensor, branches: Sequence[Sequence[tuple[list[int], list[int], str]]]
+               ) -> Sequences:
+    """Understanding rows with a shared prefix: row b is ``[mmu][soi] image_b [eoi]`` once, then one branch per
+    (prompt, answer, target name) of ``branches[b]``: ``prompt answer [eos]``, branch k = 1, 2, …, each seeing the
+    prefix and itself only, its positions restarting after the prefix, so every branch is exactly the unpacked
+    ``Layout.mmu`` row ``[mmu][soi] image [eoi] prompt answer [eos]`` (the prefix is computed once, not once per
+    question). Targets by name (next-token rows over answer + eos, as Layout's "answer")."""
+    names = sorted({name for row in branches for _, _, name in row})
+    B = codes.shape[0]
+    if len(branches) != B:
+        raise ValueError(f"packed_mmu: {B} images but {len(branches)} branch lists")
+    img = vocab.image_ids(codes)  # (B, N)
+    rows: list[tuple[list[int], list[int], list[int], list[int]]] = []  # ids, positions, block, branch
+    tgts: dict[str, list[tuple[list[int], list[int]]]] = {n: [] for n in names}
+    for b in range(B):
+        ids = [vocab.mmu, vocab.soi, *img[b].tolist(), vocab.eoi]
+        P = len(ids)
+        pos, block, branch = list(range(P)), [0] * P, [0] * P
+        per = {n: ([], []) for n in names}
+        for k, (prompt, answer, name) in enumerate(branches[b], 1):
+            vocab.check_text(prompt, f"packed_mmu prompt {b}.{k}")
+            vocab.check_text(answer, f"packed_mmu answer {b}.{k}")
+            text = [*prompt, *answer, vocab.eos]
+            first = len(ids) + len(prompt)  # the first answer token, predicted by the row before it
+            per[name][0].extend(range(first - 1, first + len(answer)))
+            per[name][1].extend(text[len(prompt):])
+            ids += text
+            pos += range(P, P + len(text))
+            block += [-1] * len(text)
+            branch += [k] * len(text)
+        rows.append((ids, pos, block, branch))
+        for n in names:
+            tgts[n].append(per[n])
+    T = max(len(r[0]) for r in rows)
+    input_ids = torch.full((B, T), vocab.pad, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    blocks = torch.full((B, T), -1, dtype=torch.int32)
+    branch_ids = torch.zeros(B, T, dtype=torch.int32)
+    for b, (ids, pos, block, branch) in enumerate(rows):
+        n = len(ids)
+        input_ids[b, :n] = torch.tensor(ids)
+        positions[b, :n] = torch.tensor(pos)
+        # padding keeps position 0: it is never attended and never scored
+        valid[b, :n] = True
+        blocks[b, :n] = torch.tensor(block, dtype=torch.int32)
+        branch_ids[b, :n] = torch.tensor(branch, dtype=torch.int32)
+    targets = {}
+    for n in names:
+        L = max(len(r) for r, _ in tgts[n])
+        tr = torch.zeros(B, L, dtype=torch.long)
+        tl = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+        for b, (r, y) in enumerate(tgts[n]):
+            tr[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            tl[b, :len(y)] = torch.tensor(y, dtype=torch.long)
+        targets[n] = Target(tr, tl)
+    return Sequences(input_ids, positions, OmniMask(valid, blocks, branch_ids), targets)
+
+
+def target_logprobs(model: UnifiedTransformer, seqs: Sequences) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per target name: log p per token (B, L) and its validity (B, L), from ONE forward of ``seqs``."""
+    h = model(seqs.input_ids, seqs.mask, seqs.position_ids)  # (B, T, d)
+    out = {}
+    for name, tgt in seqs.targets.items():
+        hs = h.gather(1, tgt.rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, L, d)
+        lp = linear_logprobs(hs, model.lm_head.weight, tgt.labels, model.lm_head.bias)  # (B, L)
+        out[name] = (lp, tgt.labels != IGNORE_INDEX)
+    return out
+
+
+def build_batch(wm: WorldModel, data: WorldData, cfg: PretrainConfig, g: torch.Generator) -> dict[str, Any]:
+    """One step's rows: t2i Sequences, and packed understanding Sequences (targets "caption" and "vqa")."""
+    v, N = wm.vocab, data.codes.shape[1]
+    R = len(data.records)
+    ti = torch.randint(R, (cfg.batch_t2i,), generator=g)
+    drop = torch.rand(cfg.batch_t2i, generator=g) < cfg.cond_dropout
+    texts = [[] if d else data.prompts[i] for i, d in zip(ti.tolist(), drop.tolist())]
+    masked = mask_slots(cfg.batch_t2i, N, g)
+    t2i = wm.layout.t2i(texts, data.codes[ti], masked)
+
+    ui = torch.randint(R, (cfg.batch_und,), generator=g).tolist()
+    branches = []
+    for i in ui:
+        items = [(data.caption_prompt, data.captions[i], "caption")] + [(p, a, "vqa") for p, a in data.vqa[i]]
+        sot = (torch.rand(len(items), generator=g) < cfg.sot_prob).tolist()
+        branches.append([(([v.bos] if s else []) + p, a, name) for (p, a, name), s in zip(items, sot)])
+    return {"t2i": t2i, "und": packed_mmu(v, data.codes[ui], branches)}
+
+
+def pretrain_losses(model: UnifiedTransformer, batch: dict[str, Any]) -> dict[str, Tensor]:
+    """Mean CE per task: "t2i" over masked slots, "caption" and "vqa" over answer tokens + eos."""
+    res = {**target_logprobs(model, batch["t2i"]), **target_logprobs(model, batch["und"])}
+    return {"t2i" if name == "image" else name: -(lp.sum() / ok.sum().clamp_min(1))
+            for name, (lp, ok) in res.items()}
+
+
+def _command(cfg: PretrainConfig, out: Path) -> str:
+    return (f"hermesflow pretrain --world {cfg.world} --out {out} --records {cfg.records} --steps {cfg.steps} "
+            f"--seed {cfg.seed}")
+
+
+def pretrain(cfg: PretrainConfig, out: str | os.PathLike | None = BASE_DIR, log: Callable[[str], None] | None = print,
+             evaluate_records: int | None = None) -> tuple[WorldModel, dict[str, Any]]:
+    """Train the base (see the module docstring); save it to ``out`` unless None. Returns the model (eval mode)
+    and the summary written as ``pretrain.json``."""
+    say = log or (lambda _: None)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        wm, data = prepare_world(cfg, scratch)
+    t_prep = time.perf_counter() - t0
+    model = wm.model
+    say(f"pretrain: {len(data.records)} records, {len(data.vqa)} questions, VQ {wm.image_tokenizer.num_codes} codes "
+        f"(fit mse {wm.image_tokenizer.fit_history[-1]:.5f}), vocab {wm.vocab.vocab_size}, "
+        f"{sum(p.numel() for p in model.parameters()):,} params; prep {t_prep:.1f} s")
+
+    groups = param_groups(model, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
+    sched = warmup_cosine(opt, min(cfg.warmup_steps, cfg.steps // 10), cfg.steps, cfg.min_lr_ratio)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    curve: list[dict[str, float]] = []
+    window: dict[str, list[float]] = {}
+    t1 = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        batch = build_batch(wm, data, cfg, g)
+        losses = pretrain_losses(model, batch)
+        loss = sum(w * losses[k] for w, k in zip(cfg.coeffs, ("t2i", "caption", "vqa")))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretrain: loss is {float(loss)} at step {step} (losses "
+                                     f"{ {k: float(v) for k, v in losses.items()} }); lower --lr")
+        opt.step()
+        sched.step()
+        for k, val in {**losses, "loss": loss, "grad_norm": gnorm}.items():
+            window.setdefault(k, []).append(float(val.detach()))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            row = {"step": step, "lr": opt.param_groups[0]["lr"], "time_s": round(time.perf_counter() - t1, 1),
+                   **{k: round(sum(v) / len(v), 4) for k, v in window.items()}}
+            curve.append(row)
+            window = {}
+            say("  ".join(f"{k} {v}" for k, v in row.items()))
+    t_train = time.perf_counter() - t1
+    model.eval().requires_grad_(False)
+
+    summary: dict[str, Any] = {
+        "command": _command(cfg, Path(out) if out is not None else Path("-")),
+        "config": asdict(cfg),
+        "params": sum(p.numel() for p in model.parameters()),
+        "model": {"hidden_size": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
+                  "intermediate_size": cfg.intermediate_size, "vocab_size": wm.vocab.vocab_size},
+        "image_tokenizer": {"type": "patch_vq", "patch_size": cfg.patch_size, "num_codes": cfg.num_codes,
+                            "grid": list(wm.image_tokenizer.grid), "fit_mse": wm.image_tokenizer.fit_history[-1]},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+        "wall_time_s": {"prepare": round(t_prep, 1), "train": round(t_train, 1)},
+        "final_losses": {k: v for k, v in curve[-1].items() if k in ("t2i", "caption", "vqa", "loss")},
+        "curve": curve,
+    }
+    n_eval = cfg.eval_records if evaluate_records is None else evaluate_records
+    if n_eval > 0:
+        from hermesflow_fast.selfplay.evaluate import evaluate
+
+        t2 = time.perf_counter()
+        held = make_records(n_eval, cfg.seed, "heldout")
+        res = evaluate(wm, held, steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance, seed=cfg.seed)
+        summary["wall_time_s"]["eval"] = round(time.perf_counter() - t2, 1)
+        summary["eval"] = res.to_dict(samples=False)
+        say(res.table())
+    summary["wall_time_s"]["total"] = round(time.perf_counter() - t0, 1)
+    if out is not None:
+        out = Path(out)
+        wm.save(out)
+        (out / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+        say(f"pretrain: saved to {out} ({summary['wall_time_s']})")
+    return wm, summary
