@@ -133,7 +133,6 @@ def test_shipped_base_loads_and_generates():
     assert all(isinstance(tok.decode(row), str) for row in out)
 
 
-@pytest.mark.slow
 def test_pretrain_command_writes_a_loadable_folder(tmp_path):
     res = CliRunner().invoke(main, ["pretrain", "--world", "shapes", "--out", str(tmp_path / "b"), "--records", "24",
                                     "--steps", "2", "--eval-records", "2", "--seed", "3"])
