@@ -34,9 +34,9 @@ backbone: ch 24 (Show-o: 128; multipliers (1, 2, 2, 4, 4), res-blocks (4, 3, 4, 
 groups, so the encoder's share of the step's FLOPs is near Show-o's (ch ≈ 128·√(P_small / P_Show-o) rounded to a
 multiple of 8; P = matmul parameters with the head). ``--preset show_o_512``: d 2048, 24 layers, 32 heads, the full
 MAGVIT-v2 (ch 128, 32 groups). Token budget (data.token_budget of ours): 8192 on CUDA, as the Show-o-512 recipe; 1024
-on CPU, about one pair (its gen and und sequences, ~950 tokens) per row: CPU attention is SDPA with a dense mask over
-the whole packed row, so its cost grows with the row's length squared (4096: all 4 pairs in one 3,800-token row, and
-attention took ~35% of our step in a profile), while on CUDA the flash/flex paths skip the cross-sequence blocks.
+on CPU, about one pair (its gen and und sequences, ~950 tokens) per row. CPU attention is SDPA split per packed
+sequence and branch (model/attention.py), so a row's attention costs the sum of its sequences' squares, not the row's
+square; 1024 was still a little faster than 4096 here (12.3 s vs 12.7 s per step: smaller head chunks stay in cache).
 
 Metrics per provider: pairs_per_s (B / step time; q20/q80 of the timed steps), memory_extra (MB: peak during a timed
 step above the memory held between steps: weights, reference, AdamW state), and on CUDA mfu: model FLOPs

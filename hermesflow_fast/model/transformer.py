@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hermesflow_fast.model.attention import attend, resolve_backend
+from hermesflow_fast.model.attention import attend, prepare, resolve_backend
 from hermesflow_fast.model.config import ModelConfig
 from hermesflow_fast.model.masks import OmniMask, as_dense_mask
 
@@ -246,10 +246,12 @@ class UnifiedTransformer(nn.Module):
         act_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                      else self.model.embed_tokens.weight.dtype)
         backend = resolve_backend(self.config.attn_backend, dev, attention_mask, act_dtype)
-        if cache is not None or backend in ("sdpa", "eager") or not isinstance(attention_mask, OmniMask):
+        if cache is not None or backend == "eager" or not isinstance(attention_mask, OmniMask):
             attention_mask = as_dense_mask(attention_mask, B, T, Tk)  # once per forward, not per layer
             if backend not in ("sdpa", "eager"):
                 backend = "sdpa"
+        elif backend == "sdpa":
+            attention_mask = prepare(attention_mask)  # the split by sequence/branch (or the dense mask), built once
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rotary(position_ids, x.dtype)

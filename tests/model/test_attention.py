@@ -123,6 +123,12 @@ def valid_rows(mask, Tq):
     return mask.valid[:, mask.shape[1] - Tq:][:, None, :, None]  # (B, 1, Tq, 1)
 
 
+def assert_close_valid(out, ref, mask):
+    """Equal on the valid query rows (pad query rows are never read; the split and flash paths give them 0)."""
+    keep = valid_rows(mask, out.shape[-2])
+    torch.testing.assert_close(out * keep, ref * keep, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture
 def fresh_notices(monkeypatch):
     monkeypatch.setattr(_notice, "_said", set())
@@ -157,16 +163,58 @@ def test_sdpa_matches_eager_values_and_grads(name):
     mask = MASKS[name]()
     B = mask.shape[0]
     q, k, v = qkv(B, T, T, grad=True)
-    w = torch.randn(B, 2, T, 8)
+    keep = valid_rows(mask, T)  # the split path gives pad query rows 0 (never read)
+    w = torch.randn(B, 2, T, 8) * keep
     grads = []
     for backend in ("sdpa", "eager"):
         out = A.attend(q, k, v, mask, backend=backend)
         g = torch.autograd.grad((out * w).sum(), (q, k, v))
         grads.append((out.detach(), g))
     (o1, g1), (o2, g2) = grads
-    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o1 * keep, o2 * keep, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("packed", [False, True])
+def test_sdpa_split_exact_for_random_tags(seed, packed):
+    """The split by sequence and branch is exact for any tags (random blocks, branches, pads, packed sequences)."""
+    g = torch.Generator().manual_seed(seed)
+    B, Tk = 4, 16
+    segment = torch.randint(0, 2, (B, Tk), generator=g, dtype=torch.int32).cumsum(1) if packed else None
+    mask = OmniMask(torch.rand(B, Tk, generator=g) > 0.2, torch.randint(-1, 3, (B, Tk), generator=g, dtype=torch.int32),
+                    torch.randint(0, 3, (B, Tk), generator=g, dtype=torch.int32), segment)
+    q, k, v = qkv(B, Tk, Tk, grad=True)
+    keep = valid_rows(mask, Tk)
+    w = torch.randn(B, 2, Tk, 8) * keep
+    out = A.split_attention(q, k, v, A._build_groups(mask, B, Tk, torch.device("cpu")))
+    ref = reference(q, k, v, mask)
+    torch.testing.assert_close(out * keep, ref * keep, atol=1e-5, rtol=1e-5)
+    assert (out * ~keep == 0).all()
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_split_groups_and_when_it_is_used():
+    """A packed row of two pair layouts: 2 groups per sequence, scoring only within a sequence; one plain causal
+    sequence per row (nothing to skip) keeps the single dense call."""
+    cpu = torch.device("cpu")
+    row = [("causal", 4, 0), (0, 6, 1), (1, 6, 2), ("causal", 3, 0), ("causal", 2, 1), ("causal", 3, 2)]
+    m = omni([row], T)
+    seg = torch.tensor([[0] * 16 + [1] * 8], dtype=torch.int32)
+    mask = OmniMask(m.valid, m.block, m.branch, seg)
+    plan = A.prepare(mask).groups(1, T, cpu)
+    assert plan is not None
+    sizes = [(qi.numel(), ki.numel()) for qi, ki, _ in plan.groups]
+    assert sizes == [(10, 10), (6, 10), (5, 5), (3, 6)]
+    assert plan.work == 100 + 60 + 25 + 18 and plan.dense_work == T * T
+    assert sorted(plan.q_rows.tolist()) == list(range(T))
+    q, k, v = qkv(1, T, T)
+    torch.testing.assert_close(A.attend(q, k, v, mask, backend="sdpa"), reference(q, k, v, mask), atol=1e-5,
+                               rtol=1e-5)
+    causal = OmniMask.causal(torch.ones(2, T, dtype=torch.bool))
+    assert A.prepare(causal).groups(2, T, cpu) is None  # a lone sequence per row: the dense call
 
 
 def test_dense_mask_forms_and_none():
@@ -190,10 +238,11 @@ def test_kv_cached_queries_sdpa():
 def test_scale_is_passed():
     mask = mask_t2i()
     q, k, v = qkv(3, T, T)
+    keep = valid_rows(mask, T)
     for backend in ("sdpa", "eager"):
         out = A.attend(q, k, v, mask, backend=backend, scale=0.3)
         ref = A.eager_attention(q, k, v, mask.dense().unsqueeze(1), scale=0.3)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out * keep, ref * keep, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,7 +255,7 @@ def test_flex_forward_cpu_matches_sdpa():
         mask = MASKS[name]()
         with torch.no_grad():
             out = A.attend(q, k, v, mask, backend="flex")
-        torch.testing.assert_close(out, A.attend(q, k, v, mask, backend="sdpa"), atol=1e-5, rtol=1e-5)
+        assert_close_valid(out, A.attend(q, k, v, mask, backend="sdpa"), mask)
     # KV-cached queries, a dense boolean mask (lookup mask_mod), and no mask
     mask = mask_mmu()
     qs = q[:, :, -6:]
@@ -226,7 +275,7 @@ def test_flex_on_cpu_with_grad_falls_back_to_sdpa(fresh_notices):
         out = A.attend(q, k, v, mask, backend="flex")
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
-    torch.testing.assert_close(out.detach(), reference(q, k, v, mask).detach(), atol=1e-5, rtol=1e-5)
+    assert_close_valid(out.detach(), reference(q, k, v, mask).detach(), mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,9 +396,9 @@ def test_plan_rebuilds_after_in_place_edit():
     mask = mask_t2i()
     q, k, v = qkv(3, T, T)
     A.attend(q, k, v, mask, backend="sdpa")
-    mask.valid[0, -1] = False  # in place: the cached dense mask must not be reused
-    torch.testing.assert_close(A.attend(q, k, v, mask, backend="sdpa"), reference(q, k, v, mask),
-                               atol=1e-5, rtol=1e-5)
+    mask.valid[0, -1] = False  # in place: the cached dense mask / split must not be reused
+    assert_close_valid(A.attend(q, k, v, mask, backend="sdpa"), reference(q, k, v, mask), mask)
+    assert (A.attend(q, k, v, mask, backend="sdpa")[0, :, -1] == 0).all()  # now a pad query row
     vp = A.prepare(mask).varlen(3, T, T, torch.device("cpu"))
     assert vp.q_rows.numel() == int(mask.valid.sum())
 
@@ -358,8 +407,7 @@ def test_plan_passed_as_mask():
     mask = mask_mmu_pair()
     q, k, v = qkv(3, T, T)
     plan = A.prepare(mask)
-    torch.testing.assert_close(A.attend(q, k, v, plan, backend="sdpa"), A.attend(q, k, v, mask, backend="eager"),
-                               atol=1e-5, rtol=1e-5)
+    assert_close_valid(A.attend(q, k, v, plan, backend="sdpa"), A.attend(q, k, v, mask, backend="eager"), mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,7 +467,7 @@ def test_flash_on_cpu_attend_falls_back_to_sdpa(fresh_notices):
     q, k, v = qkv(3, T, T)
     with pytest.warns(FallbackWarning, match="needs CUDA"):
         out = A.attend(q, k, v, mask, backend="flash")
-    torch.testing.assert_close(out, reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    assert_close_valid(out, reference(q, k, v, mask), mask)
 
 
 def test_flash_loader_prefers_fa2_then_fa4(monkeypatch):

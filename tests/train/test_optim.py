@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import pytest
@@ -81,8 +83,27 @@ def test_build_optimizer_from_config():
     assert isinstance(opt, torch.optim.AdamW)
     for g in opt.param_groups:
         assert g["lr"] == 3e-4 and g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6
-        assert g["foreach"] is True and not g["fused"]
+        assert g["fused"] is True  # plain CPU tensors: torch's fused kernel
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]
+
+
+def test_fused_cpu_step_equals_foreach_adamw():
+    """The fused CPU kernel is the same AdamW (decoupled decay, bias correction) as the foreach one."""
+    cfg = load_config(None, ["train.lr=1e-2", "train.weight_decay=0.1"])
+    torch.manual_seed(0)
+    a = Toy()
+    b = copy.deepcopy(a)
+    opt_a = build_optimizer(a, cfg.train)
+    opt_b = torch.optim.AdamW(param_groups(b, 0.1), lr=1e-2, betas=opt_a.defaults["betas"],
+                              eps=opt_a.defaults["eps"], foreach=True)
+    for _ in range(5):
+        ids = torch.randint(0, 10, (6,))
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            (m.head(m.proj(m.norm(m.embed(ids)))) * m.scale).square().mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
 
 
 def _lrs(warmup, total, min_ratio=0.0, steps=None, peak=1.0):
