@@ -92,6 +92,38 @@ def exp_stats_(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return s.log().add_(m.squeeze(1)), tgt, s.reciprocal_()
 
 
+CPU_BLOCK_ROWS = 32  # rows of fp32 logits (32 × 58,498 × 4 B = 7.5 MB) that stay in cache between passes
+
+
+def logits_stats_(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, buf: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunk_logits` then :func:`exp_stats_`: (z = exp(logits − rowmax), lse, target logit, 1 / rowsum).
+
+    On CPU the GEMM runs without the bias, then the bias add, target gather, max, exp and sum run ``CPU_BLOCK_ROWS``
+    rows at a time while those rows are in cache: one trip through memory instead of five (GEMM + stats of 508 rows
+    at V = 58,498 on 2 cores: 278 ms instead of 335 ms).
+    """
+    n = x.shape[0]
+    if x.is_cuda or n <= CPU_BLOCK_ROWS:
+        z = chunk_logits(x, weight, bias, buf)
+        return (z, *exp_stats_(z, y))
+    z = chunk_logits(x, weight, None, buf)
+    m, s, tgt = (z.new_empty(n) for _ in range(3))
+    b = None if bias is None else bias.to(z.dtype)
+    for i in range(0, n, CPU_BLOCK_ROWS):
+        j = min(i + CPU_BLOCK_ROWS, n)
+        zb = z[i:j]
+        if b is not None:
+            zb.add_(b)
+        tgt[i:j] = zb.gather(1, y[i:j].unsqueeze(1)).squeeze(1)
+        mb = zb.amax(1, keepdim=True)
+        zb.sub_(mb).exp_()
+        s[i:j] = zb.sum(1)
+        m[i:j] = mb.squeeze(1)
+    return z, s.log().add_(m), tgt, s.reciprocal_()
+
+
 def grad_from_exp_(e: torch.Tensor, inv_sum: torch.Tensor, y: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
     """In place, e = exp(z − rowmax) from :func:`exp_stats_`: e <- coeff·(onehot(y) − e / rowsum).
 
@@ -153,8 +185,7 @@ def chunked_token_logprobs(
     for s in range(0, n, chunk_rows):
         e = min(s + chunk_rows, n)
         xs = x[s:e] if rows is None else x.index_select(0, rows[s:e])
-        z = chunk_logits(xs, weight, bias, buf)  # (r, V)
-        lse[s:e], tgt, _ = exp_stats_(z, y[s:e])
+        z, lse[s:e], tgt, _ = logits_stats_(xs, weight, bias, y[s:e], buf)  # z: (r, V)
         logp[s:e] = tgt - lse[s:e]
         del z
     return logp, lse

@@ -112,9 +112,15 @@ class PairDPOObjective(nn.Module):
                 kw = {"ref_chosen_logps": ref_logps[side][0], "ref_rejected_logps": ref_logps[side][1]}
             elif ref is not None:
                 kw = {"ref_hidden": _rows(ref[0], sr.rows), "ref_weight": ref[1], "ref_bias": ref[2]}
-            loss, aux = fused_linear_dpo_loss(x, W, y, b, beta=self.beta, loss_type=self.loss_type,
-                                              label_smoothing=self.label_smoothing, **kw)
-            total = total + (self.coeff[side] * Q * scale) * loss
+            # the step's weight of this side's mean goes into the op (loss_scale): its forward-computed gradients
+            # come out already scaled, and backward passes them through untouched
+            weight = self.coeff[side] * Q * scale
+            fold = weight != 0
+            scaled, aux = fused_linear_dpo_loss(x, W, y, b, beta=self.beta, loss_type=self.loss_type,
+                                                label_smoothing=self.label_smoothing,
+                                                loss_scale=weight if fold else 1.0, **kw)
+            total = total + (scaled if fold else 0.0 * scaled)
+            loss = scaled / weight if fold else scaled
             pc, pr, _, _, _, rc, rr = aux
             d = lambda t: t.detach().double().sum()  # noqa: E731
             stats.update({

@@ -1,6 +1,5 @@
 import pytest
 
-import hermesflow_fast.ops.fused_dpo as fused_dpo
 import hermesflow_fast.ops.logprobs as logprobs
 
 
@@ -16,5 +15,4 @@ def logits_rows(monkeypatch):
         return z
 
     monkeypatch.setattr(logprobs, "chunk_logits", spy)
-    monkeypatch.setattr(fused_dpo, "chunk_logits", spy)
     return seen

@@ -91,6 +91,22 @@ def test_grad_output_scales_and_no_grad_skips_work():
     torch.testing.assert_close(nl, loss.detach())
 
 
+@pytest.mark.parametrize("backend", ["chunked", "twopass"])
+@pytest.mark.parametrize("nll", [False, True])
+def test_loss_scale_is_a_constant_factor_on_loss_and_gradients(backend, nll):
+    """loss_scale=c gives c·loss and c·gradients (the aux tuple unscaled), as c·loss would, in float64 to 1e-12."""
+    x, w, b, y, rx = _batch(dtype=torch.float64)
+    kw = dict(beta=0.2, compute_nll_loss=nll, alpha=0.7, backend=backend)
+    loss, aux = fused_linear_dpo_loss(x, w, y, b, rx, w, b, **kw)
+    g = torch.autograd.grad(loss, [x, w, b])
+    scaled, aux_s = fused_linear_dpo_loss(x, w, y, b, rx, w, b, loss_scale=0.37, **kw)
+    torch.testing.assert_close(scaled, 0.37 * loss, atol=1e-12, rtol=1e-12)
+    for a, c in zip(aux, aux_s):
+        torch.testing.assert_close(a, c)
+    for a, c in zip(g, torch.autograd.grad(scaled, [x, w, b])):
+        torch.testing.assert_close(0.37 * a, c, atol=1e-12, rtol=1e-12)
+
+
 def test_one_chunk_of_whole_pairs_at_a_time(logits_rows):
     seen = logits_rows
     x, w, b, y, rx = _batch(pairs=6, t=20)

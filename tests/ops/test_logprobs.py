@@ -126,3 +126,21 @@ def test_triton_backend_on_cpu_is_a_clear_error():
     x, w, b, y = _inputs((4,), 8, 20, False)
     with pytest.raises(ValueError, match="triton"):
         linear_logprobs(x, w, y, backend="triton")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [5, 32, 77])
+def test_logits_stats_blocked_cpu_path_equals_plain(bias, rows):
+    """The CPU path (GEMM without bias, then bias/max/exp/sum 32 rows at a time) = chunk_logits + exp_stats_."""
+    from hermesflow_fast.ops.logprobs import chunk_logits, exp_stats_, logits_stats_
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(300, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, 300, (rows,), generator=g)
+    z_ref = chunk_logits(x, w, b)
+    want = (z_ref, *exp_stats_(z_ref, y))
+    got = logits_stats_(x, w, b, y, torch.empty(rows, 300, dtype=torch.float64))
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-12)
