@@ -43,8 +43,11 @@ step above the memory held between steps: weights, reference, AdamW state), and 
 (3·2·P_body·T_policy + 3·2·P_head·R_policy + 2·P_body·T_ref + 2·P_head·R_ref, P_body = block matmul parameters,
 P_head = the LM head's, T = tokens through the backbone, R = rows through the head: every token for the full-logits
 rows, the target rows for the fused head; attention and the encoder not counted) / step time / the card's bf16 peak
-(989 TFLOP/s on H100). On CPU each provider runs in a fresh process (MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset before
-the first timed step, as bench_logprobs does); on CUDA in this process (torch.cuda.max_memory_allocated).
+(989 TFLOP/s on H100). On CPU each provider runs in two fresh processes: one times the steps under glibc's default
+allocator, the other measures one step's peak RSS (MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset before the step, as
+bench_logprobs does; that setting makes every large allocation fault its pages in afresh and slows every path, so it
+is not where time is taken: the rows keep that process's step time too, as step_time_s_rss_process); on CUDA in this
+process (torch.cuda.max_memory_allocated).
 
     python -m bench.bench_step                       # CPU default → bench/results/step.csv, bench/plots/step.png
     python -m bench.bench_step --profile hermesflow,+fused_head --out ''      # where the time goes, one step each
@@ -447,8 +450,15 @@ def measure(p: Problem, provider: str, reps: int, warmup: int = 1, world: World 
 
 def measure_in_subprocess(p: Problem, provider: str, reps: int, warmup: int, threads: int | None,
                           timeout: float | None) -> dict:
+    """Two fresh processes: the timed steps under glibc's default allocator (as a training run has it), then the
+    peak memory of one step in a process that mmaps every buffer ≥ 64 KiB (RSS follows live memory, but each large
+    allocation pays fresh page faults)."""
     spec = {"problem": asdict(p), "provider": provider, "reps": reps, "warmup": warmup, "threads": threads}
-    return utils.run_worker("bench.bench_step", spec, threads, timeout, provider)
+    r = utils.run_worker("bench.bench_step", spec, threads, timeout, provider, track_rss=False)
+    m = utils.run_worker("bench.bench_step", {**spec, "reps": 1}, threads, timeout, f"{provider} (memory)")
+    r["mem_extra"], r["peak_reset"] = m["mem_extra"], m["peak_reset"]
+    r["time_rss_process"] = m["time"][0]
+    return r
 
 
 def profile(p: Problem, provider: str, world: World, warmup: int, rows: int = 25) -> str:
@@ -481,6 +491,8 @@ def to_rows(results: list[dict], cfg, stamps: dict) -> list[dict]:
                   "row_len": p.row_len, "threads": cfg.threads or torch.get_num_threads(), "reps": cfg.reps,
                   "step_time_s": t50, "loss": r["loss"], "peak_reset": r["peak_reset"], **r["work"],
                   "model_tflop": r["model_flops"] / 1e12}
+        if "time_rss_process" in r:  # the memory process's step time, for the record
+            config["step_time_s_rss_process"] = r["time_rss_process"]
         common = dict(kernel_name=KERNEL, provider=r["provider"], x_name="pairs", x_value=B, config=config,
                       device=p.device, dtype=p.dtype, stamps=stamps)
         rows.append(utils.make_row(metric="pairs_per_s", unit="1/s", y=(B / t50, B / t80, B / t20), **common))

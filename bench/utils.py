@@ -72,10 +72,15 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
-def worker_env(threads: int | None = None) -> dict[str, str]:
-    """Environment of a fresh measurement process: big buffers mmap'd (so RSS follows live memory), repo importable."""
+def worker_env(threads: int | None = None, track_rss: bool = True) -> dict[str, str]:
+    """Environment of a fresh measurement process, repo importable. ``track_rss``: big buffers mmap'd, so RSS follows
+    live memory (every large allocation then costs fresh page faults: time such a process only where that is what
+    is measured; ``bench_step`` times in a second process with glibc's defaults)."""
     env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if track_rss:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -354,10 +359,12 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 RESULT_TAG = "@@RESULT "
 
 
-def run_worker(module: str, spec: dict, threads: int | None, timeout: float | None, what: str) -> dict:
+def run_worker(module: str, spec: dict, threads: int | None, timeout: float | None, what: str,
+               track_rss: bool = True) -> dict:
     """Run ``python -m <module> --worker <spec json>`` and return the dict its worker printed after RESULT_TAG."""
     cmd = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(threads), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(threads, track_rss), capture_output=True, text=True,
+                          timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
