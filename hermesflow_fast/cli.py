@@ -8,7 +8,7 @@
     hermesflow bench step [ARGS...]      one Pair-DPO training step: ours vs a HermesFlow-style step (bench_step.py)
     hermesflow tokenize SOURCE ...       images (folder or records JSONL) → token cache (safetensors shards + index)
     hermesflow train --config Y [...]    Pair-DPO training (torchrun underneath with --nproc N)
-    hermesflow demo                      the fused-op demo: ours vs the naive path at Show-o's head shape
+    hermesflow demo [--run-dir D]        two self-play rounds from the shipped shapes-world base (CPU, minutes)
     hermesflow pretrain --world shapes   pretrain the shapes world's base model (world/pretrain.py)
     hermesflow eval --checkpoint P ...   understanding / generation / gap on held-out world records (Table 4)
     hermesflow selfplay --run-dir D ...  self-play rounds on the shapes world (curate → pairs → train → evaluate)
@@ -196,15 +196,13 @@ def train(args: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("--tokens", default="1024", show_default=True, help="policy tokens (plus as many reference tokens)")
-@click.option("--out", default="runs/demo/logprobs.csv", show_default=True, help="CSV to append to")
-def demo(tokens: str, out: str) -> None:
-    """Fused-op demo at Show-o's head shape (H=2048, V=58498, fp32): GEMM floor, naive path, ours."""
-    Path(REPO_ROOT / out).parent.mkdir(parents=True, exist_ok=True)
-    _run_bench(
-        "bench.bench_logprobs",
-        ("--tokens", tokens, "--providers", "gemm_floor,naive,ours", "--reps", "1", "--out", out),
-    )
+@click.option("--run-dir", default="runs/demo", show_default=True, help="run folder (a finished one is reported again)")
+@click.option("--rounds", type=int, default=2, show_default=True, help="self-play rounds after the base")
+def demo(run_dir: str, rounds: int) -> None:
+    """Self-play from the shipped shapes-world base on CPU: R rounds, then the und / gen / gap table per round."""
+    from hermesflow_fast.selfplay.cli import demo as run_demo
+
+    raise SystemExit(run_demo(run_dir, rounds))
 
 
 @main.command()

@@ -17,8 +17,11 @@ from pathlib import Path
 
 __all__ = ["DEMO_OVERRIDES", "demo", "selfplay_main"]
 
-# The demo's recipe on top of SelfPlayConfig's defaults: sized for 2 CPU cores in under 10 minutes.
-DEMO_OVERRIDES = ["log.progress=true", "log.every=1", "checkpoint.every=1000", "checkpoint.keep=1"]
+# The demo's recipe on top of SelfPlayConfig's defaults (= configs/selfplay-shapes.yaml, a test keeps them equal):
+# sized for 2 CPU cores in under 10 minutes for two rounds (6 images per prompt: generation is most of a round).
+DEMO_OVERRIDES = ["world.train_records=256", "world.heldout_records=128", "curation.images_per_prompt=6",
+                  "train.lr=1e-4", "train.batch_size=8", "train.epochs=2", "log.progress=true", "log.every=5",
+                  "checkpoint.every=1000", "checkpoint.keep=1"]
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -107,3 +107,17 @@ def test_eval_command(tmp_path):
     out = json.loads((tmp_path / "eval.json").read_text())
     assert out["gap"] == out["und"] - out["gen"] and out["n_records"] == 4
     assert (tmp_path / "samples.png").is_file() and "gap" in res.output
+
+
+def test_selfplay_recipe_is_the_demo_recipe():
+    """configs/selfplay-shapes.yaml resolves to the config `hermesflow demo` runs."""
+    from pathlib import Path
+
+    from hermesflow_fast.selfplay.cli import DEMO_OVERRIDES
+    from hermesflow_fast.selfplay.config import SelfPlayConfig
+    from hermesflow_fast.train.config import config_to_dict, load_config
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "selfplay-shapes.yaml"
+    assert recipe.read_text().startswith("# hermesflow selfplay --config configs/selfplay-shapes.yaml")
+    assert config_to_dict(load_config(recipe, [], schema=SelfPlayConfig)) == config_to_dict(
+        load_config(None, DEMO_OVERRIDES, schema=SelfPlayConfig))
