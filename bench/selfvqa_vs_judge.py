@@ -1,0 +1,88 @@
+"""Does the model's self-VQA on its own generated images agree with the judge? Reads a finished round's
+``gen_candidates.jsonl`` and answers every record's questions about every candidate twice: the model (greedy, as
+``gen_scores``) and the world's judge on the decoded image (the evaluation's ``gen``). Per question category: both
+accuracies, how often they agree, their correlation; and the judge's accuracy on the images self-VQA picked as winner
+and loser. Self-play can only raise ``gen`` if self-VQA ranks images the way the judge does.
+
+    python -m bench.selfvqa_vs_judge runs/demo/round-1 [--model hermesflow_fast/world/base] [--records 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hermesflow_fast.data.text import und_prompt_ids
+from hermesflow_fast.model.generate import generate_text
+from hermesflow_fast.world import make_records
+from hermesflow_fast.world.base import load_base
+from hermesflow_fast.world.judge import JUDGE
+from hermesflow_fast.world.scoring import answer_match
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("round_dir", help="a finished round folder (gen_candidates.jsonl)")
+    ap.add_argument("--model", default=None, help="the model that curated it (default: the shipped base)")
+    ap.add_argument("--records", type=int, default=60, help="first N records of the round")
+    ap.add_argument("--seed", type=int, default=0, help="world.seed of the run")
+    args = ap.parse_args(argv)
+    wm = load_base(args.model)
+    cands = [json.loads(line) for line in (Path(args.round_dir) / "gen_candidates.jsonl").read_text().splitlines()]
+    cands = cands[: args.records]
+    n_train = max(int(c["id"].rsplit("-", 1)[1]) for c in cands) + 1
+    recs = {r.id: r for r in make_records(n_train, args.seed, "train")}
+    codes, prompts, meta = [], [], []
+    for c in cands:
+        r = recs[c["id"]]
+        grids = torch.tensor(c["images"])
+        with torch.no_grad():
+            pixels = wm.image_tokenizer.decode(grids)
+        for m, img in enumerate(pixels):
+            rgb = ((img.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            for q, said in zip(r.questions, JUDGE.answers(rgb, r.questions)):
+                codes.append(grids[m])
+                prompts.append(und_prompt_ids(wm.text_tokenizer, q.prompt))
+                meta.append((c["id"], m, q, said == q.answer))
+    answers = generate_text(wm.model, wm.layout, torch.stack(codes), prompts, max_new_tokens=4)
+    by_cat = defaultdict(lambda: ([], []))
+    per_image = defaultdict(lambda: ([], []))
+    for (rid, m, q, judge_ok), ids in zip(meta, answers):
+        said = answer_match(wm.text_tokenizer.decode(ids, skip_special_tokens=True).strip(), q.choices)
+        for bucket in (by_cat[q.category], by_cat["all"]):
+            bucket[0].append(int(said == q.answer))
+            bucket[1].append(int(judge_ok))
+        per_image[(rid, m)][0].append(int(said == q.answer))
+        per_image[(rid, m)][1].append(int(judge_ok))
+    out: dict = {"categories": {}}
+    for cat, (s, j) in by_cat.items():
+        s, j = np.array(s), np.array(j)
+        corr = float(np.corrcoef(s, j)[0, 1]) if s.std() > 0 and j.std() > 0 else float("nan")
+        out["categories"][cat] = {"questions": int(s.size), "self": float(s.mean()), "judge": float(j.mean()),
+                                  "agree": float((s == j).mean()), "corr": corr}
+    win, lose = [], []
+    for c in cands:
+        scores = [np.mean(per_image[(c["id"], m)][0]) for m in range(len(c["images"]))]
+        judged = [np.mean(per_image[(c["id"], m)][1]) for m in range(len(c["images"]))]
+        w, lo = int(np.argmax(scores)), int(np.argmin(scores))
+        if scores[w] > scores[lo]:
+            win.append(judged[w])
+            lose.append(judged[lo])
+    out["judge_of_winners"], out["judge_of_losers"], out["records_with_a_pair"] = (
+        float(np.mean(win)), float(np.mean(lose)), len(win))
+    print(f"{'category':<14} {'questions':>9} {'self-VQA':>9} {'judge':>7} {'agree':>7} {'corr':>7}")
+    for cat, v in out["categories"].items():
+        print(f"{cat:<14} {v['questions']:>9} {v['self']:>9.3f} {v['judge']:>7.3f} {v['agree']:>7.3f} "
+              f"{v['corr']:>7.3f}")
+    print(f"judge's accuracy on self-VQA's winners {out['judge_of_winners']:.3f}, on its losers "
+          f"{out['judge_of_losers']:.3f} ({len(win)} records)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
