@@ -110,12 +110,16 @@ def und_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
 
 def und_scores(records: Sequence[CurationRecord], candidates: Journal, journal: Journal,
                caption_scorer: Callable[[str, Any], float]) -> Journal:
-    """Each caption scored against the record's truth → {"id", "scores": [float]}."""
+    """Each caption scored against the record's truth → {"id", "scores": [float]}. A scorer with ``score_many(captions,
+    truth)`` (selfplay/scorers.py: embeddings) gets a record's captions in one call."""
     cands = candidates.records()
+    many = getattr(caption_scorer, "score_many", None)
     for r in _todo(records, journal):
         if r.id not in cands:
             raise ValueError(f"{candidates.path}: no captions for record {r.id!r}; run und_candidates first")
-        journal.append({"id": r.id, "scores": [float(caption_scorer(c, r.truth)) for c in cands[r.id]["captions"]]})
+        caps = cands[r.id]["captions"]
+        scores = many(caps, r.truth) if many is not None else [caption_scorer(c, r.truth) for c in caps]
+        journal.append({"id": r.id, "scores": [float(x) for x in scores]})
     return journal
 
 
