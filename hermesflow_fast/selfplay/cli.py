@@ -1,7 +1,7 @@
 """``hermesflow selfplay`` and ``hermesflow demo`` (argument handling; torchrun re-launch for --nproc).
 
     hermesflow selfplay --config configs/selfplay-shapes.yaml --run-dir runs/sp [--rounds 2] [--resume] [--nproc N]
-                        [key=value ...]
+                        [--stop-after STAGE] [key=value ...]      one stage at a time: --stop-after, then --resume
     hermesflow demo [--run-dir runs/demo] [--rounds 2]          two rounds from the shipped base on CPU
 """
 
@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["DEMO_OVERRIDES", "demo", "selfplay_main"]
+__all__ = ["DEMO_OVERRIDES", "STAGES", "demo", "selfplay_main"]
+
+STAGES = ("und_candidates", "und_scores", "gen_candidates", "gen_scores", "pairs", "train", "eval")  # = rounds.STAGES
 
 # The demo's recipe on top of SelfPlayConfig's defaults (= configs/selfplay-shapes.yaml, a test keeps them equal):
 # sized for 2 CPU cores in under 10 minutes for two rounds (6 images per prompt: generation is most of a round).
@@ -31,6 +33,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="continue at the first unfinished stage")
     ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun underneath)")
+    ap.add_argument("--stop-after", default=None, metavar="STAGE", choices=STAGES,
+                    help=f"stop once this call has completed STAGE of a round ({', '.join(STAGES)}); --resume "
+                         f"continues")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. curation.steps=8 train.lr=1e-4")
     return ap
 
@@ -62,9 +67,12 @@ def _run(args, overrides: list[str]) -> int:
         raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()
     try:
-        results = run_selfplay(cfg, args.run_dir, args.rounds, resume=args.resume)
+        results = run_selfplay(cfg, args.run_dir, args.rounds, resume=args.resume,
+                               stop_after=getattr(args, "stop_after", None))
     finally:
         shutdown()
+    if getattr(args, "stop_after", None) and len(results) < args.rounds + 1:
+        return 0  # stopped early: no table or report yet
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir = Path(args.run_dir)
         print("\n" + format_table(results))

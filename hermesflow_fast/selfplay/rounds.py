@@ -127,8 +127,22 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -
 
 
 def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: bool = False,
-                 log: Callable[[str], None] = print, info: DistInfo | None = None) -> list[dict]:
-    """Rounds 1..``rounds`` after the base (round 0); returns every round's eval dict (round 0 first)."""
+                 log: Callable[[str], None] = print, info: DistInfo | None = None,
+                 stop_after: str | None = None) -> list[dict]:
+    """Rounds 1..``rounds`` after the base (round 0); returns every round's eval dict (round 0 first).
+
+    ``stop_after`` (one of STAGES): return as soon as this call has completed that stage of a round (the round's
+    later stages, and the report, wait for a ``resume``): each stage can be run on its own from the command line."""
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+    ran: set[str] = set()
+
+    def stopped(r: int) -> bool:
+        if stop_after in ran:
+            say(f"stopped after round {r}: {stop_after} (--resume continues)")
+            return True
+        return False
+
     from hermesflow_fast.train.trainer import Trainer
     from hermesflow_fast.world import make_records
     from hermesflow_fast.world.base import load_base
@@ -176,32 +190,48 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
 
         wm.model.eval()
         if not _done(rd, "und_candidates"):
+            ran.add("und_candidates")
             say(f"round {r}: captions ({len(settings.caption_grid)} per image, {len(train_recs)} images)")
             und_candidates(wm, mine, journal("und_candidates"), settings, r)
             finish("und_candidates")
+        if stopped(r):
+            return results
         if not _done(rd, "und_scores"):
+            ran.add("und_scores")
             und_scores(mine, full("und_candidates"), journal("und_scores"), caption_agreement)
             finish("und_scores")
+        if stopped(r):
+            return results
         if not _done(rd, "gen_candidates"):
+            ran.add("gen_candidates")
             say(f"round {r}: images ({settings.images_per_prompt} per prompt)")
             gen_candidates(wm, mine, journal("gen_candidates"), settings, r)
             finish("gen_candidates")
+        if stopped(r):
+            return results
         if not _done(rd, "gen_scores"):
+            ran.add("gen_scores")
             say(f"round {r}: self-VQA")
             gen_scores(wm, mine, full("gen_candidates"), journal("gen_scores"), settings, answer_match)
             finish("gen_scores")
+        if stopped(r):
+            return results
         if not _done(rd, "pairs"):
+            ran.add("pairs")
             if info.is_main:
                 stats = build_pairs(train_recs, full("und_candidates"), full("und_scores"), full("gen_candidates"),
                                     full("gen_scores"), previous, settings.vqa_threshold, rd / "pairs.jsonl")
                 say(f"round {r}: pairs {json.dumps({k: stats[k] for k in ('pairs', 'und', 'gen')})}")
             _mark(rd, "pairs", info)
+        if stopped(r):
+            return results
         previous = {}
         for line in (rd / "pairs.jsonl").read_text().splitlines():
             p = json.loads(line)
             previous[p["id"]] = p
         model_dir = rd / "model"
         if not _done(rd, "train"):
+            ran.add("train")
             init = prev_model
             if init is None:  # the shipped base: train from a folder copy of it
                 init = run_dir / "round-0" / "model"
@@ -220,11 +250,17 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
                 wm.save(model_dir)
             barrier()
             _mark(rd, "train", info)
+        if stopped(r):
+            return results
         wm = load_base(model_dir, device=info.device)
         prev_model = model_dir
+        if not _done(rd, "eval"):
+            ran.add("eval")
         res = dict(round=r, **_evaluate_into(wm, heldout, cfg, rd, info))
         results.append(res)
         say(f"round {r}: und {res['und']:.3f}  gen {res['gen']:.3f}  gap {res['gap']:+.3f}")
+        if stopped(r):
+            return results
     if info.is_main:
         from hermesflow_fast.selfplay.report import write_report
 

@@ -75,3 +75,24 @@ def test_two_processes_curate_exactly_what_one_process_does(one_round, tmp_path)
     for name in ("und_candidates", "und_scores", "gen_candidates", "gen_scores", "pairs"):
         assert (two / "round-1" / f"{name}.jsonl").read_text() == (run / "round-1" / f"{name}.jsonl").read_text(), name
     assert (two / "summary.json").is_file()
+
+
+def test_one_stage_at_a_time_gives_the_same_round(one_round, tmp_path):
+    """--stop-after STAGE then --resume: each stage runs on its own; the round ends as the uninterrupted run did."""
+    from hermesflow_fast.selfplay import cli
+
+    assert cli.STAGES == __import__("hermesflow_fast.selfplay.rounds", fromlist=["STAGES"]).STAGES
+    run, full = one_round
+    cfg = load_config(None, TINY, schema=SelfPlayConfig)
+    out = tmp_path / "staged"
+    res = run_selfplay(cfg, out, rounds=1, log=lambda m: None, stop_after="gen_candidates")
+    rd = out / "round-1"
+    assert [r["round"] for r in res] == [0]
+    assert (rd / "gen_candidates.done").is_file() and not (rd / "gen_scores.jsonl").exists()
+    run_selfplay(cfg, out, rounds=1, resume=True, log=lambda m: None, stop_after="pairs")
+    assert (rd / "pairs.jsonl").read_text() == (run / "round-1" / "pairs.jsonl").read_text()
+    assert not (rd / "train").exists() and not (out / "summary.json").exists()
+    res = run_selfplay(cfg, out, rounds=1, resume=True, log=lambda m: None)
+    assert [r["round"] for r in res] == [0, 1] and (out / "summary.json").is_file()
+    with pytest.raises(ValueError, match="stop_after must be one of"):
+        run_selfplay(cfg, out, rounds=1, resume=True, log=lambda m: None, stop_after="captions")
