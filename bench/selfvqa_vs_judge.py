@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             pixels = wm.image_tokenizer.decode(grids)
         for m, img in enumerate(pixels):
-            rgb = ((img.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-            for q, said in zip(r.questions, JUDGE.answers(rgb, r.questions)):
+            for q, said in zip(r.questions, JUDGE.answers(img, r.questions)):  # the judge reads (3, H, W) in [−1, 1]
                 codes.append(grids[m])
                 prompts.append(und_prompt_ids(wm.text_tokenizer, q.prompt))
                 meta.append((c["id"], m, q, said == q.answer))

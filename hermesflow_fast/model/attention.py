@@ -273,6 +273,22 @@ def _build_varlen(mask: OmniMask | None, B: int, Tq: int, Tk: int, device: torch
     return VarlenPlan(calls, q_rows, B, Tq, Tk)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(B, H, T, D) → (B·T, H, D): one row per token, what the split and varlen paths gather from."""
+    B, H, T, D = t.shape
+    return t.transpose(1, 2).reshape(B * T, H, D)
+
+
+def _scatter_rows(outs: list[Tensor], rows: Tensor, q: Tensor, v: Tensor) -> Tensor:
+    """The per-call outputs (rows, H, Dv), concatenated in ``rows`` order, back to (B, H, Tq, Dv); rows no call
+    produced (pad queries) are 0."""
+    B, H, Tq, _ = q.shape
+    out = q.new_zeros(B * Tq, H, v.shape[-1])
+    if outs:
+        out = out.index_copy(0, rows, torch.cat(outs) if len(outs) > 1 else outs[0])
+    return out.view(B, Tq, H, -1).transpose(1, 2)
+
+
 class GroupPlan:
     """The SDPA split of one OmniMask for (B, T, T): per group, the flat query rows and key rows (indices into
     (B·T, H, D)) and the group's dense boolean mask (1, 1, nq, nk). ``q_rows``: every group's queries, in order."""
@@ -314,20 +330,14 @@ def _build_groups(mask: OmniMask, B: int, T: int, device: torch.device) -> Group
 def split_attention(q: Tensor, k: Tensor, v: Tensor, plan: GroupPlan, scale: float | None = None) -> Tensor:
     """SDPA once per group of ``plan`` on the gathered rows (no key outside a query's segment and branches is ever
     scored); pad query rows get 0, as on the flash path."""
-    B, H, T, D = q.shape
-    qf = q.transpose(1, 2).reshape(B * T, H, D)
-    kf = k.transpose(1, 2).reshape(B * T, H, k.shape[-1])
-    vf = v.transpose(1, 2).reshape(B * T, H, v.shape[-1])
+    qf, kf, vf = _rows(q), _rows(k), _rows(v)
     outs = []
     for q_idx, k_idx, see in plan.groups:
         og = F.scaled_dot_product_attention(qf.index_select(0, q_idx).transpose(0, 1)[None],
                                             kf.index_select(0, k_idx).transpose(0, 1)[None],
                                             vf.index_select(0, k_idx).transpose(0, 1)[None], attn_mask=see, scale=scale)
         outs.append(og[0].transpose(0, 1))
-    out = qf.new_zeros(B * T, H, v.shape[-1])
-    if outs:
-        out = out.index_copy(0, plan.q_rows, torch.cat(outs) if len(outs) > 1 else outs[0])
-    return out.view(B, T, H, -1).transpose(1, 2)
+    return _scatter_rows(outs, plan.q_rows, q, v)
 
 
 def _alias(mask: OmniMask | Tensor) -> OmniMask | Tensor:
@@ -475,17 +485,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, mask: OmniMask | MaskPlan 
             raise RuntimeError(f"backend='flash' needs flash-attention: {_FLASH_INSTALL}")
     plan = prepare(mask) or MaskPlan(None)
     vp = plan.varlen(B, Tq, Tk, q.device)
-    qf = q.transpose(1, 2).reshape(B * Tq, H, D)
-    kf = k.transpose(1, 2).reshape(B * Tk, H, k.shape[-1])
-    vf = v.transpose(1, 2).reshape(B * Tk, H, v.shape[-1])
+    qf, kf, vf = _rows(q), _rows(k), _rows(v)
     outs = []
     for causal, q_idx, k_idx, cu_q, cu_k, max_q, max_k in vp.calls:
         outs.append(varlen_fn(qf.index_select(0, q_idx), kf.index_select(0, k_idx), vf.index_select(0, k_idx),
                               cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scale))
-    out = qf.new_zeros(B * Tq, H, v.shape[-1])
-    if outs:
-        out = out.index_copy(0, vp.q_rows, torch.cat(outs) if len(outs) > 1 else outs[0])
-    return out.view(B, Tq, H, -1).transpose(1, 2)
+    return _scatter_rows(outs, vp.q_rows, q, v)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float | None) -> Tensor:

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["DEMO_OVERRIDES", "STAGES", "demo", "selfplay_main"]
+from hermesflow_fast.selfplay.rounds import STAGES
 
-STAGES = ("und_candidates", "und_scores", "gen_candidates", "gen_scores", "pairs", "train", "eval")  # = rounds.STAGES
+__all__ = ["DEMO_OVERRIDES", "STAGES", "demo", "selfplay_main"]
 
 # The demo's recipe on top of SelfPlayConfig's defaults (= configs/selfplay-shapes.yaml, a test keeps them equal):
 # sized for 2 CPU cores in under 10 minutes for two rounds (6 images per prompt: generation is most of a round).
@@ -67,11 +67,10 @@ def _run(args, overrides: list[str]) -> int:
         raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()
     try:
-        results = run_selfplay(cfg, args.run_dir, args.rounds, resume=args.resume,
-                               stop_after=getattr(args, "stop_after", None))
+        results = run_selfplay(cfg, args.run_dir, args.rounds, resume=args.resume, stop_after=args.stop_after)
     finally:
         shutdown()
-    if getattr(args, "stop_after", None) and len(results) < args.rounds + 1:
+    if args.stop_after and len(results) < args.rounds + 1:
         return 0  # stopped early: no table or report yet
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir = Path(args.run_dir)
@@ -91,5 +90,5 @@ def demo(run_dir: str, rounds: int) -> int:
 
             print(format_table(done) + f"\n(already done; report: {run / 'report.md'}, plot: {run / 'gap.png'})")
             return 0
-    args = argparse.Namespace(config=None, run_dir=run_dir, rounds=rounds, resume=run.exists())
+    args = argparse.Namespace(config=None, run_dir=run_dir, rounds=rounds, resume=run.exists(), stop_after=None)
     return _run(args, list(DEMO_OVERRIDES))

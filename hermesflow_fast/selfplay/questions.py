@@ -22,6 +22,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from hermesflow_fast.world.questions import question_prompt
+
 __all__ = ["RealQuestion", "load_tifa_questions"]
 
 _KEYS = ("id", "question", "choices", "answer")
@@ -40,8 +42,8 @@ class RealQuestion:
 
     @property
     def prompt(self) -> str:
-        """The self-VQA question put to the model: "{text} choices: {c1}, {c2}, …"."""
-        return f"{self.text} choices: {', '.join(self.choices)}"
+        """The self-VQA question put to the model, worded as the world's (``question_prompt``)."""
+        return question_prompt(self.text, self.choices)
 
 
 def _items(path: Path) -> list[tuple[str, object]]:

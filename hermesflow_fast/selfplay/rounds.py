@@ -135,14 +135,6 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
     later stages, and the report, wait for a ``resume``): each stage can be run on its own from the command line."""
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
-    ran: set[str] = set()
-
-    def stopped(r: int) -> bool:
-        if stop_after in ran:
-            say(f"stopped after round {r}: {stop_after} (--resume continues)")
-            return True
-        return False
-
     from hermesflow_fast.train.trainer import Trainer
     from hermesflow_fast.world import make_records
     from hermesflow_fast.world.base import load_base
@@ -151,6 +143,14 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
     run_dir = Path(run_dir)
     info = info or init_distributed(cfg.dist.backend)
     say = log if info.is_main else (lambda m: None)
+    ran: set[str] = set()  # stages this call has run (``stop_after`` counts only those)
+
+    def stopped(r: int) -> bool:
+        if stop_after in ran:
+            say(f"stopped after round {r}: {stop_after} (--resume continues)")
+            return True
+        return False
+
     if info.is_main:
         if run_dir.exists() and any(run_dir.iterdir()) and not resume:
             raise ValueError(f"run dir {run_dir} is not empty; pass --resume to continue it or choose another one")

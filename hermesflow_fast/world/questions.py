@@ -25,6 +25,7 @@ the text followed by "choices: a, b, c".
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,8 @@ import numpy as np
 from hermesflow_fast.world.grammar import NUMBER_WORDS, plural
 from hermesflow_fast.world.scene import CATEGORIES, COLOURS, INVERSE, SHAPES, Scene
 
-__all__ = ["COUNT_CHOICES", "QUESTION_CATEGORIES", "Question", "QuestionForm", "make_questions", "parse_question"]
+__all__ = ["COUNT_CHOICES", "QUESTION_CATEGORIES", "Question", "QuestionForm", "make_questions", "parse_question",
+           "question_prompt"]
 
 QUESTION_CATEGORIES = CATEGORIES  # GenEval's six, in its order
 COUNT_CHOICES = ("one", "two", "three")
@@ -48,6 +50,11 @@ _TEMPLATES = [
     ("colour", re.compile(rf"what colour are the ({_S})s\?")),
     ("relation", re.compile(rf"is the ({_C}) ({_S}) (left or right of|above or below) the ({_C}) ({_S})\?")),
 ]
+
+
+def question_prompt(text: str, choices: Sequence[str]) -> str:
+    """The self-VQA question put to the model: "{text} choices: {c1}, {c2}, …" (world and real-data questions)."""
+    return f"{text} choices: {', '.join(choices)}"
 
 
 @dataclass(frozen=True)
@@ -67,8 +74,8 @@ class Question:
 
     @property
     def prompt(self) -> str:
-        """The self-VQA question put to the model: "{text} choices: {c1}, {c2}, …"."""
-        return f"{self.text} choices: {', '.join(self.choices)}"
+        """The self-VQA question put to the model: :func:`question_prompt`."""
+        return question_prompt(self.text, self.choices)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "category": self.category, "text": self.text, "choices": list(self.choices),
