@@ -5,6 +5,9 @@ accuracies, how often they agree, their correlation; and the judge's accuracy on
 and loser. Self-play can only raise ``gen`` if self-VQA ranks images the way the judge does.
 
     python -m bench.selfvqa_vs_judge runs/demo/round-1 [--model hermesflow_fast/world/base] [--records 60]
+
+Rows append to ``bench/results/selfvqa_judge.csv`` (per category: self_vqa, judge, agree, corr; and the judge's
+accuracy on self-VQA's winners and losers), with the machine and commit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import utils
 from hermesflow_fast.data.text import und_prompt_ids
 from hermesflow_fast.model.generate import generate_text
 from hermesflow_fast.world import make_records
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="the model that curated it (default: the shipped base)")
     ap.add_argument("--records", type=int, default=60, help="first N records of the round")
     ap.add_argument("--seed", type=int, default=0, help="world.seed of the run")
+    ap.add_argument("--out", default=str(utils.RESULTS_DIR / "selfvqa_judge.csv"),
+                    help="CSV to append to ('' for none)")
     args = ap.parse_args(argv)
     wm = load_base(args.model)
     cands = [json.loads(line) for line in (Path(args.round_dir) / "gen_candidates.jsonl").read_text().splitlines()]
@@ -80,6 +86,22 @@ def main(argv: list[str] | None = None) -> dict:
               f"{v['corr']:>7.3f}")
     print(f"judge's accuracy on self-VQA's winners {out['judge_of_winners']:.3f}, on its losers "
           f"{out['judge_of_losers']:.3f} ({len(win)} records)")
+    if args.out:
+        stamps = utils.run_stamps("cpu")
+        images = sum(len(c["images"]) for c in cands)
+        config = {"round_dir": str(args.round_dir), "model": args.model or "shipped base", "records": len(cands),
+                  "images": images, "seed": args.seed}
+        common = dict(kernel_name="selfvqa_vs_judge", x_name="records", x_value=len(cands), device="cpu",
+                      dtype="fp32", stamps=stamps, unit="fraction")
+        rows = []
+        for cat, v in out["categories"].items():
+            for metric in ("self", "judge", "agree", "corr"):
+                rows.append(utils.make_row(provider=cat, metric=metric, y=(v[metric],),
+                                           config={**config, "questions": v["questions"]}, **common))
+        for side in ("winners", "losers"):
+            rows.append(utils.make_row(provider="pairs", metric=f"judge_of_{side}", y=(out[f"judge_of_{side}"],),
+                                       config={**config, "records_with_a_pair": len(win)}, **common))
+        print(f"appended {len(rows)} rows to {utils.append_rows(args.out, rows)}")
     return out
 
 
