@@ -2,6 +2,8 @@
 
     hermesflow selfplay --config configs/selfplay-shapes.yaml --run-dir runs/sp [--rounds 2] [--resume] [--nproc N]
                         [--stop-after STAGE] [key=value ...]      one stage at a time: --stop-after, then --resume
+    hermesflow selfplay --config configs/selfplay-real.yaml --run-dir runs/real data.records=records.jsonl \
+                        data.questions=questions.json data.scorer_model=models/minilm    real data (sources.py)
     hermesflow demo [--run-dir runs/demo] [--rounds 2]          two rounds from the shipped base on CPU
 """
 
@@ -27,7 +29,8 @@ DEMO_OVERRIDES = ["world.train_records=256", "world.heldout_records=128", "curat
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description="HermesFlow self-play rounds on the shapes world.")
+    ap = argparse.ArgumentParser(prog=prog, description="HermesFlow self-play rounds on the shapes world, or on "
+                                                     "real data with data.records=… (selfplay/sources.py).")
     ap.add_argument("--config", default=None, help="YAML recipe (configs/selfplay-shapes.yaml); none = defaults")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--rounds", type=int, default=2)
@@ -55,7 +58,7 @@ def selfplay_main(argv: list[str]) -> int:
 
 
 def _run(args, overrides: list[str]) -> int:
-    from hermesflow_fast.selfplay.config import SelfPlayConfig
+    from hermesflow_fast.selfplay.config import SelfPlayConfig, check_data
     from hermesflow_fast.selfplay.report import format_table
     from hermesflow_fast.selfplay.rounds import run_selfplay
     from hermesflow_fast.train.config import ConfigError, load_config
@@ -63,6 +66,7 @@ def _run(args, overrides: list[str]) -> int:
 
     try:
         cfg = load_config(args.config, overrides, schema=SelfPlayConfig)
+        check_data(cfg)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     t0 = time.perf_counter()

@@ -1,6 +1,9 @@
 """The self-play report: ``summary.json`` (the interface scripts read), ``report.md`` and ``gap.png``.
 
     summary.json = {"rounds": [{"round": 0, "und": float, "gen": float, "gap": float, ...}, ...]}   round 0 = base
+
+Real data (``data.records``) has no held-out evaluation: its rounds carry null und / gen / gap and a "skipped"
+reason; the table shows n/a and no plot is drawn.
 """
 
 from __future__ import annotations
@@ -11,16 +14,22 @@ from pathlib import Path
 __all__ = ["format_table", "write_report"]
 
 
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
 def format_table(rounds: list[dict]) -> str:
     lines = ["| round | und | gen | gap = und − gen | caption agreement |", "|---|---|---|---|---|"]
     for r in rounds:
         name = "base" if r["round"] == 0 else str(r["round"])
-        lines.append(f"| {name} | {r['und']:.3f} | {r['gen']:.3f} | {r['gap']:+.3f} | "
-                     f"{r.get('caption_agreement', float('nan')):.3f} |")
+        lines.append(f"| {name} | {_num(r['und'])} | {_num(r['gen'])} | {_num(r['gap'], '+.3f')} | "
+                     f"{_num(r.get('caption_agreement', None if r.get('skipped') else float('nan')))} |")
     return "\n".join(lines)
 
 
 def _plot(rounds: list[dict], path: Path) -> Path | None:
+    if all(r.get("und") is None for r in rounds):
+        return None  # real data: nothing was evaluated
     try:
         import matplotlib
 
@@ -52,6 +61,9 @@ def write_report(run_dir: str | Path, rounds: list[dict], config: dict | None = 
     lines = ["# Self-play report", "", "Held-out records; und = accuracy of the model's answers on the real images, "
              "gen = accuracy of the judge on the model's generated images (the paper's Table 4 protocol).", "",
              format_table(rounds), ""]
+    skipped = next((r["skipped"] for r in rounds if r.get("skipped")), None)
+    if skipped:
+        lines += [f"Held-out evaluation skipped: {skipped}.", ""]
     if cats:
         lines += ["Generation accuracy per category:", "", "| round | " + " | ".join(cats) + " |",
                   "|---|" + "---|" * len(cats)]

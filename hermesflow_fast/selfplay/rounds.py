@@ -16,7 +16,24 @@ Each stage leaves ``<stage>.done`` when complete; ``resume`` continues at the fi
 unfinished round. With torchrun (``--nproc N``), each rank curates a disjoint shard of the records into its own
 journal, merged by id; training runs DDP over the same ranks.
 
+Records come from one of two sources, chosen by ``data.records``:
+
+    unset (default)   the shapes world: ``world.train_records`` rendered records, caption scorer = exact attribute
+                      agreement, answer matcher = the world's exact match; held-out world records are evaluated by
+                      the world's judge every round
+    a records file    real data (selfplay/sources.py): images encoded once, TIFA questions joined by id, caption
+                      scorer = ``EmbeddingCaptionScorer`` and answer matcher = ``EmbeddingAnswerMatcher`` over the
+                      local text embedder ``data.scorer_model``. The held-out evaluation needs the world's judge, so
+                      it is SKIPPED for real data: the eval stage still runs (it loads M_r for the next round and
+                      leaves eval.done), logs that it was skipped and writes eval.json with null und / gen / gap and
+                      a "skipped" reason; the report shows n/a. Evaluate real checkpoints with an external judge.
+
+Every rank reads and encodes all records (training needs every pair's image codes); curation is sharded the same
+way for both sources.
+
     hermesflow selfplay --config configs/selfplay-shapes.yaml --run-dir runs/sp --rounds 2
+    hermesflow selfplay --config configs/selfplay-real.yaml --run-dir runs/real data.records=… data.questions=… \
+                        data.scorer_model=…
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ import torch
 
 from hermesflow_fast.data.batching import TokenizedPair
 from hermesflow_fast.data.text import caption_ids, prompt_ids, und_prompt_ids
-from hermesflow_fast.selfplay.config import SelfPlayConfig
+from hermesflow_fast.selfplay.config import SelfPlayConfig, check_data
 from hermesflow_fast.selfplay.journal import Journal, merge_shards
 from hermesflow_fast.selfplay.stages import (
     CurationRecord,
@@ -47,6 +64,7 @@ from hermesflow_fast.train.distributed import DistInfo, barrier, init_distribute
 __all__ = ["run_selfplay", "world_curation_records"]
 
 STAGES = ("und_candidates", "und_scores", "gen_candidates", "gen_scores", "pairs", "train", "eval")
+EVAL_SKIPPED = "real data (data.records): the held-out evaluation needs the shapes world's judge"
 
 
 def world_curation_records(wm, records) -> list[CurationRecord]:
@@ -126,6 +144,45 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -
     return out
 
 
+def _skip_eval_into(rd: Path, info: DistInfo) -> dict:
+    """Real data: no judge; eval.json holds null scores and the reason (the stage is still marked done)."""
+    if _done(rd, "eval"):
+        return json.loads((rd / "eval.json").read_text())
+    out = {"und": None, "gen": None, "gap": None, "records": 0, "skipped": EVAL_SKIPPED}
+    if info.is_main:
+        rd.mkdir(parents=True, exist_ok=True)
+        (rd / "eval.json").write_text(json.dumps(out, indent=1) + "\n")
+    _mark(rd, "eval", info)
+    return out
+
+
+def _scores(res: dict) -> str:
+    if res.get("und") is None:
+        return "held-out evaluation skipped (real data; eval.json has null scores)"
+    return f"und {res['und']:.3f}  gen {res['gen']:.3f}  gap {res['gap']:+.3f}"
+
+
+def _curation(cfg: SelfPlayConfig, wm, info: DistInfo, say: Callable[[str], None]):
+    """(train records, held-out world records or None, caption_scorer, answer_match) of the configured source."""
+    from hermesflow_fast.world.scoring import answer_match, caption_agreement
+
+    d = cfg.data
+    if d.records is None:
+        from hermesflow_fast.world import make_records
+
+        train_recs = world_curation_records(wm, make_records(cfg.world.train_records, cfg.world.seed, "train"))
+        heldout = make_records(cfg.world.heldout_records, cfg.world.seed, "heldout")
+        return train_recs, heldout, caption_agreement, answer_match
+    from hermesflow_fast.selfplay.sources import load_real_records, real_scorers
+
+    train_recs = load_real_records(d.records, d.questions, wm.image_tokenizer, strict=d.strict,
+                                   batch_size=cfg.curation.batch_size, log=say)
+    scorer, matcher = real_scorers(d.scorer_model, d.scorer_kind, d.answer_min_similarity, info.device)
+    say(f"real data: {len(train_recs)} records from {d.records} (questions {d.questions}, scorer {d.scorer_kind} "
+        f"{d.scorer_model}); held-out evaluation skipped: {EVAL_SKIPPED}")
+    return train_recs, None, scorer, matcher
+
+
 def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: bool = False,
                  log: Callable[[str], None] = print, info: DistInfo | None = None,
                  stop_after: str | None = None) -> list[dict]:
@@ -135,10 +192,9 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
     later stages, and the report, wait for a ``resume``): each stage can be run on its own from the command line."""
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+    check_data(cfg)
     from hermesflow_fast.train.trainer import Trainer
-    from hermesflow_fast.world import make_records
     from hermesflow_fast.world.base import load_base
-    from hermesflow_fast.world.scoring import answer_match, caption_agreement
 
     run_dir = Path(run_dir)
     info = info or init_distributed(cfg.dist.backend)
@@ -161,12 +217,15 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
     barrier()
     settings = _settings(cfg)
     wm = load_base(cfg.world.base, device=info.device)
-    train_recs = world_curation_records(wm, make_records(cfg.world.train_records, cfg.world.seed, "train"))
-    heldout = make_records(cfg.world.heldout_records, cfg.world.seed, "heldout")
+    train_recs, heldout, caption_scorer, answer_matcher = _curation(cfg, wm, info, say)
     mine = train_recs[info.rank::info.world_size]
     order = [r.id for r in train_recs]
-    results = [dict(round=0, **_evaluate_into(wm, heldout, cfg, run_dir / "round-0", info))]
-    say(f"round 0 (base): und {results[0]['und']:.3f}  gen {results[0]['gen']:.3f}  gap {results[0]['gap']:+.3f}")
+
+    def evaluate_into(wm, rd: Path) -> dict:
+        return _skip_eval_into(rd, info) if heldout is None else _evaluate_into(wm, heldout, cfg, rd, info)
+
+    results = [dict(round=0, **evaluate_into(wm, run_dir / "round-0"))]
+    say(f"round 0 (base): {_scores(results[0])}")
     previous: dict[str, dict] | None = None
     prev_model = Path(cfg.world.base) if cfg.world.base else None
     for r in range(1, rounds + 1):
@@ -198,7 +257,7 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
             return results
         if not _done(rd, "und_scores"):
             ran.add("und_scores")
-            und_scores(mine, full("und_candidates"), journal("und_scores"), caption_agreement)
+            und_scores(mine, full("und_candidates"), journal("und_scores"), caption_scorer)
             finish("und_scores")
         if stopped(r):
             return results
@@ -212,7 +271,7 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
         if not _done(rd, "gen_scores"):
             ran.add("gen_scores")
             say(f"round {r}: self-VQA")
-            gen_scores(wm, mine, full("gen_candidates"), journal("gen_scores"), settings, answer_match)
+            gen_scores(wm, mine, full("gen_candidates"), journal("gen_scores"), settings, answer_matcher)
             finish("gen_scores")
         if stopped(r):
             return results
@@ -256,9 +315,9 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
         prev_model = model_dir
         if not _done(rd, "eval"):
             ran.add("eval")
-        res = dict(round=r, **_evaluate_into(wm, heldout, cfg, rd, info))
+        res = dict(round=r, **evaluate_into(wm, rd))
         results.append(res)
-        say(f"round {r}: und {res['und']:.3f}  gen {res['gen']:.3f}  gap {res['gap']:+.3f}")
+        say(f"round {r}: {_scores(res)}")
         if stopped(r):
             return results
     if info.is_main:

@@ -1,27 +1,12 @@
-"""Real-data scorers from a local model folder: a tiny BERT written by the test (word tokenizer + random weights)."""
+"""Real-data scorers from a local model folder: a tiny BERT written by the test (word tokenizer + random weights;
+the ``bert_dir`` fixture of tests/selfplay/conftest.py)."""
 
 import pytest
 import torch
 
-from hermesflow_fast.data.text import build_word_tokenizer
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.scorers import EmbeddingAnswerMatcher, EmbeddingCaptionScorer, TextEmbedder
 from hermesflow_fast.selfplay.stages import CurationRecord, und_scores
-
-WORDS = "a red blue green circle square triangle above below and of two three one the image is".split()
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    d = tmp_path_factory.mktemp("bert")
-    tok = build_word_tokenizer(WORDS, d)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(d)
-    return d
 
 
 def test_bert_cls_embeddings_are_unit_and_batch_independent(bert_dir):
