@@ -11,6 +11,15 @@ MaskGIT (Show-o's t2i_generate, spec §5.6). Image slots start as [MASK]; for st
 returns the last x̂ (every slot filled). The text part of a t2i sequence never attends to the image block, so its
 keys/values are computed once per call (KV cache) and each step runs only the N + 2 image-block tokens.
 
+With one generator per prompt (what curation passes; ``_maskgit_per_prompt``) each step draws a uniform pair per
+(image, slot) from the prompt's generator, ``(M, 2, N)`` per prompt, so a prompt's images never depend on the batch.
+x̂ is drawn by inverse CDF (the first k with cdf_k > u·cdf_K), vectorized over all rows and only at unknown slots: the
+model's last layer and the head run there only (``forward(keep=)``), the head on the guided state
+(1 + g)·h_cond − g·h_uncond (the head is affine, so that is ℓ above). Step 0 sees only [MASK] slots, so a prompt's M
+images share one cond row and all images one uncond row. #unknown in the clamp is each row's own (rows differ there
+only after exact confidence ties). On CPU the rows run in chunks of ~``_CPU_CHUNK_TOKENS`` tokens. A single generator
+(or none) keeps the original sampler (``torch.multinomial`` at every slot), so its samples are unchanged.
+
 Text decoding (mmu_generate, spec §5.8, batched): the prompt ``[mmu][soi] image [eoi] [sot] question`` — the
 bidirectional image block included — is prefilled once into a KV cache, then one token per step for every row;
 greedy (temperature 0) or temperature + top-k sampling, restricted to the text vocabulary; a row stops at eos, the
@@ -34,6 +43,8 @@ from hermesflow_fast.model.masks import OmniMask
 from hermesflow_fast.model.transformer import UnifiedTransformer
 
 __all__ = ["cosine_schedule", "generate_images", "generate_text"]
+
+_CPU_CHUNK_TOKENS = 2048  # tokens per forward on CPU in the per-prompt sampler (see _chunk_images)
 
 
 def cosine_schedule(ratio: Tensor | float) -> Tensor:
@@ -71,8 +82,171 @@ def _multinomial(probs: Tensor, generator: Generators, gens: list | None, per_ro
 
 
 def _gumbel(shape, generator: Generators, gens: list | None, device) -> Tensor:
-    u = _rand(shape, generator, gens, device).clamp_(1e-20, 1.0)
-    return -torch.log(-torch.log(u))
+    return _gumbel_of(_rand(shape, generator, gens, device))
+
+
+def _gumbel_of(u: Tensor) -> Tensor:
+    """Gumbel(0, 1) noise from uniforms [0, 1)."""
+    return -torch.log(-torch.log(u.clamp(1e-20, 1.0)))
+
+
+def _inverse_cdf(logits: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Draws from softmax(logits) by inverse CDF: logits (n, K), uniforms u (n, m) in [0, 1) → codes (n, m) int64 and
+    their probabilities (n, m); row i's m draws share its cdf. Vectorized: the rows' randomness is all in ``u``.
+
+    A draw is the first k with cdf[k] > u·cdf[K−1] (unnormalized cdf), so a zero-probability code (a flat step of the
+    cdf) is never drawn; u·total is kept strictly below total against float rounding."""
+    e = (logits - logits.amax(-1, keepdim=True)).exp_()  # (n, K), max 1
+    cdf = e.cumsum(-1)
+    total = cdf[:, -1:]  # (n, 1) ≥ 1
+    x = (u.to(cdf.dtype) * total).minimum(torch.nextafter(total, torch.zeros_like(total)))
+    code = torch.searchsorted(cdf, x.contiguous(), right=True)  # (n, m)
+    return code, e.gather(-1, code) / total
+
+
+def _guided_logits(h: Tensor, n: int, g: float, head: tuple[Tensor, Tensor]) -> Tensor:
+    """Image-code logits (n, U, K) fp32 from states h: n cond rows then (g ≠ 0) n or 1 uncond rows, (·, U, d). The
+    head is affine, so (1 + g)·ℓ_cond − g·ℓ_uncond = head((1 + g)·h_cond − g·h_uncond): one head on n rows."""
+    W, b = head
+    h = h.to(W.dtype)
+    if g != 0:
+        h = torch.lerp(h[n:], h[:n], 1 + g)
+    return F.linear(h, W, b).float()
+
+
+def _remask(codes: Tensor, idx: Tensor, valid: Tensor, draw: Tensor, p: Tensor, u_noise: Tensor, tau: float,
+            n_sched: int) -> tuple[Tensor, Tensor]:
+    """The confidence re-masking of one step. codes (n, N); draw, p (n, U): codes drawn at slots ``idx`` (n, U) and
+    their probabilities, ``valid`` (n, U) where those slots were unknown; u_noise (n, N) the Gumbel uniforms.
+    → codes with the draws in, and the new unknown slots (n, N): per row the k = max(1, min(n_sched, #unknown − 1))
+    lowest log p + τ·Gumbel."""
+    draw = torch.where(valid, draw, codes.gather(1, idx))
+    conf = torch.log(p.double().clamp_min(1e-30)) + tau * _gumbel_of(u_noise.gather(1, idx))
+    conf = conf.masked_fill(~valid, float("inf"))  # known slots are never masked again
+    k = (valid.sum(-1) - 1).clamp(max=n_sched).clamp(min=1)
+    cutoff = conf.sort(dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # the k-th lowest confidence
+    remask = (conf <= cutoff) & valid
+    return codes.scatter(1, idx, draw), torch.zeros_like(codes, dtype=torch.bool).scatter(1, idx, remask)
+
+
+def _chunk_images(images: int, tokens_per_image: int, device: torch.device) -> int:
+    """Images per forward: on CPU as many as fill ~_CPU_CHUNK_TOKENS tokens, elsewhere all of them at once. On CPU
+    big activations cost page faults: glibc hands buffers of several MB back to the OS and faults them in again on
+    the next forward (one 512-row batch ran ~25% slower than 64-row chunks; 4,096-token chunks took ~10× the faults
+    of 2,048-token ones and ~10% longer, while without the faults both ran alike)."""
+    if device.type != "cpu":
+        return images
+    return max(1, min(images, _CPU_CHUNK_TOKENS // tokens_per_image))
+
+
+class _Chunk:
+    """The rows of images [a, b): their cond rows, then (CFG) their uncond rows; per forward part (both in one, or
+    cond and uncond apart) a KV cache of the text prefix and the dense image-block mask, both built once
+    (``use_text_cache``), or the full sequence's mask. ``hidden`` → states at chosen image slots (rows, U, d)."""
+
+    def __init__(self, model: UnifiedTransformer, seqs: Sequences, rows: Tensor, parts: int, L0: int, N: int,
+                 cached: bool):
+        self.model, self.L0, self.N = model, L0, N
+        self.ids, self.pos, mask = seqs.input_ids[rows], seqs.position_ids[rows], seqs.mask[rows]
+        n = rows.numel() // parts
+        self.parts = [slice(i * n, (i + 1) * n) for i in range(parts)]
+        self.caches, self.masks = [], []
+        for p in self.parts:
+            if cached:
+                c = model.new_cache(n, L0 + N + 2)
+                model(self.ids[p, :L0], mask[p].dense()[:, :L0, :L0].unsqueeze(1), self.pos[p, :L0], cache=c)
+                self.caches.append(c)
+                self.masks.append(mask[p].dense(q_start=L0).unsqueeze(1))  # (n, 1, N + 2, L0 + N + 2)
+            else:
+                self.caches.append(None)
+                self.masks.append(mask[p])
+
+    def hidden(self, block: Tensor, slots: Tensor) -> Tensor:
+        """Hidden states (rows, U, d) at image slots ``slots`` (images, U) of each row, the slots holding ``block``
+        (images, N) token ids. Only those are computed in the last layer (``UnifiedTransformer.forward(keep=)``)."""
+        L0, N = self.L0, self.N
+        copies = self.ids.shape[0] // block.shape[0]
+        self.ids[:, L0 + 1:L0 + 1 + N] = block.repeat(copies, 1)
+        slots = slots.repeat(copies // len(self.parts), 1) + 1  # positions in the image block [soi] slots [eoi]
+        out = []
+        for p, c, m in zip(self.parts, self.caches, self.masks):
+            if c is not None:
+                c.length = L0  # the text keys stay; the image block is rewritten after them every step
+                out.append(self.model(self.ids[p, L0:], m, self.pos[p, L0:], cache=c, keep=slots))
+            else:
+                out.append(self.model(self.ids[p], m, self.pos[p], keep=slots + L0))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _maskgit_step(chunk: _Chunk, codes: Tensor, unknown: Tensor, u: Tensor, head: tuple[Tensor, Tensor], g: float,
+                  n_sched: int, tau: float, vocab) -> tuple[Tensor, Tensor]:
+    """One MaskGIT step for a chunk's images: codes (n, N) int64, unknown (n, N) bool, u (n, 2, N) uniforms (the
+    draw's, the Gumbel noise's) → the new codes and unknown slots. Past the forward, work is at unknown slots only."""
+    n = codes.shape[0]
+    count = unknown.sum(-1)  # (n,)
+    U = int(count.max())
+    idx = torch.sort((~unknown).to(torch.uint8), dim=-1, stable=True).indices[:, :U]  # (n, U): unknown slots first
+    valid = torch.arange(U, device=idx.device) < count.unsqueeze(1)  # all True unless rows differ in count
+    h = chunk.hidden(torch.where(unknown, vocab.mask, codes + vocab.image_offset), idx)  # (copies·n, U, d)
+    draw, p = _inverse_cdf(_guided_logits(h, n, g, head).view(n * U, -1), u[:, 0].gather(1, idx).view(-1, 1))
+    return _remask(codes, idx, valid, draw.view(n, U), p.view(n, U), u[:, 1], tau, n_sched)
+
+
+def _first_step(model: UnifiedTransformer, seqs: Sequences, P: int, M: int, L0: int, N: int, u: Tensor,
+                head: tuple[Tensor, Tensor], g: float, n_sched: int, tau: float) -> tuple[Tensor, Tensor]:
+    """Step 0, when every slot of every row is [MASK]: a prompt's M images share one cond row and all images one
+    uncond row, so one forward of P (+ 1) rows gives the logits, and each (prompt, slot) cdf serves its M draws."""
+    dev = seqs.input_ids.device
+    R = P * M
+    per = max(1, _CPU_CHUNK_TOKENS // (L0 + N + 2)) if dev.type == "cpu" else P
+    rows = [torch.arange(a, min(a + per, P), device=dev) * M for a in range(0, P, per)]
+    if g != 0:
+        rows.append(torch.tensor([R], device=dev))  # the uncond row (the empty prompt)
+    slots = L0 + 1 + torch.arange(N, device=dev)
+    h = torch.cat([model(seqs.input_ids[r], seqs.mask[r], seqs.position_ids[r], keep=slots.expand(r.numel(), N))
+                   for r in rows])  # (P (+ 1), N, d)
+    logits = _guided_logits(h, P, g, head)  # (P, N, K)
+    draw, p = _inverse_cdf(logits.view(P * N, -1), u[:, 0].reshape(P, M, N).transpose(1, 2).reshape(P * N, M))
+    draw, p = (t.view(P, N, M).transpose(1, 2).reshape(R, N) for t in (draw, p))
+    codes = torch.zeros(R, N, dtype=torch.long, device=dev)
+    idx = torch.arange(N, device=dev).expand(R, N)
+    return _remask(codes, idx, torch.ones(R, N, dtype=torch.bool, device=dev), draw, p, u[:, 1], tau, n_sched)
+
+
+def _maskgit_per_prompt(model: UnifiedTransformer, layout: Layout, seqs: Sequences, gens: Sequence[torch.Generator],
+                        M: int, N: int, steps: int, g: float, noise_temperature: float, compounding_noise: bool,
+                        use_text_cache: bool, cfg_batched: bool) -> Tensor:
+    """MaskGIT with one generator per prompt (see the module docstring) → codes (len(gens)·M, N)."""
+    v = layout.vocab
+    dev = model.lm_head.weight.device
+    P, K, L0 = len(gens), v.num_image_codes, layout.t2i_text_len
+    R = P * M
+    W = model.lm_head.weight[v.image_offset:v.image_offset + K]  # (K, d): image-code columns only
+    dt = torch.promote_types(W.dtype, torch.float32)  # guided states in ≥ fp32 (they difference two states)
+    head = (W.to(dt), model.lm_head.bias[v.image_offset:v.image_offset + K].to(dt))
+    copies = 2 if g != 0 else 1
+    parts = 1 if (cfg_batched or g == 0) else 2
+    chunks = []
+    tau = noise_temperature
+    for s in range(steps):
+        u = torch.stack([torch.rand((M, 2, N), generator=gp, device=gp.device, dtype=torch.float64).to(dev)
+                         for gp in gens]).view(R, 2, N)  # per (image, slot): the draw's uniform, the Gumbel noise's
+        ratio = (s + 1) / steps
+        n_sched = int(math.floor(N * float(cosine_schedule(ratio))))
+        tau = tau * (1 - ratio) if compounding_noise else noise_temperature * (1 - ratio)
+        if s == 0:
+            codes, unknown = _first_step(model, seqs, P, M, L0, N, u, head, g, n_sched, tau)
+            continue
+        if not chunks:  # the rows of every later step, in chunks, with their text prefix cached once
+            n_img = _chunk_images(R, copies * (N + 2 + (0 if use_text_cache else L0)), dev)
+            for a in range(0, R, n_img):
+                img = torch.arange(a, min(a + n_img, R), device=dev)
+                rows = torch.cat([img + i * R for i in range(copies)])
+                chunks.append((slice(a, a + img.numel()), _Chunk(model, seqs, rows, parts, L0, N, use_text_cache)))
+        for rows, chunk in chunks:
+            codes[rows], unknown[rows] = _maskgit_step(chunk, codes[rows], unknown[rows], u[rows], head, g, n_sched,
+                                                       tau, v)
+    return codes
 
 
 @torch.no_grad()
@@ -85,7 +259,9 @@ def generate_images(
     """MaskGIT t2i sampling → codes (len(texts)·images_per_prompt, num_tokens) int64 in [0, num_image_codes).
 
     ``generator``: one torch.Generator for the call, or one per prompt (then each prompt's images depend only on
-    its own generator, whatever the batch: what sharded curation needs to match a one-process run).
+    its own generator, whatever the batch: what sharded curation needs to match a one-process run; this path draws
+    by inverse CDF at unknown slots only, see the module docstring: same distribution, other values than one
+    generator's ``torch.multinomial``).
 
     Rows are ordered prompt-major (prompt 0's M images first). ``cfg_batched=False`` runs cond and uncond as two
     forwards (the benchmark's baseline); ``use_text_cache=False`` recomputes the text prefix every step.
@@ -104,6 +280,9 @@ def generate_images(
         rows = rows + [[] for _ in range(R)]  # unconditional rows: the empty prompt
     blank = torch.zeros(len(rows), N, dtype=torch.long)
     seqs = layout.t2i(rows, blank, torch.ones(len(rows), N, dtype=torch.bool)).to(dev)
+    if gens is not None:
+        return _maskgit_per_prompt(model, layout, seqs, list(generator), images_per_prompt, N, steps, g,
+                                   noise_temperature, compounding_noise, use_text_cache, cfg_batched)
     ids, pos, mask = seqs.input_ids, seqs.position_ids, seqs.mask
     L0 = layout.t2i_text_len  # the text part; the image block [soi] slots [eoi] follows
     slots = slice(L0 + 1, L0 + 1 + N)
@@ -113,20 +292,20 @@ def generate_images(
     def code_logits(part: slice, cache) -> Tensor:
         if cache is not None:
             cache.length = L0  # the text keys stay; the image block is rewritten after them every step
-            h = model(ids[part, L0:], mask[part].dense(q_start=L0).unsqueeze(1), pos[part, L0:], cache=cache)
-            h = h[:, 1:1 + N]
+            h = model(ids[part, L0:], step_masks[part.start], pos[part, L0:], cache=cache)[:, 1:1 + N]
         else:
             h = model(ids[part], mask[part], pos[part])[:, slots]
         return (h @ W.T + bias).float()  # (rows, N, K)
 
     parts = [slice(0, len(rows))] if (cfg_batched or g == 0) else [slice(0, R), slice(R, 2 * R)]
-    caches = []
+    caches, step_masks = [], {}
     for part in parts:
         if use_text_cache:
             n = part.stop - part.start
             c = model.new_cache(n, L0 + N + 2)
             model(ids[part, :L0], mask[part].dense()[:, :L0, :L0].unsqueeze(1), pos[part, :L0], cache=c)
             caches.append(c)
+            step_masks[part.start] = mask[part].dense(q_start=L0).unsqueeze(1)  # constant over steps: built once
         else:
             caches.append(None)
 

@@ -100,19 +100,24 @@ class PhiAttention(nn.Module):
         return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask, backend: str, cache: KVCache | None,
-                layer: int) -> Tensor:
+                layer: int, keep: Tensor | None = None) -> Tensor:
+        """(B, T, d) → (B, T, d); with ``keep`` (B, U) only those queries: (B, U, d) (keys/values still all T, and
+        ``mask`` then covers the kept queries only)."""
         B, T, _ = h.shape
         shape = (B, T, self.num_heads, self.head_dim)
-        q = self.q_proj(h).view(shape).transpose(1, 2)  # (B, H, T, D)
+        hq, cq, sq = h, cos, sin
+        if keep is not None:
+            hq, cq, sq = _take(h, keep, 1), _take(cos, keep, 2), _take(sin, keep, 2)
+        q = self.q_proj(hq).view(B, hq.shape[1], *shape[2:]).transpose(1, 2)  # (B, H, T or U, D)
         k = self.k_proj(h).view(shape).transpose(1, 2)
         v = self.v_proj(h).view(shape).transpose(1, 2)
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        q, k = self._rope(q, cq, sq), self._rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(layer, k, v)
-        out = attend(q, k, v, mask, backend=backend)  # (B, H, T, D)
-        return self.dense(out.transpose(1, 2).reshape(B, T, -1))
+        out = attend(q, k, v, mask, backend=backend)  # (B, H, T or U, D)
+        return self.dense(out.transpose(1, 2).reshape(B, q.shape[2], -1))
 
 
 class PhiMLP(nn.Module):
@@ -123,7 +128,10 @@ class PhiMLP(nn.Module):
         self.approximate = "tanh" if cfg.hidden_act == "gelu_new" else "none"
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(h), approximate=self.approximate))
+        a = self.fc1(h)
+        if not torch.is_grad_enabled():  # nothing to keep for backward: gelu in place, no second (T, 4d) buffer
+            return self.fc2(torch.ops.aten.gelu_(a, approximate=self.approximate))
+        return self.fc2(F.gelu(a, approximate=self.approximate))
 
 
 class PhiLayer(nn.Module):
@@ -134,9 +142,21 @@ class PhiLayer(nn.Module):
         self.mlp = PhiMLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, backend: str, cache: KVCache | None = None,
-                layer: int = 0) -> Tensor:
+                layer: int = 0, keep: Tensor | None = None) -> Tensor:
         h = self.input_layernorm(x)
-        return x + self.self_attn(h, cos, sin, mask, backend, cache, layer) + self.mlp(h)
+        a = self.self_attn(h, cos, sin, mask, backend, cache, layer, keep)
+        if keep is not None:  # the outputs at the kept positions only: (B, U, d)
+            x, h = _take(x, keep, 1), _take(h, keep, 1)
+        return x + a + self.mlp(h)
+
+
+def _take(t: Tensor, index: Tensor, dim: int) -> Tensor:
+    """``t`` (B or 1, 1…, T, *rest) at positions ``index`` (B, U) along ``dim`` → (B, 1…, U, *rest): one row gather."""
+    B, U = index.shape
+    T, lead, rest = t.shape[dim], t.shape[1:dim], t.shape[dim + 1:]
+    rows = t.expand(B, *t.shape[1:]).reshape(B * T, *rest)  # the dims between batch and ``dim`` are all size 1
+    flat = (index + torch.arange(B, device=index.device).unsqueeze(1) * T).reshape(-1)
+    return rows.index_select(0, flat).view(B, *lead, U, *rest)
 
 
 class PhiBackbone(nn.Module):
@@ -215,12 +235,17 @@ class UnifiedTransformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids: Tensor, attention_mask: OmniMask | Tensor | None = None,
-                position_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+                position_ids: Tensor | None = None, cache: KVCache | None = None, keep: Tensor | None = None
+                ) -> Tensor:
         """input_ids (B, T) → hidden states (B, T, d) after the final LayerNorm.
 
         With ``cache``, ``input_ids`` are the next T tokens after the cached ones; ``attention_mask`` then covers
         (B, T, cached + T) (an OmniMask covers all cached + new tokens), and ``position_ids`` default to
         ``cache.length + arange(T)``.
+
+        ``keep`` (B, U) int64 positions in 0 … T−1: return the states there only, (B, U, d). The last layer then
+        computes queries, attention and MLP at those positions only (its keys/values, cached or not, are still
+        all T): the same values as ``forward(...)[b, keep[b]]`` up to float rounding, for less work.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -246,17 +271,28 @@ class UnifiedTransformer(nn.Module):
         act_dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                      else self.model.embed_tokens.weight.dtype)
         backend = resolve_backend(self.config.attn_backend, dev, attention_mask, act_dtype)
+        given_mask = attention_mask
         if cache is not None or backend == "eager" or not isinstance(attention_mask, OmniMask):
             attention_mask = as_dense_mask(attention_mask, B, T, Tk)  # once per forward, not per layer
             if backend not in ("sdpa", "eager"):
                 backend = "sdpa"
         elif backend == "sdpa":
             attention_mask = prepare(attention_mask)  # the split by sequence/branch (or the dense mask), built once
+        last = len(self.model.layers) - 1
+        if keep is not None:  # the last layer's queries are the kept positions: their rows of the dense mask
+            if keep.dim() != 2 or keep.shape[0] != B:
+                raise ValueError(f"keep must be (B={B}, U) positions, got shape {tuple(keep.shape)}")
+            keep = keep.to(dev, torch.long)
+            dense = attention_mask if isinstance(attention_mask, Tensor) else as_dense_mask(given_mask, B, T, Tk)
+            keep_mask = _take(dense, keep, 2)  # (B, 1, U, Tk)
+            keep_backend = backend if backend in ("sdpa", "eager") else "sdpa"
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rotary(position_ids, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and cache is None:
+            if keep is not None and i == last:
+                x = layer(x, cos, sin, keep_mask, keep_backend, cache, i, keep)
+            elif self.gradient_checkpointing and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attention_mask, backend,
                                                       use_reentrant=False)
             else:

@@ -1,11 +1,15 @@
 """Generation: MaskGIT with CFG fills every slot with a valid code, reproducibly; KV-cached text decoding gives
-exactly the tokens of full recomputation; batching and prompt padding do not change a row's output."""
+exactly the tokens of full recomputation; batching and prompt padding do not change a row's output; the per-prompt
+sampler (inverse CDF) draws from the same distributions as torch.multinomial (chi-square tests, fixed seeds)."""
+
+import math
 
 import pytest
 import torch
 
 from hermesflow_fast.model import Layout, ModelConfig, UnifiedTransformer, Vocabulary
-from hermesflow_fast.model.generate import cosine_schedule, generate_images, generate_text
+from hermesflow_fast.model import generate as generate_mod
+from hermesflow_fast.model.generate import _inverse_cdf, cosine_schedule, generate_images, generate_text
 
 VOCAB = Vocabulary.build(text_vocab_size=30, eos=2, num_image_codes=32)
 LAYOUT = Layout(VOCAB, t2i_text_len=8, mmu_text_len=40)
@@ -40,12 +44,14 @@ def test_maskgit_fills_every_slot_with_a_valid_code(model):
     assert not torch.equal(codes, other)
 
 
+@pytest.mark.parametrize("per_prompt", [False, True])
 @pytest.mark.parametrize("kw", [{"use_text_cache": False}, {"cfg_batched": False},
                                 {"use_text_cache": False, "cfg_batched": False}])
-def test_maskgit_fast_paths_equal_the_plain_loop(model, kw):
+def test_maskgit_fast_paths_equal_the_plain_loop(model, kw, per_prompt):
     args = dict(num_tokens=8, images_per_prompt=2, steps=5, guidance_scale=3.0)
-    fast = generate_images(model, LAYOUT, [[5, 6, 7], [9]], generator=_gen(3), **args)
-    slow = generate_images(model, LAYOUT, [[5, 6, 7], [9]], generator=_gen(3), **args, **kw)
+    gen = (lambda: [_gen(3), _gen(4)]) if per_prompt else (lambda: _gen(3))  # noqa: E731
+    fast = generate_images(model, LAYOUT, [[5, 6, 7], [9]], generator=gen(), **args)
+    slow = generate_images(model, LAYOUT, [[5, 6, 7], [9]], generator=gen(), **args, **kw)
     assert torch.equal(fast, slow)
 
 
@@ -101,3 +107,90 @@ def test_per_prompt_generators_make_rows_independent_of_the_batch(model):
     one = generate_text(model, LAYOUT, codes[2:], [[5]], max_new_tokens=6, temperature=1.0, num_return_sequences=2,
                         generator=gens()[2:])
     assert txt[4:6] == one
+
+
+def test_per_prompt_rows_do_not_depend_on_the_cpu_chunking(model, monkeypatch):
+    texts = [[5, 6], [7], [8, 9, 10]]
+    gens = lambda: [torch.Generator().manual_seed(200 + i) for i in range(3)]  # noqa: E731
+    args = dict(num_tokens=8, images_per_prompt=3, steps=5, guidance_scale=2.0)
+    whole = generate_images(model, LAYOUT, texts, generator=gens(), **args)
+    monkeypatch.setattr(generate_mod, "_CPU_CHUNK_TOKENS", 1)  # one image per forward: chunks split prompts
+    assert torch.equal(generate_images(model, LAYOUT, texts, generator=gens(), **args), whole)
+
+
+def _chi2_limit(df: int, z: float = 4.0) -> float:
+    """Upper chi-square quantile (Wilson–Hilferty), z standard deviations: z = 4 is p ≈ 3e-5."""
+    c = 2.0 / (9.0 * df)
+    return df * (1.0 - c + z * math.sqrt(c)) ** 3
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor, n: int) -> tuple[float, int]:
+    """Pearson's statistic of ``counts`` against ``probs`` (n draws), bins expecting < 5 pooled; (stat, df)."""
+    expected = probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    return float(((obs - exp) ** 2 / exp).sum()), int(keep.sum()) - 1
+
+
+def test_inverse_cdf_draws_the_categorical_distribution():
+    logits = torch.tensor([[2.0, 0.5, -1.0, float("-inf"), 0.0, 3.0, -6.0, 1.0],  # a zero-probability code
+                           [0.0] * 8,
+                           [10.0, -10.0, 0.0, 9.0, -30.0, 8.5, 0.1, -2.0]])  # peaked, with near-zero codes
+    n = 100_000
+    u = torch.rand(3, n, generator=_gen(11), dtype=torch.float64)
+    code, p = _inverse_cdf(logits, u)
+    probs = torch.softmax(logits.double(), -1)
+    assert code.shape == (3, n) and int(code.min()) >= 0 and int(code.max()) < 8
+    assert not bool((code[0] == 3).any())  # never a zero-probability code
+    torch.testing.assert_close(p.double(), probs.gather(1, code), rtol=1e-5, atol=0)
+    for r in range(3):
+        counts = torch.bincount(code[r], minlength=8)
+        stat, df = _chi2(counts, probs[r], n)
+        assert stat < _chi2_limit(df), (r, stat, df)
+        if r != 1:  # an off-by-one sampler would fail this test (row 1 is uniform: any shift fits it)
+            assert _chi2(counts.roll(1), probs[r], n)[0] > 10 * _chi2_limit(df)
+    one, _ = _inverse_cdf(logits, u[:, :1])  # (n, 1) uniforms: the per-slot draw of a MaskGIT step
+    assert torch.equal(one[:, 0], code[:, 0])
+    edge, _ = _inverse_cdf(logits, torch.full((3, 1), 1 - 2 ** -53, dtype=torch.float64))  # u → 1: the last code
+    assert edge.flatten().tolist() == [7, 7, 7]
+
+
+def _guided_probs(model, text, N, g):
+    """Exact step-1 distribution: softmax((1 + g)·ℓ_cond − g·ℓ_uncond) over the image codes, (N, K)."""
+    seqs = LAYOUT.t2i([text, []], torch.zeros(2, N, dtype=torch.long), torch.ones(2, N, dtype=torch.bool))
+    L0, K = LAYOUT.t2i_text_len, VOCAB.num_image_codes
+    with torch.no_grad():
+        lg = model.logits(seqs.input_ids, seqs.mask, seqs.position_ids)[:, L0 + 1:L0 + 1 + N]
+    lg = lg[..., VOCAB.image_offset:VOCAB.image_offset + K].double()
+    return torch.softmax((1 + g) * lg[0] - g * lg[1], -1)
+
+
+def test_per_prompt_first_step_samples_the_guided_softmax(model):
+    N, M, g = 3, 3000, 1.5
+    codes = generate_images(model, LAYOUT, [[5, 6]], num_tokens=N, images_per_prompt=M, steps=1, guidance_scale=g,
+                            generator=[_gen(21)])
+    probs = _guided_probs(model, [5, 6], N, g)
+    for slot in range(N):
+        stat, df = _chi2(torch.bincount(codes[:, slot], minlength=VOCAB.num_image_codes), probs[slot], M)
+        assert stat < _chi2_limit(df), (slot, stat, df)
+
+
+def test_per_prompt_sampler_matches_the_multinomial_one_in_distribution(model):
+    """Several steps (draws, Gumbel re-masking, guidance): the final codes' per-slot frequencies of the per-prompt
+    sampler and of the original one (one generator: torch.multinomial at every slot) agree (homogeneity test)."""
+    N, M, K = 3, 1500, VOCAB.num_image_codes
+    args = dict(num_tokens=N, images_per_prompt=M, steps=3, guidance_scale=2.0)
+    a = generate_images(model, LAYOUT, [[7, 8]], generator=[_gen(31)], **args)
+    b = generate_images(model, LAYOUT, [[7, 8]], generator=_gen(32), **args)
+    stat, df = 0.0, 0
+    for slot in range(N):
+        ca, cb = torch.bincount(a[:, slot], minlength=K), torch.bincount(b[:, slot], minlength=K)
+        pooled = (ca + cb).double() / (2 * M)
+        for c in (ca, cb):  # homogeneity: each sample against the pooled frequencies
+            s, d = _chi2(c, pooled, M)
+            stat, df = stat + s, df + d
+    df //= 2  # the pooled frequencies are estimated: (bins − 1) per slot
+    assert stat < _chi2_limit(df), (stat, df)

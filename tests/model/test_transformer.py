@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from hermesflow_fast.model import ModelConfig, UnifiedTransformer
+from hermesflow_fast.model import ModelConfig, OmniMask, UnifiedTransformer
 from hermesflow_fast.model.checkpoint import CheckpointError
 
 transformers = pytest.importorskip("transformers")
@@ -188,6 +188,40 @@ def test_kv_cache_matches_full_forward():
             parts.append(m(ids[:, t:t + 1], mask[:, t:t + 1, : t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == T
+
+
+@pytest.mark.parametrize("qk_layernorm", [False, True])
+def test_keep_returns_the_full_forward_at_those_positions(qk_layernorm):
+    """forward(keep=) computes the last layer at the kept positions only: the same states as the full forward there,
+    with a dense mask, an OmniMask (padding, a bidirectional block), no mask, and with a KV cache."""
+    cfg = ModelConfig.tiny(vocab_size=90, qk_layernorm=qk_layernorm)
+    m = UnifiedTransformer(cfg).eval()
+    B, T, U = 3, 14, 5
+    ids = torch.randint(0, 90, (B, T))
+    pos = torch.arange(T).expand(B, T)
+    keep = torch.stack([torch.randperm(T)[:U] for _ in range(B)])
+    rows = torch.arange(B).unsqueeze(1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :2] = False  # left padding in row 0
+    block = torch.full((B, T), -1, dtype=torch.int32)
+    block[:, 6:11] = 0  # a bidirectional block
+    omni = OmniMask(valid, block, torch.zeros_like(block))
+    with torch.no_grad():
+        for mask in (_random_mask(B, T), omni, None):
+            full = m(ids, mask, pos)
+            got = m(ids, mask, pos, keep=keep)
+            assert got.shape == (B, U, cfg.hidden_size)
+            torch.testing.assert_close(got, full[rows, keep], atol=1e-5, rtol=1e-5)
+        dense = omni.dense()  # (B, T, T); the first 6 tokens see no later token: a cacheable prefix
+        full = m(ids, dense, pos)
+        cache = m.new_cache(B, T)
+        m(ids[:, :6], dense[:, :6, :6], pos[:, :6], cache=cache)
+        tail = torch.stack([torch.randperm(T - 6)[:U] for _ in range(B)])
+        got = m(ids[:, 6:], dense[:, 6:], pos[:, 6:], cache=cache, keep=tail)
+        assert cache.length == T
+        torch.testing.assert_close(got, full[:, 6:][rows, tail], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="keep must be"):
+        m(ids, None, pos, keep=keep[:2])
 
 
 def test_gradient_checkpointing_same_grads():
