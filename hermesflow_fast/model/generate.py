@@ -26,6 +26,19 @@ greedy (temperature 0) or temperature + top-k sampling, restricted to the text v
 batch when all rows did or at ``max_new_tokens``. ``num_return_sequences`` K reuses one prefill for K samples.
 ``use_cache=False`` recomputes the whole sequence every step (the original's way; for tests and benchmarks).
 
+Several questions about one image (self-VQA: ``generate_answers(model, layout, codes (B, N), prompts[b][j])`` →
+``answers[b][j]``): the image prefix ``[mmu][soi] image [eoi]`` (positions 0 … N + 2) is prefilled once per image,
+its KV-cache rows repeated to the image's Q_b prompts (``KVCache.repeat_interleave`` with per-image counts), then
+all Σ Q_b prompts run in one forward, left-padded *after* the prefix:
+
+    row (b, j):  prefix_b (cached) | pad … pad [sot] prompt_bj | answer …
+    positions:   0 … N + 2         | N + 3 … (the prompt where it sits unshared) | then + 1 per token
+
+pad keys are masked for every query (a pad query sees the prefix and itself; its state is never read), so each row
+attends to exactly the keys of its unshared ``generate_text`` row at the same positions: the same answers, for one
+prefix forward per image instead of one per question. Both forwards run their last layer at the one position
+decoding reads (``forward(keep=)``: [eoi], the last prompt token). Decoding is then the loop above.
+
     python -m pytest -q tests/model/test_generate.py
 """
 
@@ -42,7 +55,7 @@ from hermesflow_fast.model.layout import Layout, Sequences
 from hermesflow_fast.model.masks import OmniMask
 from hermesflow_fast.model.transformer import UnifiedTransformer
 
-__all__ = ["cosine_schedule", "generate_images", "generate_text"]
+__all__ = ["cosine_schedule", "generate_answers", "generate_images", "generate_text"]
 
 _CPU_CHUNK_TOKENS = 2048  # tokens per forward on CPU in the per-prompt sampler (see _chunk_images)
 
@@ -359,38 +372,17 @@ def _next_token(logits: Tensor, temperature: float, top_k: int | None, generator
     return _multinomial(torch.softmax(logits, -1), generator, gens)
 
 
-@torch.no_grad()
-def generate_text(
-    model: UnifiedTransformer, layout: Layout, codes: Tensor, prompts: Sequence[Sequence[int]],
-    max_new_tokens: int = 100, temperature: float = 0.0, top_k: int | None = None, num_return_sequences: int = 1,
-    generator: Generators = None, use_cache: bool = True, sot: bool = True,
-) -> list[list[int]]:
-    """Answers/captions for ``codes`` (B, N) with ``prompts`` → B·K token lists (row-major: image 0's K first),
-    each without its eos; a row that hits ``max_new_tokens`` ends there. ``generator``: one, or one per image."""
+def _decode(model: UnifiedTransformer, layout: Layout, h: Tensor, last_pos: Tensor, step, max_new_tokens: int,
+            temperature: float, top_k: int | None, generator: Generators, gens: list | None) -> list[list[int]]:
+    """The decoding loop: from the states ``h`` (rows, d) of each row's last prompt token at positions ``last_pos``
+    (rows,), one token per row per step from the text vocabulary (captions are text: codes and specials are never
+    emitted); ``step(tok, pos)`` (rows,), (rows,) → the next states (rows, d). A row stops at eos (pad after), the
+    batch when all rows did or at ``max_new_tokens`` → each row's tokens without its eos."""
     v = layout.vocab
-    dev = model.lm_head.weight.device
-    seqs = layout.mmu(codes, prompts, answers=None, sot=sot, pad_to=False).to(dev)
-    ids, pos, mask = _left_align(seqs)
-    B, T = ids.shape
-    Kr = num_return_sequences
-    gens = _rows_of(generator, B * Kr, repeats=Kr)  # one generator per image: independent of batching
-    W_text = model.lm_head.weight[: v.text_vocab_size]  # captions are text: codes and specials are never emitted
-    b_text = model.lm_head.bias[: v.text_vocab_size]
-    out = torch.full((B * Kr, max_new_tokens), v.pad, dtype=torch.long, device=dev)
-    done = torch.zeros(B * Kr, dtype=torch.bool, device=dev)
-    if use_cache:
-        cache = model.new_cache(B, T + max_new_tokens)
-        h = model(ids, mask, pos, cache=cache)[:, -1]
-        if Kr > 1:
-            cache = cache.repeat_interleave(Kr)
-            h = h.repeat_interleave(Kr, 0)
-        key_valid = torch.cat([mask.valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
-        key_valid = key_valid.repeat_interleave(Kr, 0)
-    else:
-        ids, pos = ids.repeat_interleave(Kr, 0), pos.repeat_interleave(Kr, 0)
-        mask = OmniMask(*(t.repeat_interleave(Kr, 0) for t in (mask.valid, mask.block, mask.branch)))
-        h = model(ids, mask, pos)[:, -1]
-    last_pos = pos[:, -1].repeat_interleave(Kr, 0) if use_cache else pos[:, -1]
+    W_text, b_text = model.lm_head.weight[: v.text_vocab_size], model.lm_head.bias[: v.text_vocab_size]
+    rows = h.shape[0]
+    out = torch.full((rows, max_new_tokens), v.pad, dtype=torch.long, device=h.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=h.device)
     for t in range(max_new_tokens):
         logits = F.linear(h, W_text, b_text)  # (rows, text vocab): the head on the last position only
         tok = _next_token(logits, temperature, top_k, generator, gens)
@@ -400,17 +392,7 @@ def generate_text(
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         last_pos = last_pos + 1
-        if use_cache:
-            step_mask = key_valid[:, : cache.length + 1]
-            h = model(tok.unsqueeze(1), step_mask[:, None, None, :], last_pos.unsqueeze(1), cache=cache)[:, -1]
-        else:
-            ids = torch.cat([ids, tok.unsqueeze(1)], 1)
-            pos = torch.cat([pos, last_pos.unsqueeze(1)], 1)
-            tags = OmniMask(torch.cat([mask.valid, torch.ones_like(done).unsqueeze(1)], 1),
-                            torch.cat([mask.block, torch.full_like(mask.block[:, :1], -1)], 1),
-                            torch.cat([mask.branch, torch.zeros_like(mask.branch[:, :1])], 1))
-            mask = tags
-            h = model(ids, mask, pos)[:, -1]
+        h = step(tok, last_pos)
     result = []
     for row in out.tolist():
         toks = []
@@ -420,3 +402,119 @@ def generate_text(
             toks.append(x)
         result.append(toks)
     return result
+
+
+def _cached_step(model: UnifiedTransformer, cache, key_valid: Tensor):
+    """A decoding step on a KV cache: the new token attends to every valid key so far (``key_valid`` (rows, max_len):
+    False at padding) and to itself."""
+
+    def step(tok: Tensor, pos: Tensor) -> Tensor:
+        m = key_valid[:, : cache.length + 1]
+        return model(tok.unsqueeze(1), m[:, None, None, :], pos.unsqueeze(1), cache=cache)[:, -1]
+
+    return step
+
+
+@torch.no_grad()
+def generate_text(
+    model: UnifiedTransformer, layout: Layout, codes: Tensor, prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 100, temperature: float = 0.0, top_k: int | None = None, num_return_sequences: int = 1,
+    generator: Generators = None, use_cache: bool = True, sot: bool = True,
+) -> list[list[int]]:
+    """Answers/captions for ``codes`` (B, N) with ``prompts`` → B·K token lists (row-major: image 0's K first),
+    each without its eos; a row that hits ``max_new_tokens`` ends there. ``generator``: one, or one per image.
+    Several prompts about one image: ``generate_answers`` prefills the image once."""
+    dev = model.lm_head.weight.device
+    seqs = layout.mmu(codes, prompts, answers=None, sot=sot, pad_to=False).to(dev)
+    ids, pos, mask = _left_align(seqs)
+    B, T = ids.shape
+    Kr = num_return_sequences
+    gens = _rows_of(generator, B * Kr, repeats=Kr)  # one generator per image: independent of batching
+    if use_cache:
+        cache = model.new_cache(B, T + max_new_tokens)
+        h = model(ids, mask, pos, cache=cache)[:, -1]
+        key_valid = torch.cat([mask.valid, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
+        if Kr > 1:
+            cache = cache.repeat_interleave(Kr)
+            h, key_valid = h.repeat_interleave(Kr, 0), key_valid.repeat_interleave(Kr, 0)
+        return _decode(model, layout, h, pos[:, -1].repeat_interleave(Kr, 0), _cached_step(model, cache, key_valid),
+                       max_new_tokens, temperature, top_k, generator, gens)
+    ids, pos = ids.repeat_interleave(Kr, 0), pos.repeat_interleave(Kr, 0)
+    mask = OmniMask(*(t.repeat_interleave(Kr, 0) for t in (mask.valid, mask.block, mask.branch)))
+    seq = [ids, mask, pos]  # (input_ids, attention_mask, position_ids), one token longer every step
+
+    def recompute(tok: Tensor, p: Tensor) -> Tensor:  # the whole sequence again
+        ids, m, pos = seq
+        seq[:] = [torch.cat([ids, tok.unsqueeze(1)], 1),
+                  OmniMask(torch.cat([m.valid, torch.ones_like(tok, dtype=torch.bool).unsqueeze(1)], 1),
+                           torch.cat([m.block, torch.full_like(m.block[:, :1], -1)], 1),
+                           torch.cat([m.branch, torch.zeros_like(m.branch[:, :1])], 1)),
+                  torch.cat([pos, p.unsqueeze(1)], 1)]
+        return model(*seq)[:, -1]
+
+    return _decode(model, layout, model(ids, mask, pos)[:, -1], pos[:, -1], recompute, max_new_tokens, temperature,
+                   top_k, generator, gens)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: UnifiedTransformer, layout: Layout, image_codes: Tensor, prompts: Sequence[Sequence[Sequence[int]]],
+    max_new_tokens: int = 100, temperature: float = 0.0, top_k: int | None = None, generator: Generators = None,
+    sot: bool = True,
+) -> list[list[list[int]]]:
+    """Answers to several prompts per image: ``image_codes`` (B, N), ``prompts[b]`` the prompts about image b (any
+    number, 0 included) → ``answers[b][j]``, the tokens ``generate_text`` gives row (image b, prompt j), without eos.
+
+    The image prefix ``[mmu][soi] image [eoi]`` is prefilled once per image, its cache rows repeated to the image's
+    prompts, then the prompts run left-padded after it (pad keys never attended, positions as unshared); see the
+    module docstring. ``generator``: one, or one per answer row (image-major, like the flattened ``prompts``)."""
+    v = layout.vocab
+    dev = model.lm_head.weight.device
+    if not isinstance(image_codes, Tensor) or image_codes.dim() != 2 or image_codes.shape[0] != len(prompts):
+        shape = tuple(image_codes.shape) if isinstance(image_codes, Tensor) else type(image_codes).__name__
+        raise ValueError(f"generate_answers: image_codes must be (B, N) with one prompt list per image; got "
+                         f"{shape} and {len(prompts)} prompt lists")
+    counts = [len(ps) for ps in prompts]
+    texts = []  # (Q,) the prompt part of each answer row: ([sot]) prompt
+    for b, ps in enumerate(prompts):
+        for j, p in enumerate(ps):
+            v.check_text(p, f"generate_answers prompt {j} of image {b}")
+            texts.append(([v.bos] if sot else []) + list(p))
+    Q = len(texts)
+    gens = _rows_of(generator, Q)
+    if Q == 0:
+        return [[] for _ in prompts]
+    used = [b for b, c in enumerate(counts) if c]  # images without prompts are not prefilled
+    seqs = layout.mmu(image_codes[used], [[] for _ in used], sot=False, pad_to=False).to(dev)
+    Lp = seqs.input_ids.shape[1]  # the prefix: positions 0 … Lp − 1, as in every unshared row
+    P = max(len(t) for t in texts)
+    cache = model.new_cache(len(used), Lp + P + max_new_tokens)
+    last = torch.full((len(used), 1), Lp - 1, device=dev)  # the last layer runs at [eoi] only (``keep``)
+    h = model(seqs.input_ids, seqs.mask, seqs.position_ids, cache=cache, keep=last)[:, -1]  # (B', d)
+    rep = torch.tensor([counts[b] for b in used], device=dev)
+    cache = cache.repeat_interleave(rep)  # (Q rows): each image's prefix keys/values once per prompt
+    h = h.repeat_interleave(rep, 0)
+    n = torch.tensor([len(t) for t in texts], device=dev)  # (Q,)
+    ids = torch.full((Q, P), v.pad, dtype=torch.long)
+    for r, t in enumerate(texts):
+        ids[r, P - len(t):] = torch.tensor(t, dtype=torch.long)
+    ids = ids.to(dev)
+    col = torch.arange(P, device=dev)
+    valid = col >= (P - n).unsqueeze(1)  # (Q, P): left padding False
+    key_valid = torch.cat([torch.ones(Q, Lp, dtype=torch.bool, device=dev), valid,
+                           torch.ones(Q, max_new_tokens, dtype=torch.bool, device=dev)], 1)
+    if P:
+        pos = Lp + (col - (P - n).unsqueeze(1)).clamp(min=0)  # (Q, P): prompt token j at Lp + j (pads: Lp)
+        j = torch.arange(Lp + P, device=dev)
+        q = Lp + col.unsqueeze(1)  # (P, 1) query columns
+        see = (j <= q) & key_valid[:, None, :Lp + P]  # (Q, P, Lp + P): the prefix and valid earlier prompt tokens
+        see |= j == q  # a pad query sees itself too (no empty row; its state is never read)
+        hp = model(ids, see.unsqueeze(1), pos, cache=cache, keep=torch.full((Q, 1), P - 1, device=dev))[:, -1]
+        h = torch.where((n > 0).unsqueeze(1), hp, h)  # an empty prompt decodes from the [eoi] state
+    flat = _decode(model, layout, h, Lp - 1 + n, _cached_step(model, cache, key_valid), max_new_tokens,
+                   temperature, top_k, generator, gens)
+    out, k = [], 0
+    for c in counts:
+        out.append(flat[k:k + c])
+        k += c
+    return out

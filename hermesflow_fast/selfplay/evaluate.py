@@ -2,7 +2,8 @@
 
     und   accuracy of the MODEL's answers about the REAL image: every record's image is rendered, encoded by the
           world model's VQ tokenizer, and each of its questions is put as ``question.prompt`` in the
-          "USER: … ASSISTANT:" template; KV-cached greedy decoding (``generate_text``, ≤ ``answer_tokens`` tokens),
+          "USER: … ASSISTANT:" template; KV-cached greedy decoding (``generate_answers``: the image prefilled once for
+          all its questions; ≤ ``answer_tokens`` tokens),
           the free-form answer mapped to a choice by ``answer_match``; mean over all questions
     gen   accuracy of the JUDGE (GPT-4o's role) on the model's GENERATED images: ``images_per_prompt`` images per
           record prompt (MaskGIT, ``steps``, CFG ``guidance_scale``), decoded by the VQ tokenizer, the same
@@ -40,7 +41,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
-from hermesflow_fast.model.generate import generate_images, generate_text
+from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
 from hermesflow_fast.model.tokenizer_vq import image_to_tensor
 from hermesflow_fast.world.judge import JUDGE, Judge
 from hermesflow_fast.world.records import WorldRecord
@@ -150,17 +151,11 @@ def evaluate(wm, records: Sequence[WorldRecord], *, images_per_prompt: int = 1, 
         batch = records[start:start + batch_size]
         codes = real[start:start + len(batch)].to(dev)  # (B, N)
         # understanding: every question about the real image, greedy
-        rows, prompts = [], []
-        for b, r in enumerate(batch):
-            for q in r.questions:
-                rows.append(b)
-                prompts.append(und_prompt_ids(tok, q.prompt))
-        answers = generate_text(model, layout, codes[rows], prompts, max_new_tokens=answer_tokens, sot=sot)
-        k = 0
-        for r in batch:
-            for q in r.questions:
-                und_hits[q.category].append(int(answer_match(_decode(tok, answers[k]), q.choices) == q.answer))
-                k += 1
+        prompts = [[und_prompt_ids(tok, q.prompt) for q in r.questions] for r in batch]
+        answers = generate_answers(model, layout, codes, prompts, max_new_tokens=answer_tokens, sot=sot)
+        for r, said in zip(batch, answers):  # each image prefilled once for all its questions
+            for q, ids in zip(r.questions, said):
+                und_hits[q.category].append(int(answer_match(_decode(tok, ids), q.choices) == q.answer))
         # caption of the real image, greedy
         caps = generate_text(model, layout, codes, [cap_prompt] * len(batch), max_new_tokens=caption_tokens,
                              sot=sot)

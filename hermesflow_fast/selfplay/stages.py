@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
-from hermesflow_fast.model.generate import generate_images, generate_text
+from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.pairs import Choice, self_play_pair
 
@@ -147,30 +147,29 @@ def gen_scores(wm, records: Sequence[CurationRecord], candidates: Journal, journ
                progress: Callable[[int], None] | None = None) -> Journal:
     """Self-VQA: accuracy of the model's own answers about each generated image → {"id", "accuracy": [float × M]}.
 
-    Greedy answers (as the original); a record without questions is an error naming it (it cannot be scored)."""
+    Greedy answers (as the original); a record without questions is an error naming it (it cannot be scored). Each
+    generated image is prefilled once for all its questions (``generate_answers``)."""
     tok, dev = wm.text_tokenizer, _device(wm)
     cands = candidates.records()
     for batch in _batches(_todo(records, journal), max(1, s.batch_size // 4)):
-        rows_codes, rows_prompts, meta = [], [], []
+        images, prompts = [], []  # every generated image of the batch, and the prompts about it
         for r in batch:
             if not r.questions:
                 raise ValueError(f"record {r.id!r} has no questions: its generated images cannot be scored")
             if r.id not in cands:
                 raise ValueError(f"{candidates.path}: no images for record {r.id!r}; run gen_candidates first")
-            for m, img in enumerate(cands[r.id]["images"]):
-                for q in r.questions:
-                    rows_codes.append(torch.tensor(img))
-                    rows_prompts.append(und_prompt_ids(tok, q.prompt))
-                    meta.append((r.id, m, q))
-        answers = generate_text(wm.model, wm.layout, torch.stack(rows_codes).to(dev), rows_prompts,
-                                max_new_tokens=s.answer_tokens)
-        right: dict[str, dict[int, list[int]]] = {}
-        for (rid, m, q), ids in zip(meta, answers):
-            said = answer_match(tok.decode(ids, skip_special_tokens=True).strip(), q.choices)
-            right.setdefault(rid, {}).setdefault(m, []).append(int(said == q.answer))
+            qs = [und_prompt_ids(tok, q.prompt) for q in r.questions]
+            images += cands[r.id]["images"]
+            prompts += [qs] * len(cands[r.id]["images"])
+        answers = generate_answers(wm.model, wm.layout, torch.tensor(images).to(dev), prompts,
+                                   max_new_tokens=s.answer_tokens)  # [image][question] → tokens
+        k = 0
         for r in batch:
-            acc = [sum(v) / len(v) for _, v in sorted(right[r.id].items())]
-            journal.append({"id": r.id, "accuracy": acc})
+            M = len(cands[r.id]["images"])
+            right = [[int(answer_match(tok.decode(ids, skip_special_tokens=True).strip(), q.choices) == q.answer)
+                      for ids, q in zip(said, r.questions)] for said in answers[k:k + M]]  # (M, questions)
+            k += M
+            journal.append({"id": r.id, "accuracy": [sum(x) / len(x) for x in right]})
         if progress:
             progress(len(batch))
     return journal

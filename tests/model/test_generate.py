@@ -1,6 +1,7 @@
 """Generation: MaskGIT with CFG fills every slot with a valid code, reproducibly; KV-cached text decoding gives
-exactly the tokens of full recomputation; batching and prompt padding do not change a row's output; the per-prompt
-sampler (inverse CDF) draws from the same distributions as torch.multinomial (chi-square tests, fixed seeds)."""
+exactly the tokens of full recomputation; batching and prompt padding do not change a row's output; answers with a
+shared image prefill equal the per-row ones (tiny model and the shipped base); the per-prompt sampler (inverse CDF)
+draws from the same distributions as torch.multinomial (chi-square tests, fixed seeds)."""
 
 import math
 
@@ -9,7 +10,13 @@ import torch
 
 from hermesflow_fast.model import Layout, ModelConfig, UnifiedTransformer, Vocabulary
 from hermesflow_fast.model import generate as generate_mod
-from hermesflow_fast.model.generate import _inverse_cdf, cosine_schedule, generate_images, generate_text
+from hermesflow_fast.model.generate import (
+    _inverse_cdf,
+    cosine_schedule,
+    generate_answers,
+    generate_images,
+    generate_text,
+)
 
 VOCAB = Vocabulary.build(text_vocab_size=30, eos=2, num_image_codes=32)
 LAYOUT = Layout(VOCAB, t2i_text_len=8, mmu_text_len=40)
@@ -83,6 +90,70 @@ def test_sampling_is_seeded_and_k_samples_share_a_prefill(model):
     assert all(0 <= t < VOCAB.text_vocab_size and t != VOCAB.eos for row in a for t in row)
     greedy = generate_text(model, LAYOUT, codes, prompts, max_new_tokens=8, num_return_sequences=2)
     assert greedy[0] == greedy[1] and greedy[2] == greedy[3]
+
+
+def _row_wise(model, layout, codes, prompts, **kw):
+    """The unshared way: one generate_text row per (image, prompt), regrouped per image."""
+    rows = [b for b, ps in enumerate(prompts) for _ in ps]
+    flat = generate_text(model, layout, codes[rows], [p for ps in prompts for p in ps], **kw) if rows else []
+    out, k = [], 0
+    for ps in prompts:
+        out.append(flat[k:k + len(ps)])
+        k += len(ps)
+    return out
+
+
+def test_shared_prefill_answers_equal_the_row_wise_ones(model):
+    codes = torch.randint(0, 32, (5, 6), generator=_gen(5))
+    prompts = [[[5, 6, 7]],  # one question
+               [[8], [9, 10, 11, 12, 13, 14, 15], [16, 17], [5], [6, 7, 8, 9], [10, 11, 12]],  # many, varied lengths
+               [],  # none
+               [[20, 21], [22, 23, 24, 25, 26]],
+               [[5, 6, 7]]]  # the same prompt as image 0, another image
+    for n in (1, 3, 12):  # most rows reach the limit at 1 and 3
+        shared = generate_answers(model, LAYOUT, codes, prompts, max_new_tokens=n)
+        assert shared == _row_wise(model, LAYOUT, codes, prompts, max_new_tokens=n)
+        assert [len(a) for a in shared] == [1, 6, 0, 2, 1] and all(len(x) <= n for a in shared for x in a)
+    assert any(len(x) == 12 for a in shared for x in a) and any(0 < len(x) < 12 for a in shared for x in a)
+    no_sot = [[[]], [[5], []], [[6, 7]]]  # without <|sot|> an empty prompt decodes right after [eoi]
+    assert generate_answers(model, LAYOUT, codes[:3], no_sot, max_new_tokens=5, sot=False) == _row_wise(
+        model, LAYOUT, codes[:3], no_sot, max_new_tokens=5, sot=False)
+    assert generate_answers(model, LAYOUT, codes[:2], [[], []]) == [[], []]
+    with pytest.raises(ValueError, match="one prompt list per image"):
+        generate_answers(model, LAYOUT, codes, prompts[:2])
+
+
+def test_shared_prefill_sampling_uses_one_generator_per_row(model):
+    codes = torch.randint(0, 32, (3, 6), generator=_gen(6))
+    prompts = [[[5, 6], [7]], [[8, 9, 10]], [[11], [12, 13], [14, 15, 16, 17]]]
+    gens = lambda: [_gen(300 + i) for i in range(6)]  # noqa: E731
+    kw = dict(max_new_tokens=6, temperature=1.0, top_k=5)
+    shared = generate_answers(model, LAYOUT, codes, prompts, generator=gens(), **kw)
+    assert shared == _row_wise(model, LAYOUT, codes, prompts, generator=gens(), **kw)
+    assert shared == generate_answers(model, LAYOUT, codes, prompts, generator=gens(), **kw)
+    assert shared != generate_answers(model, LAYOUT, codes, prompts, generator=[_gen(400 + i) for i in range(6)],
+                                      **kw)
+    with pytest.raises(ValueError, match="generators"):
+        generate_answers(model, LAYOUT, codes, prompts, generator=gens()[:3], **kw)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_shared_prefill_answers_on_the_shipped_base():
+    """World records' real images and questions on the shipped base: the self-VQA rows exactly as unshared."""
+    from hermesflow_fast.data.text import und_prompt_ids
+    from hermesflow_fast.selfplay.rounds import world_curation_records
+    from hermesflow_fast.world import make_records
+    from hermesflow_fast.world.base import load_base
+
+    wm = load_base()
+    recs = world_curation_records(wm, make_records(12, 7, "train"))
+    codes = torch.stack([r.image_codes for r in recs])
+    prompts = [[und_prompt_ids(wm.text_tokenizer, q.prompt) for q in r.questions] for r in recs]
+    prompts[3] = prompts[3][:1]  # one image with a single question
+    for m in (1, 4, 8):
+        shared = generate_answers(wm.model, wm.layout, codes, prompts, max_new_tokens=m)
+        assert shared == _row_wise(wm.model, wm.layout, codes, prompts, max_new_tokens=m)
+    assert sum(len(x) > 0 for a in shared for x in a) > 0.9 * sum(map(len, prompts))  # the base does answer
 
 
 def test_decoding_stops_at_eos_per_row(model):

@@ -57,6 +57,25 @@ def test_seeded_per_record_not_per_batch(wm, records, result):
     assert not torch.equal(other.samples["codes"], result.samples["codes"])
 
 
+def test_und_equals_the_row_wise_answers(wm, records, result):
+    """The understanding side answers each real image's questions with one prefill per image: the hits are exactly
+    those of one ``generate_text`` row per (image, question)."""
+    from hermesflow_fast.data.text import und_prompt_ids
+    from hermesflow_fast.model.generate import generate_text
+    from hermesflow_fast.world.scoring import answer_match
+
+    codes = ev.encode_records(wm, records)
+    rows = [(b, q) for b, r in enumerate(records) for q in r.questions]
+    answers = generate_text(wm.model, wm.layout, codes[[b for b, _ in rows]],
+                            [und_prompt_ids(wm.text_tokenizer, q.prompt) for _, q in rows], max_new_tokens=4)
+    hits: dict[str, list[int]] = {}
+    for (_, q), a in zip(rows, answers):
+        said = answer_match(wm.text_tokenizer.decode(a, skip_special_tokens=True).strip(), q.choices)
+        hits.setdefault(q.category, []).append(int(said == q.answer))
+    assert result.und_by_category == {c: float(np.mean(hits[c])) for c in CATEGORIES if c in hits}
+    assert result.und == float(np.mean([x for v in hits.values() for x in v]))
+
+
 def test_judge_reads_ground_truth_codes(wm):
     """Sanity of the protocol: rendered held-out images through the base's VQ tokenizer (encode → decode) are
     judged as well as the rendered images themselves, so the tokenizer does not cap the generation score."""
