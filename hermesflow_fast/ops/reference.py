@@ -241,6 +241,7 @@ def fused_linear_dpo(
     average_log_prob: bool = False,
     compute_nll_loss: bool = False,
     alpha: float = 1.0,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The naive twin of ``FusedLinearDPOLoss``: HermesFlow's path (materialized logits + log_softmax + gather).
 
@@ -248,7 +249,8 @@ def fused_linear_dpo(
     once, in full, and kept for backward; the reference's under no_grad.
     Returns (loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
     chosen_rewards, rejected_rewards)), the tuple liger-kernel returns.
-    IPO uses per-token averaged log-probs (as TRL does), whatever ``average_log_prob`` says.
+    IPO uses per-token averaged log-probs (as TRL does), whatever ``average_log_prob`` says. ``loss_scale`` multiplies
+    the returned loss (the aux tuple is unscaled), as the fused op's argument of that name.
     """
     n = hidden.shape[0] // 2
     average = average_log_prob or loss_type == "ipo"
@@ -275,7 +277,7 @@ def fused_linear_dpo(
             beta * (logps[:n] - ref[:n]),
             beta * (logps[n:] - ref[n:]),
         )
-    return loss, aux
+    return loss * loss_scale, aux
 
 
 # ---------------------------------------------------------------------------------------------------------------------

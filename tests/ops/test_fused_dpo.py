@@ -105,6 +105,11 @@ def test_loss_scale_is_a_constant_factor_on_loss_and_gradients(backend, nll):
         torch.testing.assert_close(a, c)
     for a, c in zip(g, torch.autograd.grad(scaled, [x, w, b])):
         torch.testing.assert_close(0.37 * a, c, atol=1e-12, rtol=1e-12)
+    ref, _ = reference.fused_linear_dpo(w, x, y, b, rx, w, b, beta=0.2, compute_nll_loss=nll, alpha=0.7,
+                                        loss_scale=0.37)  # the plain-torch twin takes the same argument
+    torch.testing.assert_close(scaled, ref, atol=1e-10, rtol=1e-10)
+    for a, c in zip(g, torch.autograd.grad(ref, [x, w, b])):
+        torch.testing.assert_close(0.37 * a, c, atol=1e-10, rtol=1e-10)
 
 
 def test_one_chunk_of_whole_pairs_at_a_time(logits_rows):
