@@ -46,3 +46,25 @@ def test_generation_runs_on_cuda():
     assert codes.shape == (4, 16) and int(codes.max()) < 64
     full = generate_text(model, lay, codes, [[5]] * 4, max_new_tokens=8, use_cache=False)
     assert generate_text(model, lay, codes, [[5]] * 4, max_new_tokens=8) == full
+
+
+def test_per_prompt_generation_on_cuda_does_not_depend_on_the_batch():
+    """Sharded curation's contract on the GPU: with one generator per prompt (CPU generators, as the stages make them),
+    a prompt's images are the same whether it is generated alone or beside others; the shared-prefix answers equal
+    one generate_text row per (image, prompt)."""
+    from hermesflow_fast.model.generate import generate_answers
+
+    torch.manual_seed(0)
+    model = UnifiedTransformer(ModelConfig.tiny(vocab_size=VOCAB.vocab_size)).cuda().eval()
+    lay = Layout(VOCAB, t2i_text_len=16, mmu_text_len=32)
+    texts = [[5, 6], [7], [8, 9, 10]]
+    gens = lambda: [torch.Generator().manual_seed(300 + i) for i in range(3)]  # noqa: E731
+    args = dict(num_tokens=16, images_per_prompt=2, steps=6, guidance_scale=3.0)
+    together = generate_images(model, lay, texts, generator=gens(), **args)
+    alone = generate_images(model, lay, texts[2:], generator=gens()[2:], **args)
+    assert together.device.type == "cuda" and torch.equal(together[4:6], alone)
+    prompts = [[[5], [6, 7]], [[8, 9, 10]], [[11], [12], [13, 14]]]
+    shared = generate_answers(model, lay, together[:3], prompts, max_new_tokens=6)
+    rows = [(b, p) for b, ps in enumerate(prompts) for p in ps]
+    single = generate_text(model, lay, together[[b for b, _ in rows]], [p for _, p in rows], max_new_tokens=6)
+    assert [a for per in shared for a in per] == single
