@@ -120,6 +120,15 @@ def _done(rd: Path, stage: str) -> bool:
     return (rd / f"{stage}.done").is_file()
 
 
+def _done_everywhere(rd: Path, stage: str) -> bool:
+    """``_done`` read by every rank before any rank can go on to mark the stage: a stage every rank runs on its own
+    (the evaluation) would otherwise let a fast main rank write ``.done`` before a slow rank looks, and the slow rank
+    would skip the stage and its barrier while the main rank waits in it."""
+    done = _done(rd, stage)
+    barrier()
+    return done
+
+
 def _mark(rd: Path, stage: str, info: DistInfo) -> None:
     if info.is_main:
         (rd / f"{stage}.done").write_text("")
@@ -129,7 +138,7 @@ def _mark(rd: Path, stage: str, info: DistInfo) -> None:
 def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -> dict:
     from hermesflow_fast.selfplay.evaluate import evaluate, save_grid
 
-    if _done(rd, "eval"):
+    if _done_everywhere(rd, "eval"):
         return json.loads((rd / "eval.json").read_text())
     e = cfg.eval
     res = evaluate(wm, heldout, images_per_prompt=e.images_per_prompt, steps=e.steps, guidance_scale=e.guidance_scale,
@@ -146,7 +155,7 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -
 
 def _skip_eval_into(rd: Path, info: DistInfo) -> dict:
     """Real data: no judge; eval.json holds null scores and the reason (the stage is still marked done)."""
-    if _done(rd, "eval"):
+    if _done_everywhere(rd, "eval"):
         return json.loads((rd / "eval.json").read_text())
     out = {"und": None, "gen": None, "gap": None, "records": 0, "skipped": EVAL_SKIPPED}
     if info.is_main:
