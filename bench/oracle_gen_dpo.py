@@ -26,10 +26,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench import utils
+from bench.selfvqa_vs_judge import round_records
 from hermesflow_fast.data.text import prompt_ids
+from hermesflow_fast.ops.dpo import dpo_losses
 from hermesflow_fast.selfplay.evaluate import evaluate
 from hermesflow_fast.selfplay.pairs import self_play_pair
 from hermesflow_fast.world import make_records
@@ -42,8 +43,7 @@ def judged_candidates(wm, round_dir: Path, seed: int) -> list[dict]:
     """Per record of the round: prompt, candidate grids, self-VQA accuracy and the judge's accuracy per grid."""
     cands = [json.loads(x) for x in (round_dir / "gen_candidates.jsonl").read_text().splitlines()]
     selfs = {d["id"]: d["accuracy"] for d in map(json.loads, (round_dir / "gen_scores.jsonl").read_text().splitlines())}
-    n = max(int(c["id"].rsplit("-", 1)[1]) for c in cands) + 1
-    recs = {r.id: r for r in make_records(n, seed, "train")}
+    recs = round_records(cands, seed)
     out = []
     for c in cands:
         r = recs[c["id"]]
@@ -93,8 +93,8 @@ def train_gen_dpo(wm, pairs: list[dict], beta: float, lr: float, epochs: int, ba
             pw, pl = seq_logps(policy, texts + texts, codes, masked).chunk(2)
             with torch.no_grad():
                 rw, rl = seq_logps(reference, texts + texts, codes, masked).chunk(2)
-            margin = ((pw - rw) - (pl - rl)).view(k, len(b)).mean(0)
-            loss = -F.logsigmoid(beta * margin).mean()
+            pw, pl, rw, rl = (t.view(k, len(b)).mean(0) for t in (pw, pl, rw, rl))  # the margin, averaged over masks
+            loss = dpo_losses(pw, pl, rw, rl, beta=beta).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -29,6 +29,12 @@ from hermesflow_fast.world.judge import JUDGE
 from hermesflow_fast.world.scoring import answer_match
 
 
+def round_records(cands: list[dict], seed: int) -> dict:
+    """The world's train records a round's candidates name ("train-000123"), by id."""
+    n = max(int(c["id"].rsplit("-", 1)[1]) for c in cands) + 1
+    return {r.id: r for r in make_records(n, seed, "train")}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("round_dir", help="a finished round folder (gen_candidates.jsonl)")
@@ -41,8 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     wm = load_base(args.model)
     cands = [json.loads(line) for line in (Path(args.round_dir) / "gen_candidates.jsonl").read_text().splitlines()]
     cands = cands[: args.records]
-    n_train = max(int(c["id"].rsplit("-", 1)[1]) for c in cands) + 1
-    recs = {r.id: r for r in make_records(n_train, args.seed, "train")}
+    recs = round_records(cands, args.seed)
     codes, prompts, meta = [], [], []
     for c in cands:
         r = recs[c["id"]]
