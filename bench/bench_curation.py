@@ -6,25 +6,67 @@ same model, records and sampling settings, in one run.
 
     python -m bench.bench_curation                      # CPU: 32 records, the paper's 10-caption grid, M = 8
     python -m bench.bench_curation --records 8 --images 4 --out /tmp/c.csv
+    python -m bench.bench_curation --device cuda --dtype bf16 --preset show_o_512 --records 4 --images 8
+
+``--preset show_o_512`` keeps the world (records, questions, word tokenizer, sampling settings) and swaps the model
+for Show-o-512's shape with random weights: a 2048-wide, 24-layer, 32-head transformer over 8,192 image codes on a
+32×32 grid (1,024 image tokens; records rendered at 128 px and encoded by a random 4×4-patch VQ). Random weights
+never stop a text early, so every caption and answer runs to its token budget on both sides.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from bench import utils
 from bench.hermesflow_curation import hermesflow_curation_pass
+from hermesflow_fast.model.config import ModelConfig
+from hermesflow_fast.model.layout import Layout
+from hermesflow_fast.model.tokenizer_vq import PatchVQConfig, PatchVQTokenizer
+from hermesflow_fast.model.transformer import UnifiedTransformer
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.rounds import world_curation_records
-from hermesflow_fast.selfplay.stages import CurationSettings, gen_candidates, gen_scores, und_candidates
+from hermesflow_fast.selfplay.stages import CurationRecord, CurationSettings, gen_candidates, gen_scores, und_candidates
 from hermesflow_fast.world import make_records
-from hermesflow_fast.world.base import load_base
+from hermesflow_fast.world.base import WorldModel, load_base
 from hermesflow_fast.world.scoring import answer_match
 
 CSV = utils.RESULTS_DIR / "curation.csv"
+# model and image-grid sizes; "tiny" is for tests
+PRESETS = {
+    "show_o_512": dict(d=2048, layers=24, heads=32, grid=32, codes=8192),
+    "tiny": dict(d=64, layers=2, heads=4, grid=16, codes=512),
+}
+PATCH = 4
+
+
+def preset_world(wm: WorldModel, d: int, layers: int, heads: int, grid: int, codes: int, seed: int = 0) -> WorldModel:
+    """The world's vocabulary and tokenizer around a random ``d``-wide, ``layers``-deep model over ``codes`` image
+    codes on a ``grid``×``grid`` grid (a random patch VQ over (PATCH·grid)-pixel images)."""
+    g = torch.Generator().manual_seed(seed)
+    vq_cfg = PatchVQConfig(image_size=PATCH * grid, patch_size=PATCH, num_codes=codes)
+    vq = PatchVQTokenizer(vq_cfg, torch.rand(codes, vq_cfg.dim, generator=g) * 2 - 1)
+    vocab = dataclasses.replace(wm.vocab, num_image_codes=codes)
+    layout = Layout(vocab, t2i_text_len=wm.layout.t2i_text_len, mmu_text_len=wm.layout.mmu_text_len)
+    longest = max(layout.t2i_text_len, layout.mmu_text_len) + grid * grid + 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UnifiedTransformer(ModelConfig(vocab_size=vocab.vocab_size, hidden_size=d, intermediate_size=4 * d,
+                                               num_hidden_layers=layers, num_attention_heads=heads,
+                                               max_position_embeddings=1 << (longest - 1).bit_length()))
+    return WorldModel(model.eval(), vocab, layout, wm.text_tokenizer, vq)
+
+
+def curation_records(wm: WorldModel, records) -> list[CurationRecord]:
+    """World records → curation records, each image rendered at the image tokenizer's size and encoded once."""
+    size = wm.image_tokenizer.image_size[0]
+    imgs = torch.stack([torch.from_numpy(r.render(size)).permute(2, 0, 1).float() / 127.5 - 1 for r in records])
+    codes = wm.image_tokenizer.encode(imgs.to(wm.image_tokenizer.device)).cpu()
+    return [CurationRecord(r.id, r.prompt, c, list(r.questions), r.scene) for r, c in zip(records, codes)]
 
 
 def ours_pass(wm, records, settings, tmp) -> None:
@@ -45,32 +87,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--captions", choices=("paper", "two"), default="paper", help="the 10-caption grid or 2")
     ap.add_argument("--batch", type=int, default=32, help="ours: records per generation call")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's weights")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="a random model of this size instead of the base (see the module docstring)")
     ap.add_argument("--out", default=str(CSV), help="CSV to append to ('' for none)")
     cfg = ap.parse_args(argv)
     threads = utils.set_threads(cfg.threads)
     wm = load_base(cfg.base)
-    recs = world_curation_records(wm, make_records(cfg.records, 123, "train"))
+    if cfg.preset:
+        wm = preset_world(wm, **PRESETS[cfg.preset])
+    wm.to(cfg.device)
+    wm.model.to(utils.DTYPES[cfg.dtype])
+    world = make_records(cfg.records, 123, "train")
+    recs = curation_records(wm, world) if cfg.preset else world_curation_records(wm, world)
     grid = CurationSettings().caption_grid if cfg.captions == "paper" else ((1, 0.0), (3, 0.7))
     s = CurationSettings(caption_grid=grid, images_per_prompt=cfg.images, steps=cfg.steps, batch_size=cfg.batch)
-    stamps = utils.run_stamps("cpu")
+    stamps = utils.run_stamps(cfg.device)
     shape = {"records": cfg.records, "captions": len(grid), "images_per_prompt": cfg.images, "steps": cfg.steps,
              "questions": sum(len(r.questions) for r in recs), "image_tokens": int(recs[0].image_codes.numel()),
-             "params": sum(p.numel() for p in wm.model.parameters()), "threads": threads, "device": "cpu"}
+             "params": sum(p.numel() for p in wm.model.parameters()), "threads": threads, "device": cfg.device,
+             "preset": cfg.preset or "base", "d": wm.model.config.hidden_size,
+             "layers": wm.model.config.num_hidden_layers}
     rows, base = [], None
     for name in ("hermesflow", "ours"):
         with tempfile.TemporaryDirectory() as tmp:
+            utils.sync(cfg.device)
             t0 = time.perf_counter()
             if name == "ours":
                 ours_pass(wm, recs, s, Path(tmp))
             else:
                 hermesflow_curation_pass(wm, recs, s, answer_match)
+            utils.sync(cfg.device)
             dt = time.perf_counter() - t0
         rps = cfg.records / dt
         base = base or rps
         print(f"curation {name:<11} {dt:8.1f} s  {rps:7.3f} records/s  ({rps / base:5.2f}× hermesflow)")
         rows.append(utils.make_row(kernel_name="curation_pass", provider=name, metric="records_per_s", unit="1/s",
-                                   x_name="records", x_value=cfg.records, y=(rps,), config=shape, device="cpu",
-                                   dtype="fp32", stamps=stamps))
+                                   x_name="records", x_value=cfg.records, y=(rps,), config=shape, device=cfg.device,
+                                   dtype=cfg.dtype, stamps=stamps))
     if cfg.out:
         print(f"appended {len(rows)} rows to {utils.append_rows(cfg.out, rows)}")
     return rows

@@ -29,7 +29,7 @@ __all__ = ["hermesflow_curation_pass"]
 def _decode_uncached(wm, codes, prompt, max_new: int, temperature: float, top_k: int | None, gen) -> list[int]:
     v, lay, model = wm.vocab, wm.layout, wm.model
     s = lay.mmu(codes[None], [prompt], answers=None, sot=True, pad_to=False)
-    ids, mask = s.input_ids, s.mask.dense()
+    ids, mask = s.input_ids.to(wm.device), s.mask.dense().to(wm.device)
     out: list[int] = []
     for _ in range(max_new):
         logits = model.logits(ids, mask)[:, -1, : v.text_vocab_size]  # full logits of every position computed
@@ -46,7 +46,7 @@ def _decode_uncached(wm, codes, prompt, max_new: int, temperature: float, top_k:
             break
         ids = torch.cat([ids, tok[:, None]], 1)
         T = ids.shape[1]
-        grown = torch.zeros(1, T, T, dtype=torch.bool)
+        grown = torch.zeros(1, T, T, dtype=torch.bool, device=mask.device)
         grown[:, :-1, :-1] = mask
         grown[:, -1] = True
         mask = grown
@@ -71,7 +71,7 @@ def hermesflow_curation_pass(wm, records, settings, answer_match, seed: int = 0)
     """K captions + M images + self-VQA for each record, one record at a time; returns per-record results."""
     tok = wm.text_tokenizer
     q = und_prompt_ids(tok, settings.question)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(wm.device).manual_seed(seed)
     results = []
     for r in records:
         caps = []

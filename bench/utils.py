@@ -260,7 +260,10 @@ def device_name(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
-    """Short SHA of HEAD, ``-dirty`` when tracked files differ from it (untracked files do not count); or unknown."""
+    """Short SHA of HEAD, ``-dirty`` when tracked files differ from it (untracked files do not count); or unknown.
+    ``HFF_COMMIT`` overrides it (a copy of the tree without its ``.git``, e.g. on a remote GPU machine)."""
+    if os.environ.get("HFF_COMMIT"):
+        return os.environ["HFF_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True

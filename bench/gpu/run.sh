@@ -17,10 +17,16 @@
 #   bench_step bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8: one Pair-DPO training step,
 #              HermesFlow-style vs ours and the ablation rows, pairs/s, peak memory, MFU (no +compile row: its
 #              Inductor compile would not fit the step's 90 s)           -> $OUT/step_gpu.csv, $OUT/plots/step_gpu.png
+#   bench_cur  bench_curation --device cuda --dtype bf16 --preset show_o_512: one curation pass (10 captions, 8
+#              images, self-VQA per record), HermesFlow-style vs ours, at Show-o-512's shape (random weights, 1,024
+#              image tokens)                                                     -> $OUT/curation_gpu.csv
 #   plots      bench.plot of both CSVs (when matplotlib is there)                    -> $OUT/plots/
-# A wall-clock budget (HFF_GPU_BUDGET_S, default 420 s) caps every step's timeout, so the whole run stays under
-# 8 minutes; $OUT/summary.txt has one line per step: name, exit code, seconds. Exit code: 0 when every step passed.
-# PYTHON=... picks the interpreter (default: python); HFF_GPU_SKIP_BUILD=1 skips the build (already installed).
+# Steps run in the order of the list below (the issues' targets first). A wall-clock budget (HFF_GPU_BUDGET_S,
+# default 420 s) caps every step's timeout, so the whole run stays under 8 minutes; $OUT/summary.txt has one line
+# per step: name, exit code, seconds. Exit code: 0 when every step passed.
+# PYTHON=... picks the interpreter (default: python); HFF_GPU_SKIP_BUILD=1 skips the build (already installed);
+# HFF_GPU_STEPS=pytest,bench_step runs only the named steps (env and build always run); HFF_COMMIT=<sha> stamps the
+# CSV rows when the tree has no .git.
 
 set -u
 cd "$(dirname "$0")/../.."
@@ -39,6 +45,9 @@ export PYTHONUNBUFFERED=1
 step() {
     local name=$1 limit=$2 tail_lines=$3
     shift 3
+    if [[ -n "${HFF_GPU_STEPS:-}" && $name != env && $name != build && ",$HFF_GPU_STEPS," != *",$name,"* ]]; then
+        return 0
+    fi
     local left=$((BUDGET - (SECONDS - START)))
     if ((left < 15)); then
         echo "== $name: skipped, budget of ${BUDGET}s spent" | tee -a "$OUT/summary.txt"
@@ -102,13 +111,15 @@ fi
 step pytest 100 25 "$PY" -m pytest -q -m gpu tests
 step bench_bf16 170 60 "$PY" -m bench.bench_logprobs --device cuda --dtype bf16 --tokens 1024,2048,4096,8192,16384 \
     --reps 10 --check --out "$OUT/logprobs_gpu.csv"
+step bench_step 90 25 "$PY" -m bench.bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8 \
+    --no-compile --reps 3 --out "$OUT/step_gpu.csv" --plot "$OUT/plots/step_gpu.png"
+step bench_cur 120 10 "$PY" -m bench.bench_curation --device cuda --dtype bf16 --preset show_o_512 --records 8 \
+    --images 8 --out "$OUT/curation_gpu.csv"
 step bench_dpo 30 30 "$PY" -m bench.bench_dpo --device cuda --reps 50 --out "$OUT/dpo_gpu.csv"
-step bench_nc 40 45 "$PY" -m bench.bench_nearest_code --device cuda --reps 20 --check --out "$OUT/nearest_code_gpu.csv"
 step bench_gen 100 20 "$PY" -m bench.bench_generate all --device cuda --d 2048 --layers 24 --heads 32 --batch 16 \
     --grid 16 --codes 8192 --text-len 129 --steps 16 --prompts 2 --images 2 --reps 2 \
     --out "$OUT/generate_gpu.csv" --plot "$OUT/plots/generate_gpu.png"
-step bench_step 90 25 "$PY" -m bench.bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8 \
-    --no-compile --reps 3 --out "$OUT/step_gpu.csv" --plot "$OUT/plots/step_gpu.png"
+step bench_nc 40 45 "$PY" -m bench.bench_nearest_code --device cuda --reps 20 --check --out "$OUT/nearest_code_gpu.csv"
 step bench_fp32 80 30 "$PY" -m bench.bench_logprobs --device cuda --dtype fp32 --tokens 2048,8192 --reps 5 \
     --out "$OUT/logprobs_gpu.csv"
 step plots 30 10 bash -c plots

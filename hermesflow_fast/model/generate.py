@@ -81,17 +81,30 @@ def _rows_of(generator: Generators, rows: int, repeats: int = 1) -> list | None:
 def _rand(shape, generator: Generators, gens: list | None, device) -> Tensor:
     """Uniform [0, 1) float64 of ``shape``; with per-row generators each row draws from its own."""
     if gens is None:
-        return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-    return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=torch.float64) for g in gens])
+        gd = device if generator is None else generator.device  # a CPU generator may drive a CUDA model
+        return torch.rand(shape, generator=generator, device=gd, dtype=torch.float64).to(device)
+    rows = [torch.rand(shape[1:], generator=g, device=g.device, dtype=torch.float64) for g in gens]
+    return torch.stack(rows).to(device)
 
 
 def _multinomial(probs: Tensor, generator: Generators, gens: list | None, per_row: int = 1) -> Tensor:
-    """One draw per row of ``probs`` (rows, K); with per-row generators row i uses gens[i // per_row]."""
+    """One draw per row of ``probs`` (rows, K); with per-row generators row i uses gens[i // per_row].
+
+    A generator on another device than ``probs`` (CPU generators driving a CUDA model, as curation's per-record
+    ones do) draws one uniform per row there, and the rows are drawn together by inverse CDF on ``probs``' device."""
+    rows, dev = probs.shape[0], probs.device
     if gens is None:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    out = [torch.multinomial(probs[i:i + per_row], 1, generator=g).squeeze(-1)
-           for i, g in zip(range(0, probs.shape[0], per_row), gens)]
-    return torch.cat(out)
+        if generator is None or generator.device == dev:
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        u = torch.rand(rows, 1, generator=generator, device=generator.device, dtype=torch.float64)
+        return _inverse_cdf(probs.log(), u.to(dev))[0].squeeze(-1)
+    if all(g.device == dev for g in gens):
+        out = [torch.multinomial(probs[i:i + per_row], 1, generator=g).squeeze(-1)
+               for i, g in zip(range(0, rows, per_row), gens)]
+        return torch.cat(out)
+    u = torch.cat([torch.rand(min(per_row, rows - i), 1, generator=g, device=g.device, dtype=torch.float64)
+                   for i, g in zip(range(0, rows, per_row), gens)])
+    return _inverse_cdf(probs.log(), u.to(dev))[0].squeeze(-1)
 
 
 def _gumbel(shape, generator: Generators, gens: list | None, device) -> Tensor:

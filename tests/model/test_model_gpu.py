@@ -68,3 +68,23 @@ def test_per_prompt_generation_on_cuda_does_not_depend_on_the_batch():
     rows = [(b, p) for b, ps in enumerate(prompts) for p in ps]
     single = generate_text(model, lay, together[[b for b, _ in rows]], [p for _, p in rows], max_new_tokens=6)
     assert [a for per in shared for a in per] == single
+
+
+def test_sampled_captions_on_cuda_with_cpu_generators():
+    """Curation samples captions on a CUDA model with one CPU generator per image: it runs, a row's caption does not
+    depend on the batch, and the draws follow the distribution (inverse CDF on the GPU with the CPU's uniforms)."""
+    from hermesflow_fast.model.generate import _multinomial
+
+    torch.manual_seed(0)
+    model = UnifiedTransformer(ModelConfig.tiny(vocab_size=VOCAB.vocab_size)).cuda().eval()
+    lay = Layout(VOCAB, t2i_text_len=16, mmu_text_len=32)
+    codes = torch.randint(0, 64, (3, 16), device="cuda")
+    gens = lambda: [torch.Generator().manual_seed(40 + i) for i in range(3)]  # noqa: E731
+    args = dict(max_new_tokens=8, temperature=1.0, top_k=20)
+    together = generate_text(model, lay, codes, [[5]] * 3, generator=gens(), **args)
+    alone = generate_text(model, lay, codes[2:], [[5]], generator=gens()[2:], **args)
+    assert together[2] == alone[0]
+    p = torch.tensor([0.1, 0.0, 0.6, 0.3], device="cuda")
+    draws = _multinomial(p.expand(20000, 4), None, [torch.Generator().manual_seed(1)], per_row=20000)
+    freq = torch.bincount(draws.cpu(), minlength=4).double() / 20000
+    assert freq[1] == 0 and torch.allclose(freq, p.cpu().double(), atol=0.015)
