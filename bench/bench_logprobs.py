@@ -18,8 +18,9 @@ Providers (all compute the same loss on the same inputs; ``--check`` asserts it,
     liger_compiled the same with compiled=True (only via --providers: its first call compiles, ~30 s on CPU).
     torch_lce      ``F.linear_cross_entropy(..., reduction='none', options=LinearCrossEntropyOptions())``,
                    torch's chunked path; logp = −nll, summed per sequence, then ``ops.dpo_loss``.
-    ours           ``ops.FusedLinearDPOLoss()``: default backend, chunked, gradients computed in forward.
-    ours_twopass   ``ops.fused_linear_dpo_loss(..., backend="twopass")``: linear_logprobs + dpo_loss.
+    ours           ``ops.FusedLinearDPOLoss(backend="chunked")``: gradients computed in forward (the default on CPU).
+    ours_twopass   ``ops.fused_linear_dpo_loss(..., backend="twopass")``: linear_logprobs + dpo_loss (the default
+                   on CUDA with Triton: Triton kernels there).
 
 Memory ("memory_extra", MB) = peak − (memory with the inputs built) − (sizes of hidden.grad, weight.grad and
 bias.grad in the input dtype), the same subtraction for every provider: the bytes an op needs beyond its inputs and
@@ -215,7 +216,7 @@ def _torch_lce(inp: Inputs) -> Forward:
 
 
 def _ours(inp: Inputs) -> Forward:
-    fn = FusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=BETA)
+    fn = FusedLinearDPOLoss(ignore_index=IGNORE_INDEX, beta=BETA, backend="chunked")
     rw, rb = _detached(inp)
     return lambda: fn(inp.w, inp.x, inp.y, inp.b, inp.xr, rw, rb)[0]
 

@@ -8,11 +8,13 @@ baseline. Per record, batch 1 throughout:
 - self-VQA: every generated image decoded to pixels, written as PNG, read back and re-encoded by the image tokenizer
   (the original scores PNG files), then each question answered alone, greedy, without a KV cache.
 
-The same model, records and sampling settings as ours; only the execution differs.
+Attention runs as the original's Phi runs it: SDPA with the dense mask (``attn_backend='sdpa'``; on CPU that is
+what "auto" picks anyway). The same model, records and sampling settings as ours; only the execution differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -67,8 +69,23 @@ def _png_roundtrip(wm, codes: torch.Tensor) -> torch.Tensor:
     return tok.encode(torch.stack(out).to(tok.device)).cpu()
 
 
+@contextlib.contextmanager
+def _sdpa(model):
+    saved = model.config.attn_backend
+    model.config.attn_backend = "sdpa"
+    try:
+        yield
+    finally:
+        model.config.attn_backend = saved
+
+
 def hermesflow_curation_pass(wm, records, settings, answer_match, seed: int = 0) -> list[dict]:
     """K captions + M images + self-VQA for each record, one record at a time; returns per-record results."""
+    with _sdpa(wm.model):
+        return _pass(wm, records, settings, answer_match, seed)
+
+
+def _pass(wm, records, settings, answer_match, seed: int) -> list[dict]:
     tok = wm.text_tokenizer
     q = und_prompt_ids(tok, settings.question)
     gen = torch.Generator(wm.device).manual_seed(seed)

@@ -108,7 +108,7 @@ if [[ "${HFF_GPU_SKIP_BUILD:-0}" == 1 ]]; then
 else
     step build 150 15 bash -c build
 fi
-step pytest 100 25 "$PY" -m pytest -q -m gpu tests
+step pytest 150 25 "$PY" -m pytest -q -m gpu tests
 step bench_bf16 170 60 "$PY" -m bench.bench_logprobs --device cuda --dtype bf16 --tokens 1024,2048,4096,8192,16384 \
     --reps 10 --check --out "$OUT/logprobs_gpu.csv"
 step bench_step 90 25 "$PY" -m bench.bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8 \

@@ -22,7 +22,9 @@ Backends (``BACKENDS``):
            the one installed), CUDA, bf16/fp16, OmniMask only, exact (no mask tensor at all, see below).
   "eager"  matmul + softmax in fp32: the dense reference the tests compare against.
   "auto"   CUDA: "flash" for an OmniMask when flash-attn imports and the dtype is 16-bit, "sdpa" without a mask,
-           else "flex"; CPU: "sdpa". ``resolve_backend`` applies this (and the fallbacks) for a model config.
+           else "flex", except that a KV-cached step (Tq < Tk) under "flex" runs "sdpa": decoding meets a new Tk
+           every token, and flex would rebuild its block mask and re-specialize its compiled kernel each time;
+           CPU: "sdpa". ``resolve_backend`` applies this (and the fallbacks) for a model config.
 
 The flash decomposition (every OmniMask, exact). Per row, the query positions are cut into runs: a maximal run of
 consecutive valid tokens with the same (block, branch) tags. A block run (block b >= 0) is one NON-causal segment;
@@ -561,6 +563,10 @@ def attend(
     else:
         plan = prepare(mask)
     name = resolve_backend(backend, q.device, plan, q.dtype)
+    if backend == "auto" and name == "flex" and Tq != Tk:
+        # a KV-cached step (decoding: a new Tk every token) would build a block mask and re-specialize the compiled
+        # flex kernel per step; its dense mask is only (B, Tq, Tk), so SDPA's masked kernel takes it
+        name = "sdpa"
     if plan is not None:
         plan.check(B, Tq, Tk)
     if name == "flex" and q.device.type != "cuda":

@@ -87,3 +87,21 @@ def check_target_range(op: str, targets: torch.Tensor, vocab: int, ignore_index:
             )
     else:  # device-side assert: no host sync in the hot path
         torch._assert_async(~bad.any(), f"{op}: targets out of [0, {vocab}) (set HFF_DEBUG=1 for details)")
+
+
+def autocast_cast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under an active ``torch.autocast`` of the tensors' device, the floating tensors cast to autocast's dtype
+    (differentiably: gradients flow back to the originals in their own dtype), as autocast would cast a matmul's
+    inputs; otherwise unchanged. The fused head ops call it on entry and then run with autocast off, so their GEMMs
+    take autocast's dtype and keep their fp32 accumulation whatever mix of dtypes the caller holds (e.g. fp32 hidden
+    states out of a final LayerNorm and fp32 master weights under bf16 autocast)."""
+    first = next((t for t in tensors if t is not None), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def autocast_off(device: torch.device) -> torch.autocast:
+    """A context that turns autocast off on ``device``'s type (run after :func:`autocast_cast`)."""
+    return torch.autocast(device.type, enabled=False)

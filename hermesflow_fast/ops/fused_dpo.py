@@ -6,7 +6,11 @@ chosen sequences stacked over those of the rejected ones, ``(2B, T, H)``, target
     logp_s   = Σ_t∈s log softmax(x_t Wᵀ + b)[y_t]      (mean over the tokens of s if average_log_prob, or for IPO)
     loss     = mean_b ℓ(logp_b^w, logp_b^l, ref_b^w, ref_b^l)  [+ α · NLL of the chosen tokens]
 
-The "chunked" path (default) computes gradients during the forward pass, one chunk of whole pairs at a time:
+"auto" picks "twopass" on CUDA when Triton is there (measured on an H100 in bf16, bench/results/logprobs_gpu.csv:
+1.42–1.78× the four-GEMM floor and 467–587 MB extra against "chunked"'s 1.86–2.25× and 787–1,132 MB, 1k–16k
+tokens) and "chunked" everywhere else (on CPU it is the faster one, bench/results/logprobs.csv).
+
+The "chunked" path computes gradients during the forward pass, one chunk of whole pairs at a time:
     1. reference: one GEMM per row chunk, only the logsumexp and target logit survive (no grad);
     2. per chunk of pairs: z = x Wᵀ + b (GEMM), per-token logp, the pairs' sequence log-probs, the pairs' loss and
        ∂loss/∂logp_s (a tiny autograd call, so every loss type is supported exactly); then in place
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from hermesflow_fast.ops._checks import check_linear_head
+from hermesflow_fast.ops._checks import autocast_cast, autocast_off, check_linear_head
 from hermesflow_fast.ops.dpo import check_dpo_options, dpo_losses
 from hermesflow_fast.ops.logprobs import (
     acc_dtype,
@@ -36,6 +40,7 @@ from hermesflow_fast.ops.logprobs import (
     logits_stats_,
     rows_per_chunk,
 )
+from hermesflow_fast.ops.logprobs import resolve_backend as resolve_logprobs_backend
 
 __all__ = ["FusedLinearDPOLoss", "fused_linear_dpo_loss"]
 
@@ -274,7 +279,8 @@ def fused_linear_dpo_loss(
             or neither (reference-free, log-ratios against 0).
         average_log_prob: mean instead of sum over a sequence's tokens (always on for ``loss_type='ipo'``, as TRL).
         compute_nll_loss, alpha: add α·NLL of the chosen tokens (RPO).
-        backend: "auto" (= "chunked"), "chunked" (gradients in forward, 3+1 GEMMs), "twopass" (linear_logprobs).
+        backend: "auto" ("twopass" on CUDA with Triton, else "chunked"), "chunked" (gradients in forward, 3+1
+            GEMMs), "twopass" (linear_logprobs, Triton on CUDA).
         chunk_bytes: budget for one chunk of fp32 logits; pairs_per_chunk: fixed pairs per chunk instead.
         loss_scale: a constant factor on the returned loss (a loss weight, 1/accumulation steps). The chunked path
             folds it into the per-sequence coefficients of the gradients it computes in the forward pass, so a
@@ -291,6 +297,8 @@ def fused_linear_dpo_loss(
         raise ValueError(
             f"fused_linear_dpo_loss: hidden must have shape (2B, T, H), chosen over rejected, got {tuple(hidden.shape)}"
         )
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = autocast_cast(
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     check_linear_head("fused_linear_dpo_loss", hidden, weight, targets, bias, ignore_index)
     ref_given = None
     if ref_chosen_logps is not None or ref_rejected_logps is not None:
@@ -329,7 +337,10 @@ def fused_linear_dpo_loss(
         "needs": tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)),
     }
     args = (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, ref_given, opts)
-    out = _twopass(*args) if backend == "twopass" else _ChunkedFusedDPO.apply(*args)
+    if backend == "auto":
+        backend = "twopass" if resolve_logprobs_backend("auto", hidden.device) == "triton" else "chunked"
+    with autocast_off(hidden.device):
+        out = _twopass(*args) if backend == "twopass" else _ChunkedFusedDPO.apply(*args)
     return out[0], tuple(out[1:])
 
 

@@ -21,7 +21,7 @@ import os
 import torch
 
 from hermesflow_fast._notice import say_once
-from hermesflow_fast.ops._checks import check_linear_head
+from hermesflow_fast.ops._checks import autocast_cast, autocast_off, check_linear_head
 
 __all__ = ["linear_logprobs", "LinearLogprobs", "default_chunk_bytes"]
 
@@ -286,7 +286,13 @@ def linear_logprobs(
         float32 (float64 for float64 inputs), (N,) or (B, T): log p(target), 0 at ``ignore_index``.
         Differentiable in hidden, weight and bias.
     """
+    hidden, weight, bias = autocast_cast(hidden, weight, bias)
     check_linear_head("linear_logprobs", hidden, weight, targets, bias, ignore_index)
+    with autocast_off(hidden.device):
+        return _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk_bytes)
+
+
+def _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk_bytes) -> torch.Tensor:
     lead = targets.shape
     x = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)

@@ -28,7 +28,7 @@ def showo_masks():
 def cases():
     out = [(name, fn().to(DEV) if torch.cuda.is_available() else None) for name, fn in sorted(MASKS.items())]
     if torch.cuda.is_available():
-        out += sorted(showo_masks().items())
+        out += sorted((name, m.to(DEV)) for name, m in showo_masks().items())
     return out
 
 

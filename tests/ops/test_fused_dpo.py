@@ -132,6 +132,23 @@ def test_bf16_close_to_fp32():
     assert abs(loss16.item() - loss32.item()) < 5e-2
 
 
+@pytest.mark.parametrize("backend", ["chunked", "twopass"])
+def test_under_autocast_fp32_inputs_run_in_autocast_dtype(backend):
+    """A trainer under bf16 autocast holds fp32 hidden states (final LayerNorm) and fp32 master weights: the op runs
+    its GEMMs in bf16, as on explicitly cast inputs, and hands back fp32 gradients (it used to fail mixing dtypes)."""
+    x, w, b, y, rx = _batch(pairs=2, t=16, h=64, v=400)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, aux = fused_linear_dpo_loss(x, w, y, b, rx, w.detach(), b.detach(), backend=backend)
+    loss.backward()
+    xb, wb, bb = (t.detach().bfloat16().requires_grad_() for t in (x, w, b))
+    want, want_aux = fused_linear_dpo_loss(xb, wb, y, bb, rx.bfloat16(), wb.detach(), bb.detach(), backend=backend)
+    want.backward()
+    assert loss.dtype == torch.float32 and torch.equal(loss, want) and torch.equal(aux[0], want_aux[0])
+    for got, ref in ((x, xb), (w, wb), (b, bb)):
+        assert got.grad.dtype == torch.float32
+        torch.testing.assert_close(got.grad, ref.grad.float())
+
+
 def test_module_validates_eagerly_and_inputs():
     with pytest.raises(ValueError, match="sigmoid"):
         FusedLinearDPOLoss(loss_type="nope")

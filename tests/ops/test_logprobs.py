@@ -95,6 +95,22 @@ def test_all_ignored_gives_zeros_and_zero_grads():
     assert bool((out == 0).all()) and bool((x.grad == 0).all()) and bool((w.grad == 0).all())
 
 
+def test_under_autocast_runs_in_autocast_dtype_with_grads_in_input_dtype():
+    x, w, b, y = _inputs((3, 9), 16, 100, True)
+    for t in (x, w, b):
+        t.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_logprobs(x, w, y, b)
+    out.sum().backward()
+    xb, wb, bb = (t.detach().bfloat16().requires_grad_() for t in (x, w, b))
+    want = linear_logprobs(xb, wb, y, bb)
+    want.sum().backward()
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    for got, ref in ((x, xb), (w, wb), (b, bb)):
+        assert got.grad.dtype == torch.float32
+        torch.testing.assert_close(got.grad, ref.grad.float())
+
+
 def test_module_matches_functional():
     x, w, b, y = _inputs((3, 9), 16, 100, True)
     torch.testing.assert_close(LinearLogprobs()(x, w, y, b), linear_logprobs(x, w, y, b))

@@ -140,3 +140,23 @@ def test_text_dropout_is_one_draw_per_pair(tmp_path):
     i = ids.index(v.t2i)
     assert ids[i:i + 4] == [v.t2i, v.bos, v.eos, v.soi]  # the empty prompt, shared by chosen and rejected
     assert ids.count(v.t2i) == 1 and ids.count(v.soi) == 2
+
+
+def test_a_step_under_bf16_autocast_runs_and_matches_fp32(tmp_path):
+    """bf16 autocast (CUDA's default; CPU autocast stands in here) through the model, the reference and the fused
+    Pair-DPO head: the step runs, its gradients reach the fp32 master weights, and its loss is fp32's to bf16
+    precision (a dtype mix inside the fused op once broke this step on an H100)."""
+    import torch
+
+    from hermesflow_fast.train.config import load_config
+    from hermesflow_fast.train.trainer import Trainer
+
+    losses = {}
+    for name in ("fp32", "bf16"):
+        cfg = load_config(TINY, [*FAST, f"run.run_dir={tmp_path / name}"])
+        tr = Trainer(cfg, log=lambda m: None).setup()
+        if name == "bf16":
+            tr.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        losses[name] = tr.train_step(0)["loss"]
+        assert all(p.dtype == torch.float32 for p in tr.policy.parameters())
+    assert abs(losses["bf16"] - losses["fp32"]) < 2e-2, losses
