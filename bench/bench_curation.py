@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one untimed pass of each on one record")
+    ap.add_argument("--profile", default=None, choices=("ours", "hermesflow"),
+                    help="print the top ops of one pass of this side under torch.profiler instead of timing")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's weights")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="a random model of this size instead of the base (see the module docstring)")
@@ -115,6 +117,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             ours_pass(wm, recs[:1], s, Path(tmp))
             hermesflow_curation_pass(wm, recs[:1], s, answer_match)
+    if cfg.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = (lambda: ours_pass(wm, recs, s, Path(tmp))) if cfg.profile == "ours" else (
+                lambda: hermesflow_curation_pass(wm, recs, s, answer_match))
+            print(utils.profile_table(run, cfg.device))
+        return []
     for name in ("hermesflow", "ours"):
         with tempfile.TemporaryDirectory() as tmp:
             utils.sync(cfg.device)

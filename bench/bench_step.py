@@ -463,17 +463,10 @@ def measure_in_subprocess(p: Problem, provider: str, reps: int, warmup: int, thr
 
 def profile(p: Problem, provider: str, world: World, warmup: int, rows: int = 25) -> str:
     """One step of ``provider`` under torch.profiler after ``warmup`` steps: the top ops by self time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     run, _owner = make_runner(world, provider)
     for k in range(warmup):
         run(k)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if p.device == "cuda" else [])
-    with torch_profile(activities=acts) as prof:
-        run(warmup)
-    key = "self_cuda_time_total" if p.device == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
+    return utils.profile_table(lambda: run(warmup), p.device, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

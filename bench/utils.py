@@ -382,3 +382,17 @@ def worker_main(spec_json: str, measure: Callable[..., dict], problem_type: type
     set_threads(spec["threads"])
     r = measure(problem_type(**spec["problem"]), spec["provider"], spec["reps"], spec["warmup"])
     print(RESULT_TAG + json.dumps(r), flush=True)
+
+
+def profile_table(fn: Callable[[], object], device: torch.device | str, rows: int = 25) -> str:
+    """``fn()`` once under torch.profiler (CPU, plus CUDA on a CUDA device): the top ops by self time, as a table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = torch.device(device).type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)

@@ -29,7 +29,7 @@ Records come from one of two sources, chosen by ``data.records``:
                       a "skipped" reason; the report shows n/a. Evaluate real checkpoints with an external judge.
 
 Every rank reads and encodes all records (training needs every pair's image codes); curation is sharded the same
-way for both sources.
+way for both sources. The held-out evaluation runs on the main rank alone; the others wait for its eval.json.
 
     hermesflow selfplay --config configs/selfplay-shapes.yaml --run-dir runs/sp --rounds 2
     hermesflow selfplay --config configs/selfplay-real.yaml --run-dir runs/real data.records=… data.questions=… \
@@ -140,17 +140,17 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -
 
     if _done_everywhere(rd, "eval"):
         return json.loads((rd / "eval.json").read_text())
-    e = cfg.eval
-    res = evaluate(wm, heldout, images_per_prompt=e.images_per_prompt, steps=e.steps, guidance_scale=e.guidance_scale,
-                   seed=cfg.run.seed, batch_size=e.batch_size)
-    out = {"und": res.und, "gen": res.gen, "gap": res.gap, "gen_by_category": res.gen_by_category,
-           "caption_agreement": res.caption_agreement, "records": len(heldout)}
-    if info.is_main:
+    if info.is_main:  # one evaluation; the other ranks wait in _mark's barrier and read its eval.json
+        e = cfg.eval
+        res = evaluate(wm, heldout, images_per_prompt=e.images_per_prompt, steps=e.steps,
+                       guidance_scale=e.guidance_scale, seed=cfg.run.seed, batch_size=e.batch_size)
+        out = {"und": res.und, "gen": res.gen, "gap": res.gap, "gen_by_category": res.gen_by_category,
+               "caption_agreement": res.caption_agreement, "records": len(heldout)}
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "eval.json").write_text(json.dumps(out, indent=1) + "\n")
         save_grid(wm, res, rd / "samples.png")
     _mark(rd, "eval", info)
-    return out
+    return out if info.is_main else json.loads((rd / "eval.json").read_text())
 
 
 def _skip_eval_into(rd: Path, info: DistInfo) -> dict:

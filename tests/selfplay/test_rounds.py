@@ -75,6 +75,8 @@ def test_two_processes_curate_exactly_what_one_process_does(one_round, tmp_path)
     for name in ("und_candidates", "und_scores", "gen_candidates", "gen_scores", "pairs"):
         assert (two / "round-1" / f"{name}.jsonl").read_text() == (run / "round-1" / f"{name}.jsonl").read_text(), name
     assert (two / "summary.json").is_file()
+    # the held-out evaluation runs once (on the main rank) and scores the base as the 1-process run does
+    assert (two / "round-0" / "eval.json").read_text() == (run / "round-0" / "eval.json").read_text()
 
 
 def test_one_stage_at_a_time_gives_the_same_round(one_round, tmp_path):
