@@ -69,10 +69,21 @@ def curation_records(wm: WorldModel, records) -> list[CurationRecord]:
     return [CurationRecord(r.id, r.prompt, c, list(r.questions), r.scene) for r, c in zip(records, codes)]
 
 
-def ours_pass(wm, records, settings, tmp) -> None:
-    und_candidates(wm, records, Journal(tmp / "u.jsonl"), settings, 1)
-    gc = gen_candidates(wm, records, Journal(tmp / "g.jsonl"), settings, 1)
-    gen_scores(wm, records, gc, Journal(tmp / "s.jsonl"), settings, answer_match)
+def ours_pass(wm, records, settings, tmp, stages: dict[str, float] | None = None) -> None:
+    """The three curation stages as a round runs them; ``stages`` receives each one's seconds (the names of the
+    baseline's: captions, images, self_vqa)."""
+    stages = {} if stages is None else stages
+
+    def clock(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        utils.sync(wm.device)
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    clock("captions", und_candidates, wm, records, Journal(tmp / "u.jsonl"), settings, 1)
+    gc = clock("images", gen_candidates, wm, records, Journal(tmp / "g.jsonl"), settings, 1)
+    clock("self_vqa", gen_scores, wm, records, gc, Journal(tmp / "s.jsonl"), settings, answer_match)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -126,18 +137,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in ("hermesflow", "ours"):
         with tempfile.TemporaryDirectory() as tmp:
             utils.sync(cfg.device)
+            stages: dict[str, float] = {}
             t0 = time.perf_counter()
             if name == "ours":
-                ours_pass(wm, recs, s, Path(tmp))
+                ours_pass(wm, recs, s, Path(tmp), stages)
             else:
-                hermesflow_curation_pass(wm, recs, s, answer_match)
+                hermesflow_curation_pass(wm, recs, s, answer_match, stages=stages)
             utils.sync(cfg.device)
             dt = time.perf_counter() - t0
         rps = cfg.records / dt
         base = base or rps
-        print(f"curation {name:<11} {dt:8.1f} s  {rps:7.3f} records/s  ({rps / base:5.2f}× hermesflow)")
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+        print(f"curation {name:<11} {dt:8.1f} s  {rps:7.3f} records/s  ({rps / base:5.2f}× hermesflow)  [{split}]")
+        conf = {**shape, "stage_seconds": {k: round(v, 3) for k, v in stages.items()}}
         rows.append(utils.make_row(kernel_name="curation_pass", provider=name, metric="records_per_s", unit="1/s",
-                                   x_name="records", x_value=cfg.records, y=(rps,), config=shape, device=cfg.device,
+                                   x_name="records", x_value=cfg.records, y=(rps,), config=conf, device=cfg.device,
                                    dtype=cfg.dtype, stamps=stamps))
     if cfg.out:
         print(f"appended {len(rows)} rows to {utils.append_rows(cfg.out, rows)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 
 import numpy as np
 import torch
@@ -79,35 +80,51 @@ def _sdpa(model):
         model.config.attn_backend = saved
 
 
-def hermesflow_curation_pass(wm, records, settings, answer_match, seed: int = 0) -> list[dict]:
-    """K captions + M images + self-VQA for each record, one record at a time; returns per-record results."""
+def hermesflow_curation_pass(wm, records, settings, answer_match, seed: int = 0,
+                             stages: dict[str, float] | None = None) -> list[dict]:
+    """K captions + M images + self-VQA for each record, one record at a time; returns per-record results.
+    ``stages``: a dict that receives the seconds spent in "captions", "images" and "self_vqa" (PNG round trip in)."""
     with _sdpa(wm.model):
-        return _pass(wm, records, settings, answer_match, seed)
+        return _pass(wm, records, settings, answer_match, seed, {} if stages is None else stages)
 
 
-def _pass(wm, records, settings, answer_match, seed: int) -> list[dict]:
-    tok = wm.text_tokenizer
+@contextlib.contextmanager
+def _clock(stages: dict[str, float], name: str, device):
+    t0 = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _pass(wm, records, settings, answer_match, seed: int, stages: dict[str, float]) -> list[dict]:
+    from hermesflow_fast.data.text import prompt_ids
+
+    tok, dev = wm.text_tokenizer, wm.device
     q = und_prompt_ids(tok, settings.question)
-    gen = torch.Generator(wm.device).manual_seed(seed)
+    gen = torch.Generator(dev).manual_seed(seed)
     results = []
     for r in records:
         caps = []
-        for k, t in settings.caption_grid:
-            ids = _decode_uncached(wm, r.image_codes, q, settings.caption_tokens, t, None if t <= 0 else k, gen)
-            caps.append(tok.decode(ids, skip_special_tokens=True).strip())
-        from hermesflow_fast.data.text import prompt_ids
-
-        codes = generate_images(wm.model, wm.layout, [prompt_ids(tok, r.prompt)], int(r.image_codes.numel()),
-                                images_per_prompt=settings.images_per_prompt, steps=settings.steps,
-                                guidance_scale=settings.guidance_scale, generator=gen, use_text_cache=False,
-                                cfg_batched=True)
-        codes = _png_roundtrip(wm, codes)
-        acc = []
-        for img in codes:
-            right = 0
-            for qu in r.questions:
-                ids = _decode_uncached(wm, img, und_prompt_ids(tok, qu.prompt), settings.answer_tokens, 0.0, None, gen)
-                right += int(answer_match(tok.decode(ids, skip_special_tokens=True).strip(), qu.choices) == qu.answer)
-            acc.append(right / len(r.questions))
+        with _clock(stages, "captions", dev):
+            for k, t in settings.caption_grid:
+                ids = _decode_uncached(wm, r.image_codes, q, settings.caption_tokens, t, None if t <= 0 else k, gen)
+                caps.append(tok.decode(ids, skip_special_tokens=True).strip())
+        with _clock(stages, "images", dev):
+            codes = generate_images(wm.model, wm.layout, [prompt_ids(tok, r.prompt)], int(r.image_codes.numel()),
+                                    images_per_prompt=settings.images_per_prompt, steps=settings.steps,
+                                    guidance_scale=settings.guidance_scale, generator=gen, use_text_cache=False,
+                                    cfg_batched=True)
+        with _clock(stages, "self_vqa", dev):
+            codes = _png_roundtrip(wm, codes)
+            acc = []
+            for img in codes:
+                right = 0
+                for qu in r.questions:
+                    ids = _decode_uncached(wm, img, und_prompt_ids(tok, qu.prompt), settings.answer_tokens, 0.0,
+                                           None, gen)
+                    said = tok.decode(ids, skip_special_tokens=True).strip()
+                    right += int(answer_match(said, qu.choices) == qu.answer)
+                acc.append(right / len(r.questions))
         results.append({"id": r.id, "captions": caps, "accuracy": acc})
     return results

@@ -40,3 +40,6 @@ def test_bf16_tiny_preset_rows(tmp_path):
     assert len(got) == 2 and all(r["dtype"] == "bf16" and float(r["y_value_50"]) > 0 for r in got)
     cfg = json.loads(got[0]["extra_benchmark_config_str"])
     assert cfg["preset"] == "tiny" and cfg["image_tokens"] == 256 and cfg["d"] == 64
+    for row in got:  # each side's time split by stage, under the same names
+        split = json.loads(row["extra_benchmark_config_str"])["stage_seconds"]
+        assert set(split) == {"captions", "images", "self_vqa"} and all(v > 0 for v in split.values())
