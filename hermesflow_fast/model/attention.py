@@ -13,8 +13,10 @@ Backends (``BACKENDS``):
            No score outside a query's sequence and branches is computed: a row of four packed pairs costs the sum of
            the sequences' squares, not the row's square (on CPU, attention over 4,000-token rows went from ~35% of a
            training step to a few %). Exact; pad query rows get 0, as on the flash path. Not used while compiling.
-  "flex"   FlexAttention with a BlockMask built from ``OmniMask.mask_mod()`` (or a lookup into a dense mask):
-           compiled once per process on CUDA (fully masked 128×128 tiles skipped); on CPU it runs uncompiled and
+  "flex"   FlexAttention with ``OmniMask.mask_mod()`` (or a lookup into a dense mask) and a BlockMask whose tiles
+           are read off the dense mask (``block_mask_from_dense``: create_block_mask's tiles without evaluating
+           mask_mod over the whole grid): compiled once per process on CUDA (fully masked
+           128×128 tiles skipped, fully allowed ones run without the mask); on CPU it runs uncompiled and
            forward only (torch has no CPU backward for it), so a CPU call that needs gradients takes "sdpa" (said
            once). Compiled CPU flex is not used (inside a compiled model on CPU "flex" runs as "sdpa"): in torch
            2.13 inductor's CPU flex kernel returned wrong values / NaN for some lengths below the block size.
@@ -405,22 +407,21 @@ class MaskPlan:
             return None
 
         def build():
-            from torch.nn.attention.flex_attention import create_block_mask
-
             self.check(B, Tq, Tk)
             off = Tk - Tq
-            if isinstance(self.mask, OmniMask):
-                inner = self.mask.to(device).mask_mod()
+            m = self.mask.to(device) if isinstance(self.mask, OmniMask) else self.mask
+            table = as_dense_mask(m, B, Tq, Tk)[:, 0].to(device)  # (B, Tq, Tk)
+            if isinstance(m, OmniMask):
+                inner = m.mask_mod()
 
                 def mod(b, h, q_idx, kv_idx):
                     return inner(b, h, q_idx + off, kv_idx)
             else:
-                table = as_dense_mask(self.mask, B, Tq, Tk)[:, 0].to(device)  # (B, Tq, Tk)
 
                 def mod(b, h, q_idx, kv_idx):
                     return table[b, q_idx, kv_idx]
 
-            return create_block_mask(mod, B, None, Tq, Tk, device=device)
+            return block_mask_from_dense(table, mod)
 
         return self._get(("block", B, Tq, Tk, device), build)
 
@@ -493,6 +494,31 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, mask: OmniMask | MaskPlan 
         outs.append(varlen_fn(qf.index_select(0, q_idx), kf.index_select(0, k_idx), vf.index_select(0, k_idx),
                               cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scale))
     return _scatter_rows(outs, vp.q_rows, q, v)
+
+
+def block_mask_from_dense(dense: Tensor, mask_mod: Callable, block: int = 128):
+    """FlexAttention BlockMask of a (B, Tq, Tk) bool mask, its tile structure read off the mask itself: a tile of
+    ``block``×``block`` with every entry allowed is "full" (no ``mask_mod`` call inside), one with some allowed is
+    "partial" (``mask_mod`` decides), one with none is skipped. The same structure ``create_block_mask`` derives by
+    evaluating ``mask_mod`` over the whole grid, without its per-element index tensors: a packed training row of
+    8,192 tokens costs a few (Tq, Tk) bool passes instead. Tiles cut by Tq or Tk count as partial."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, Tq, Tk = dense.shape
+    nq, nk = -(-Tq // block), -(-Tk // block)
+    tiles = F.pad(dense, (0, nk * block - Tk, 0, nq * block - Tq)).view(B, nq, block, nk, block)
+    some = tiles.any(4).any(2)  # (B, nq, nk)
+    full = tiles.all(4).all(2)
+    partial = some & ~full
+
+    def listed(sel: Tensor) -> tuple[Tensor, Tensor]:  # per q tile: how many kv tiles, and which first
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+        return sel.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    kv_num, kv_idx = listed(partial)
+    full_num, full_idx = listed(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(Tq, Tk))
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float | None) -> Tensor:

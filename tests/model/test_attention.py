@@ -268,6 +268,41 @@ def test_flex_forward_cpu_matches_sdpa():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("Tq", [700, 300, 5])
+def test_block_mask_from_dense_equals_create_block_mask(Tq):
+    """The BlockMask read off the dense mask has create_block_mask's tiles (full / partial / skipped, edges cut by
+    Tq or Tk included) and gives flex the same output, for packed rows over several 128-token tiles."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T = 2, 700
+    g = torch.Generator().manual_seed(0)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, 650:] = False
+    block = torch.full((B, T), -1, dtype=torch.long)
+    block[:, 100:300] = 1  # a bidirectional image block across a tile edge
+    branch = torch.zeros(B, T, dtype=torch.long)
+    branch[:, 400:500], branch[:, 500:560] = 1, 2
+    segment = torch.sort(torch.randint(0, 3, (B, T), generator=g), dim=1).values
+    mask = OmniMask(valid, block, branch, segment)
+    off, inner = T - Tq, mask.mask_mod()
+
+    def mod(b, h, q_idx, kv_idx):
+        return inner(b, h, q_idx + off, kv_idx)
+
+    ref = create_block_mask(mod, B, None, Tq, T, device="cpu")
+    got = A.block_mask_from_dense(mask.dense(q_start=off), mod)
+
+    def tiles(bm, num, idx):
+        n, i = getattr(bm, num), getattr(bm, idx)
+        return [set(i[b, 0, q, : n[b, 0, q]].tolist()) for b in range(B) for q in range(n.shape[2])]
+
+    for num, idx in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        assert tiles(got, num, idx) == tiles(ref, num, idx)
+    q, k, v = qkv(B, Tq, T)
+    with torch.no_grad():
+        torch.testing.assert_close(flex_attention(q, k, v, block_mask=got), flex_attention(q, k, v, block_mask=ref))
+
+
 def test_flex_on_cpu_with_grad_falls_back_to_sdpa(fresh_notices):
     mask = mask_t2i()
     q, k, v = qkv(3, T, T, grad=True)
