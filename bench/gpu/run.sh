@@ -20,6 +20,7 @@
 #   bench_cur  bench_curation --device cuda --dtype bf16 --preset show_o_512: one curation pass (10 captions, 8
 #              images, self-VQA per record), HermesFlow-style vs ours, at Show-o-512's shape (random weights, 1,024
 #              image tokens)                                                     -> $OUT/curation_gpu.csv
+#   bench_bm   bench_block_mask --device cuda: BlockMask construction, ours vs create_block_mask -> $OUT/block_mask_gpu.csv
 #   prof_step  bench_step --profile: one step each of hermesflow, +packing, +fused_head under torch.profiler, top
 #              ops by self CUDA time (in its log)
 #   prof_cur   bench_curation --profile ours: one curation pass of one record under torch.profiler (in its log)
@@ -119,6 +120,8 @@ step bench_step 200 25 "$PY" -m bench.bench_step --device cuda --dtype bf16 --pr
     --no-compile --reps 3 --out "$OUT/step_gpu.csv" --plot "$OUT/plots/step_gpu.png"
 step bench_cur 150 10 "$PY" -m bench.bench_curation --device cuda --dtype bf16 --preset show_o_512 --records 4 \
     --images 8 --out "$OUT/curation_gpu.csv"
+step bench_bm 60 12 "$PY" -m bench.bench_block_mask --device cuda --tokens 4096,8192,16384 --reps 10 \
+    --out "$OUT/block_mask_gpu.csv"
 step prof_step 120 90 "$PY" -m bench.bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8 \
     --no-compile --profile hermesflow,+packing,+fused_head --out ''
 step prof_cur 90 60 "$PY" -m bench.bench_curation --device cuda --dtype bf16 --preset show_o_512 --records 1 \
