@@ -15,8 +15,8 @@ Backends (``BACKENDS``):
            training step to a few %). Exact; pad query rows get 0, as on the flash path. Not used while compiling.
   "flex"   FlexAttention with ``OmniMask.mask_mod()`` (or a lookup into a dense mask) and a BlockMask whose tiles
            are read off the dense mask (``block_mask_from_dense``: create_block_mask's tiles without evaluating
-           mask_mod over the whole grid): compiled once per process on CUDA (fully masked
-           128×128 tiles skipped, fully allowed ones run without the mask); on CPU it runs uncompiled and
+           mask_mod over the whole grid): compiled once per process on CUDA (fully masked 128×128 tiles skipped,
+           fully allowed ones run without the mask); on CPU it runs uncompiled and
            forward only (torch has no CPU backward for it), so a CPU call that needs gradients takes "sdpa" (said
            once). Compiled CPU flex is not used (inside a compiled model on CPU "flex" runs as "sdpa"): in torch
            2.13 inductor's CPU flex kernel returned wrong values / NaN for some lengths below the block size.
