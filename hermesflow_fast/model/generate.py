@@ -96,8 +96,7 @@ def _multinomial(probs: Tensor, generator: Generators, gens: list | None, per_ro
     if gens is None:
         if generator is None or generator.device == dev:
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        u = torch.rand(rows, 1, generator=generator, device=generator.device, dtype=torch.float64)
-        return _inverse_cdf(probs.log(), u.to(dev))[0].squeeze(-1)
+        gens, per_row = [generator], rows  # one generator for every row: drawn below like per-row ones
     if all(g.device == dev for g in gens):
         out = [torch.multinomial(probs[i:i + per_row], 1, generator=g).squeeze(-1)
                for i, g in zip(range(0, rows, per_row), gens)]
