@@ -73,17 +73,12 @@ def ours_pass(wm, records, settings, tmp, stages: dict[str, float] | None = None
     """The three curation stages as a round runs them; ``stages`` receives each one's seconds (the names of the
     baseline's: captions, images, self_vqa)."""
     stages = {} if stages is None else stages
-
-    def clock(name, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        utils.sync(wm.device)
-        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
-        return out
-
-    clock("captions", und_candidates, wm, records, Journal(tmp / "u.jsonl"), settings, 1)
-    gc = clock("images", gen_candidates, wm, records, Journal(tmp / "g.jsonl"), settings, 1)
-    clock("self_vqa", gen_scores, wm, records, gc, Journal(tmp / "s.jsonl"), settings, answer_match)
+    with utils.stage_timer(stages, "captions", wm.device):
+        und_candidates(wm, records, Journal(tmp / "u.jsonl"), settings, 1)
+    with utils.stage_timer(stages, "images", wm.device):
+        gc = gen_candidates(wm, records, Journal(tmp / "g.jsonl"), settings, 1)
+    with utils.stage_timer(stages, "self_vqa", wm.device):
+        gen_scores(wm, records, gc, Journal(tmp / "s.jsonl"), settings, answer_match)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bench.utils import stage_timer
 from hermesflow_fast.data.text import und_prompt_ids
 from hermesflow_fast.model.generate import generate_images
 
@@ -88,15 +88,6 @@ def hermesflow_curation_pass(wm, records, settings, answer_match, seed: int = 0,
         return _pass(wm, records, settings, answer_match, seed, {} if stages is None else stages)
 
 
-@contextlib.contextmanager
-def _clock(stages: dict[str, float], name: str, device):
-    t0 = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
-
-
 def _pass(wm, records, settings, answer_match, seed: int, stages: dict[str, float]) -> list[dict]:
     from hermesflow_fast.data.text import prompt_ids
 
@@ -106,16 +97,16 @@ def _pass(wm, records, settings, answer_match, seed: int, stages: dict[str, floa
     results = []
     for r in records:
         caps = []
-        with _clock(stages, "captions", dev):
+        with stage_timer(stages, "captions", dev):
             for k, t in settings.caption_grid:
                 ids = _decode_uncached(wm, r.image_codes, q, settings.caption_tokens, t, None if t <= 0 else k, gen)
                 caps.append(tok.decode(ids, skip_special_tokens=True).strip())
-        with _clock(stages, "images", dev):
+        with stage_timer(stages, "images", dev):
             codes = generate_images(wm.model, wm.layout, [prompt_ids(tok, r.prompt)], int(r.image_codes.numel()),
                                     images_per_prompt=settings.images_per_prompt, steps=settings.steps,
                                     guidance_scale=settings.guidance_scale, generator=gen, use_text_cache=False,
                                     cfg_batched=True)
-        with _clock(stages, "self_vqa", dev):
+        with stage_timer(stages, "self_vqa", dev):
             codes = _png_roundtrip(wm, codes)
             acc = []
             for img in codes:

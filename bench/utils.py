@@ -384,6 +384,15 @@ def worker_main(spec_json: str, measure: Callable[..., dict], problem_type: type
     print(RESULT_TAG + json.dumps(r), flush=True)
 
 
+@contextlib.contextmanager
+def stage_timer(stages: dict[str, float], name: str, device: torch.device | str):
+    """Adds the seconds of the ``with`` body (the device synced at its end) to ``stages[name]``."""
+    t0 = time.perf_counter()
+    yield
+    sync(device)
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
 def profile_table(fn: Callable[[], object], device: torch.device | str, rows: int = 25) -> str:
     """``fn()`` once under torch.profiler (CPU, plus CUDA on a CUDA device): the top ops by self time, as a table."""
     from torch.profiler import ProfilerActivity
