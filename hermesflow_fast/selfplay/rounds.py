@@ -121,9 +121,10 @@ def _done(rd: Path, stage: str) -> bool:
 
 
 def _done_everywhere(rd: Path, stage: str) -> bool:
-    """``_done`` read by every rank before any rank can go on to mark the stage: a stage every rank runs on its own
-    (the evaluation) would otherwise let a fast main rank write ``.done`` before a slow rank looks, and the slow rank
-    would skip the stage and its barrier while the main rank waits in it."""
+    """``_done`` read by every rank before any rank can go on to mark the stage. Every stage check goes through it:
+    where the main rank alone does a stage's work (the pairs, the evaluation), a fast main rank would otherwise write
+    ``.done`` before a slow rank looks, and the slow rank would skip the stage and the barrier of its ``_mark`` while
+    the main rank waits in it (the next barrier then pairs with the wrong one: a hang)."""
     done = _done(rd, stage)
     barrier()
     return done
@@ -257,34 +258,34 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
             return Journal(rd / f"{stage}.jsonl")
 
         wm.model.eval()
-        if not _done(rd, "und_candidates"):
+        if not _done_everywhere(rd, "und_candidates"):
             ran.add("und_candidates")
             say(f"round {r}: captions ({len(settings.caption_grid)} per image, {len(train_recs)} images)")
             und_candidates(wm, mine, journal("und_candidates"), settings, r)
             finish("und_candidates")
         if stopped(r):
             return results
-        if not _done(rd, "und_scores"):
+        if not _done_everywhere(rd, "und_scores"):
             ran.add("und_scores")
             und_scores(mine, full("und_candidates"), journal("und_scores"), caption_scorer)
             finish("und_scores")
         if stopped(r):
             return results
-        if not _done(rd, "gen_candidates"):
+        if not _done_everywhere(rd, "gen_candidates"):
             ran.add("gen_candidates")
             say(f"round {r}: images ({settings.images_per_prompt} per prompt)")
             gen_candidates(wm, mine, journal("gen_candidates"), settings, r)
             finish("gen_candidates")
         if stopped(r):
             return results
-        if not _done(rd, "gen_scores"):
+        if not _done_everywhere(rd, "gen_scores"):
             ran.add("gen_scores")
             say(f"round {r}: self-VQA")
             gen_scores(wm, mine, full("gen_candidates"), journal("gen_scores"), settings, answer_matcher)
             finish("gen_scores")
         if stopped(r):
             return results
-        if not _done(rd, "pairs"):
+        if not _done_everywhere(rd, "pairs"):
             ran.add("pairs")
             if info.is_main:
                 stats = build_pairs(train_recs, full("und_candidates"), full("und_scores"), full("gen_candidates"),
@@ -298,7 +299,7 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
             p = json.loads(line)
             previous[p["id"]] = p
         model_dir = rd / "model"
-        if not _done(rd, "train"):
+        if not _done_everywhere(rd, "train"):
             ran.add("train")
             init = prev_model
             if init is None:  # the shipped base: train from a folder copy of it
