@@ -67,8 +67,9 @@ def make_pairs(cands: list[dict], by: str, threshold: float) -> tuple[list[dict]
 
 
 def train_gen_dpo(wm, pairs: list[dict], beta: float, lr: float, epochs: int, batch: int, mask_samples: int,
-                  seed: int) -> int:
-    """Generation-term DPO in place on ``wm.model`` (reference = a frozen copy); returns the number of steps."""
+                  seed: int, rpo_alpha: float = 0.0) -> int:
+    """Generation-term DPO in place on ``wm.model`` (reference = a frozen copy), plus ``rpo_alpha`` × the chosen
+    images' masked-token NLL per token (TRL's ``rpo_alpha``); returns the number of steps."""
     policy = wm.model
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train().requires_grad_(True)
@@ -78,7 +79,7 @@ def train_gen_dpo(wm, pairs: list[dict], beta: float, lr: float, epochs: int, ba
 
     def seq_logps(model, texts, codes, masked):
         lp, ok = target_logprobs(model, lay.t2i(texts, codes, masked))["image"]
-        return (lp * ok).sum(1)
+        return (lp * ok).sum(1), ok.sum(1)
 
     steps = 0
     for _ in range(epochs):
@@ -90,11 +91,13 @@ def train_gen_dpo(wm, pairs: list[dict], beta: float, lr: float, epochs: int, ba
                                torch.tensor([p["rejected"] for p in b]).repeat(k, 1)])
             masked = mask_slots(len(texts), codes.shape[1], g)
             masked = torch.cat([masked, masked])  # chosen and rejected share each mask
-            pw, pl = seq_logps(policy, texts + texts, codes, masked).chunk(2)
+            lp, count = seq_logps(policy, texts + texts, codes, masked)
+            pw, pl = lp.chunk(2)
+            nll = -(pw.sum() / count[:len(texts)].sum())  # the chosen images' NLL per masked token
             with torch.no_grad():
-                rw, rl = seq_logps(reference, texts + texts, codes, masked).chunk(2)
+                rw, rl = seq_logps(reference, texts + texts, codes, masked)[0].chunk(2)
             pw, pl, rw, rl = (t.view(k, len(b)).mean(0) for t in (pw, pl, rw, rl))  # the margin, averaged over masks
-            loss = dpo_losses(pw, pl, rw, rl, beta=beta).mean()
+            loss = dpo_losses(pw, pl, rw, rl, beta=beta).mean() + rpo_alpha * nll
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--mask-samples", type=int, default=1, help="masks per pair, averaged inside the DPO term")
     ap.add_argument("--threshold", type=float, default=0.6)
+    ap.add_argument("--rpo-alpha", type=float, default=0.0,
+                    help="weight of the chosen images' NLL per token added to the DPO term (TRL's rpo_alpha)")
     ap.add_argument("--heldout", type=int, default=128)
     ap.add_argument("--eval-images", type=int, default=2, help="generated images per held-out prompt")
     ap.add_argument("--seed", type=int, default=0, help="world.seed of the run")
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         pairs, drops = make_pairs(cands, source, args.threshold)
         trained = load_base(args.model)
         steps = train_gen_dpo(trained, pairs, args.beta, args.lr, args.epochs, args.batch, args.mask_samples,
-                              args.seed)
+                              args.seed, args.rpo_alpha)
         after = gen_score(trained)
         jw = sum(p["judge"][0] for p in pairs) / max(1, len(pairs))
         jl = sum(p["judge"][1] for p in pairs) / max(1, len(pairs))
@@ -152,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         config = {"round_dir": str(args.round_dir), "model": args.model or "shipped base", "beta": args.beta,
                   "lr": args.lr, "epochs": args.epochs, "batch": args.batch, "mask_samples": args.mask_samples,
-                  "threshold": args.threshold, "heldout": args.heldout, "eval_images": args.eval_images,
-                  "records": len(cands), "threads": threads}
+                  "threshold": args.threshold, "rpo_alpha": args.rpo_alpha, "heldout": args.heldout,
+                  "eval_images": args.eval_images, "records": len(cands), "threads": threads}
         common = dict(kernel_name="oracle_gen_dpo", x_name="pairs", device="cpu", dtype="fp32", stamps=stamps,
                       unit="fraction")
         rows = [utils.make_row(provider="base", metric="gen", x_value=0, y=(before,), config=config, **common)]
