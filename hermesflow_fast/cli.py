@@ -12,6 +12,7 @@
     hermesflow pretrain --world shapes   pretrain the shapes world's base model (world/pretrain.py)
     hermesflow eval --checkpoint P ...   understanding / generation / gap on held-out world records (Table 4)
     hermesflow selfplay --run-dir D ...  self-play rounds on the shapes world (curate → pairs → train → evaluate)
+    hermesflow images ROUND_DIR          a round's generated candidates as PNGs (ROUND_DIR/images/<id>/<k>.png)
     hermesflow bench curation [ARGS...]  one curation pass: ours vs a HermesFlow-style pass (bench_curation.py)
 """
 
@@ -267,6 +268,34 @@ def eval_command(checkpoint: str, run_dir: str, records: int, seed: int, images_
     save_grid(wm, res, out / "samples.png")
     click.echo(res.table())
     click.echo(f"wrote {out / 'eval.json'} and {out / 'samples.png'}")
+
+
+@main.command("images")
+@click.argument("round_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False),
+              help="the world model whose image tokenizer decodes the grids  [default: the run's world.base from "
+                   "ROUND_DIR/../config.yaml, else the shipped base]")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="output folder  [default: ROUND_DIR/images]")
+def images_command(round_dir: str, model: str | None, out_dir: str | None) -> None:
+    """Decode a self-play round's generated candidates (gen_candidates.jsonl) to PNGs, <out>/<id>/<k>.png."""
+    import yaml
+
+    from hermesflow_fast.selfplay.journal import Journal
+    from hermesflow_fast.selfplay.stages import export_candidate_images
+    from hermesflow_fast.world.base import load_base
+
+    rd = Path(round_dir)
+    cands = rd / "gen_candidates.jsonl"
+    if not cands.is_file():
+        raise click.BadParameter(f"{cands} does not exist; run the round's gen_candidates stage first",
+                                 param_hint="ROUND_DIR")
+    if model is None and (rd.parent / "config.yaml").is_file():
+        model = ((yaml.safe_load((rd.parent / "config.yaml").read_text()) or {}).get("world") or {}).get("base")
+    wm = load_base(model)
+    out = Path(out_dir) if out_dir else rd / "images"
+    n = export_candidate_images(wm.image_tokenizer, Journal(cands), out)
+    click.echo(f"wrote {n} images under {out}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class CurationSection:
     caption_tokens: int = _field(24, "max new tokens of a caption", ge=1)
     answer_tokens: int = _field(4, "max new tokens of a self-VQA answer", ge=1)
     batch_size: int = _field(32, "records per generation call", ge=1)
+    save_images: bool = _field(False, "also decode each generated candidate to round-r/images/<id>/<k>.png (for "
+                                      "people and pixel-reading judges; curation itself reads the token grids)")
 
 
 @dataclass

@@ -5,6 +5,7 @@ evaluate on held-out records.
     run_dir/round-r/und_candidates.jsonl       K captions per record         (journal: resumable per record)
                     und_scores.jsonl           their scores
                     gen_candidates.jsonl       M token grids per prompt
+                    images/<id>/<k>.png        those grids decoded (only with curation.save_images=true)
                     gen_scores.jsonl           self-VQA accuracy per grid
                     pairs.jsonl, stats.json    the round's pairs (Eq. 10 from round 2) and why others were dropped
                     train/                     the trainer's run dir (metrics.jsonl, checkpoints)
@@ -274,7 +275,8 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
         if not _done_everywhere(rd, "gen_candidates"):
             ran.add("gen_candidates")
             say(f"round {r}: images ({settings.images_per_prompt} per prompt)")
-            gen_candidates(wm, mine, journal("gen_candidates"), settings, r)
+            gen_candidates(wm, mine, journal("gen_candidates"), settings, r,
+                           images_dir=rd / "images" if cfg.curation.save_images else None)
             finish("gen_candidates")
         if stopped(r):
             return results

@@ -4,7 +4,8 @@
                      top-k ∈ {2,3,4} × temperature ∈ {0.1, 0.7, 2.0}); KV-cached, batched over records
     und_scores       each caption scored against the record's truth (pluggable ``caption_scorer``; the world's is
                      exact attribute agreement)
-    gen_candidates   M images per prompt: batched MaskGIT with CFG, kept as token grids (never pixels)
+    gen_candidates   M images per prompt: batched MaskGIT with CFG, kept as token grids; decoded to PNG only
+                     with ``images_dir`` (for people and pixel-reading judges: ``save_candidate_images``)
     gen_scores       self-VQA: the same model answers the record's questions about each of its generated images
                      (token grids go straight in), free-form answers mapped to a choice; score = accuracy
     pairs            winner/loser per side (round 1: best vs worst, generation needs best > threshold; round ≥ 2:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +36,8 @@ from hermesflow_fast.model.generate import generate_answers, generate_images, ge
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.pairs import Choice, self_play_pair
 
-__all__ = ["CurationRecord", "CurationSettings", "build_pairs", "gen_candidates", "gen_scores", "record_generator",
-           "und_candidates", "und_scores"]
+__all__ = ["CurationRecord", "CurationSettings", "build_pairs", "export_candidate_images", "gen_candidates",
+           "gen_scores", "image_folder", "record_generator", "save_candidate_images", "und_candidates", "und_scores"]
 
 PAPER_CAPTION_GRID = ((1, 0.0),) + tuple((k, t) for k in (2, 3, 4) for t in (0.1, 0.7, 2.0))
 
@@ -123,9 +125,47 @@ def und_scores(records: Sequence[CurationRecord], candidates: Journal, journal: 
     return journal
 
 
+def image_folder(record_id: str) -> str:
+    """The folder name of a record's images: the id itself when it is a plain file name, else the id with every other
+    character as "_" plus 8 hex digits of its hash (so ids never escape the folder and never collide)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", record_id)
+    if safe == record_id and safe not in (".", ".."):
+        return safe
+    return f"{safe}-{hashlib.sha256(record_id.encode()).hexdigest()[:8]}"
+
+
+def save_candidate_images(image_tokenizer, record_id: str, codes: Tensor, out_dir: str | Path) -> list[Path]:
+    """Decode a record's generated token grids (M, N) to ``out_dir/<image_folder(id)>/{0..M-1}.png`` (the original
+    code's ``generated_images/{id}/{k}.png`` layout); returns the paths. Each file is written whole (a temporary
+    name, then a rename), so a killed run never leaves a truncated PNG."""
+    from PIL import Image
+
+    folder = Path(out_dir) / image_folder(record_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        pixels = image_tokenizer.decode(codes.to(image_tokenizer.device)).float().cpu()  # (M, 3, H, W) in [-1, 1]
+    arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    paths = []
+    for k, a in enumerate(arr):
+        path, tmp = folder / f"{k}.png", folder / f".{k}.png.tmp"
+        Image.fromarray(a).save(tmp, format="PNG")
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def export_candidate_images(image_tokenizer, candidates: Journal, out_dir: str | Path) -> int:
+    """Every record of a finished ``gen_candidates`` journal to PNGs under ``out_dir`` → the number of images."""
+    n = 0
+    for rec in candidates:
+        n += len(save_candidate_images(image_tokenizer, rec["id"], torch.tensor(rec["images"]), out_dir))
+    return n
+
+
 def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: CurationSettings, round_: int,
-                   progress: Callable[[int], None] | None = None) -> Journal:
-    """M images per prompt as token grids → {"id", "images": [[code, …] × M]}."""
+                   progress: Callable[[int], None] | None = None, images_dir: str | Path | None = None) -> Journal:
+    """M images per prompt as token grids → {"id", "images": [[code, …] × M]}. With ``images_dir`` each record's
+    images are also written as PNGs there (``save_candidate_images``) before its journal line."""
     tok = wm.text_tokenizer
     N = int(records[0].image_codes.numel()) if records else 0
     for batch in _batches(_todo(records, journal), s.batch_size):
@@ -136,6 +176,8 @@ def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
                                 generator=gens).cpu()
         M = s.images_per_prompt
         for i, r in enumerate(batch):
+            if images_dir is not None:
+                save_candidate_images(wm.image_tokenizer, r.id, codes[i * M:(i + 1) * M], images_dir)
             journal.append({"id": r.id, "images": codes[i * M:(i + 1) * M].tolist()})
         if progress:
             progress(len(batch))

@@ -16,6 +16,7 @@ import hermesflow_fast.selfplay.evaluate as ev
 from hermesflow_fast.cli import main
 from hermesflow_fast.world import CATEGORIES, JUDGE, make_records
 from hermesflow_fast.world.base import load_base
+from hermesflow_fast.world.judge import as_rgb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,6 +127,27 @@ def test_eval_command(tmp_path):
     out = json.loads((tmp_path / "eval.json").read_text())
     assert out["gap"] == out["und"] - out["gen"] and out["n_records"] == 4
     assert (tmp_path / "samples.png").is_file() and "gap" in res.output
+
+
+def test_images_command_decodes_a_rounds_candidates(wm, tmp_path):
+    from hermesflow_fast.selfplay.stages import image_folder
+
+    rd = tmp_path / "round-1"
+    rd.mkdir()
+    missing = CliRunner().invoke(main, ["images", str(rd)])
+    assert missing.exit_code != 0 and "gen_candidates.jsonl" in missing.output
+    g = torch.Generator().manual_seed(0)
+    recs = [{"id": i, "images": torch.randint(wm.vocab.num_image_codes, (2, wm.num_image_tokens), generator=g).tolist()}
+            for i in ("shapes-1", "coco/000139")]
+    (rd / "gen_candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = CliRunner().invoke(main, ["images", str(rd)])
+    assert res.exit_code == 0, res.output
+    assert "wrote 4 images" in res.output
+    for r in recs:
+        px = wm.image_tokenizer.decode(torch.tensor(r["images"]))
+        for k in range(2):
+            got = np.asarray(Image.open(rd / "images" / image_folder(r["id"]) / f"{k}.png"))
+            assert (got == as_rgb(px[k])).all()
 
 
 def test_selfplay_recipe_is_the_demo_recipe():

@@ -1,5 +1,5 @@
 """One short self-play round on CPU from the shipped base: every stage's file, pairs, a trained model, held-out
-scores and the report; a run interrupted in a stage resumes to the same pairs."""
+scores and the report (and, asked, the candidates as PNGs); a run interrupted in a stage resumes to the same pairs."""
 
 import json
 import shutil
@@ -19,7 +19,8 @@ TINY = ["world.train_records=8", "world.heldout_records=6", "curation.caption_gr
 @pytest.fixture(scope="module")
 def one_round(tmp_path_factory):
     run = tmp_path_factory.mktemp("sp") / "run"
-    res = run_selfplay(load_config(None, TINY, schema=SelfPlayConfig), run, rounds=1, log=lambda m: None)
+    cfg = load_config(None, TINY + ["curation.save_images=true"], schema=SelfPlayConfig)
+    res = run_selfplay(cfg, run, rounds=1, log=lambda m: None)
     return run, res
 
 
@@ -29,6 +30,7 @@ def test_one_round_writes_every_stage_and_the_report(one_round):
     for name in ("und_candidates", "und_scores", "gen_candidates", "gen_scores"):
         lines = (rd / f"{name}.jsonl").read_text().splitlines()
         assert len(lines) == 8 and len({json.loads(x)["id"] for x in lines}) == 8
+    assert len(list((rd / "images").glob("*/*.png"))) == 8 * 2  # curation.save_images: M PNGs per record
     stats = json.loads((rd / "stats.json").read_text())
     for side in ("und", "gen"):
         assert stats[side]["kept"] + sum(stats[side]["dropped"].values()) == 8

@@ -1,6 +1,7 @@
 """Curation stages on a tiny random model and a handful of world records: each stage writes one line per record,
 resumes without losing or duplicating, draws per record (batching does not change results), and pairs count
-their drops; self-VQA with one prefill per generated image writes exactly what the row-wise answers gave (there and
+their drops; generated grids decode to PNGs only when asked;
+self-VQA with one prefill per generated image writes exactly what the row-wise answers gave (there and
 on the shipped base)."""
 
 import json
@@ -18,8 +19,10 @@ from hermesflow_fast.selfplay.stages import (
     CurationRecord,
     CurationSettings,
     build_pairs,
+    export_candidate_images,
     gen_candidates,
     gen_scores,
+    image_folder,
     und_candidates,
     und_scores,
 )
@@ -76,6 +79,37 @@ def test_results_do_not_depend_on_batching(wm, tmp_path):
     g1 = gen_candidates(w, recs, Journal(tmp_path / "c.jsonl"), SETTINGS, 1).records()
     g2 = gen_candidates(w, recs[::-1], Journal(tmp_path / "d.jsonl"), small, 1).records()
     assert g1 == g2
+
+
+def test_generated_images_become_pngs_only_when_asked(wm, tmp_path):
+    from PIL import Image
+
+    from hermesflow_fast.world.judge import as_rgb
+
+    w, recs = wm
+    plain = gen_candidates(w, recs[:2], Journal(tmp_path / "a.jsonl"), SETTINGS, 1)
+    assert not any(tmp_path.rglob("*.png"))  # curation itself never decodes
+    out = tmp_path / "images"
+    gc = gen_candidates(w, recs[:2], Journal(tmp_path / "b.jsonl"), SETTINGS, 1, images_dir=out)
+    assert gc.records() == plain.records()  # the PNGs change nothing in the journal
+    for rec in gc:
+        pixels = w.image_tokenizer.decode(torch.tensor(rec["images"]))
+        files = sorted((out / rec["id"]).iterdir())
+        assert [f.name for f in files] == [f"{k}.png" for k in range(SETTINGS.images_per_prompt)]
+        for f, px in zip(files, pixels):
+            got = as_rgb(Image.open(f))  # what a judge reading the file sees
+            assert (got == as_rgb(px)).all()
+    # an existing round's journal exports to the same files
+    assert export_candidate_images(w.image_tokenizer, gc, tmp_path / "again") == 2 * SETTINGS.images_per_prompt
+    for f in out.rglob("*.png"):
+        assert f.read_bytes() == (tmp_path / "again" / f.relative_to(out)).read_bytes()
+
+
+def test_image_folders_never_escape_or_collide():
+    assert image_folder("shapes-000123") == "shapes-000123"
+    names = [image_folder(i) for i in ("a/../b", "a_.._b", "..", "x y", "x_y", "/etc")]
+    assert len(set(names)) == len(names)
+    assert all("/" not in n and n not in (".", "..") for n in names)
 
 
 def test_a_record_without_questions_is_named(wm, tmp_path):
