@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the model's weights")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                     help="a random model of this size instead of the base (see the module docstring)")
+    ap.add_argument("--baseline-cfg", choices=("batched", "separate"), default="batched",
+                    help="the baseline's cond and uncond rows: one forward per step (the original's t2i_generate) "
+                         "or two")
     ap.add_argument("--out", default=str(CSV), help="CSV to append to ('' for none)")
     cfg = ap.parse_args(argv)
+    batched = cfg.baseline_cfg == "batched"
     threads = utils.set_threads(cfg.threads)
     wm = load_base(cfg.base)
     if cfg.preset:
@@ -117,16 +121,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "questions": sum(len(r.questions) for r in recs), "image_tokens": int(recs[0].image_codes.numel()),
              "params": sum(p.numel() for p in wm.model.parameters()), "threads": threads, "device": cfg.device,
              "warmup": cfg.warmup, "preset": cfg.preset or "base", "d": wm.model.config.hidden_size,
-             "layers": wm.model.config.num_hidden_layers}
+             "layers": wm.model.config.num_hidden_layers, "baseline_cfg": cfg.baseline_cfg}
     rows, base = [], None
     if cfg.warmup:  # first-call costs (CUDA context, cuBLAS handles, compiled attention kernels) off the clock
         with tempfile.TemporaryDirectory() as tmp:
             ours_pass(wm, recs[:1], s, Path(tmp))
-            hermesflow_curation_pass(wm, recs[:1], s, answer_match)
+            hermesflow_curation_pass(wm, recs[:1], s, answer_match, cfg_batched=batched)
     if cfg.profile:
         with tempfile.TemporaryDirectory() as tmp:
             run = (lambda: ours_pass(wm, recs, s, Path(tmp))) if cfg.profile == "ours" else (
-                lambda: hermesflow_curation_pass(wm, recs, s, answer_match))
+                lambda: hermesflow_curation_pass(wm, recs, s, answer_match, cfg_batched=batched))
             print(utils.profile_table(run, cfg.device))
         return []
     for name in ("hermesflow", "ours"):
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if name == "ours":
                 ours_pass(wm, recs, s, Path(tmp), stages)
             else:
-                hermesflow_curation_pass(wm, recs, s, answer_match, stages=stages)
+                hermesflow_curation_pass(wm, recs, s, answer_match, stages=stages, cfg_batched=batched)
             utils.sync(cfg.device)
             dt = time.perf_counter() - t0
         rps = cfg.records / dt

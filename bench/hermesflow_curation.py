@@ -4,7 +4,8 @@ baseline. Per record, batch 1 throughout:
 - captions: for each (top_k, temperature) of the grid, token by token WITHOUT a KV cache, the whole sequence and
   its full-vocabulary logits recomputed at every step (``mmu_generate``), top-k + temperature sampling;
 - images: M images of the prompt in one batch with their unconditional rows in the same forward (as
-  ``t2i_generate`` does: cond and uncond concatenated), the whole sequence recomputed every step (no text cache);
+  ``t2i_generate`` does: cond and uncond concatenated; ``cfg_batched=False`` runs the uncond rows as a second
+  forward instead), the whole sequence recomputed every step (no text cache);
 - self-VQA: every generated image decoded to pixels, written as PNG, read back and re-encoded by the image tokenizer
   (the original scores PNG files), then each question answered alone, greedy, without a KV cache.
 
@@ -81,14 +82,16 @@ def _sdpa(model):
 
 
 def hermesflow_curation_pass(wm, records, settings, answer_match, seed: int = 0,
-                             stages: dict[str, float] | None = None) -> list[dict]:
+                             stages: dict[str, float] | None = None, cfg_batched: bool = True) -> list[dict]:
     """K captions + M images + self-VQA for each record, one record at a time; returns per-record results.
-    ``stages``: a dict that receives the seconds spent in "captions", "images" and "self_vqa" (PNG round trip in)."""
+    ``stages``: a dict that receives the seconds spent in "captions", "images" and "self_vqa" (PNG round trip in).
+    ``cfg_batched``: cond and uncond rows in one forward per step (the original's ``t2i_generate``) or two."""
     with _sdpa(wm.model):
-        return _pass(wm, records, settings, answer_match, seed, {} if stages is None else stages)
+        return _pass(wm, records, settings, answer_match, seed, {} if stages is None else stages, cfg_batched)
 
 
-def _pass(wm, records, settings, answer_match, seed: int, stages: dict[str, float]) -> list[dict]:
+def _pass(wm, records, settings, answer_match, seed: int, stages: dict[str, float], cfg_batched: bool
+          ) -> list[dict]:
     from hermesflow_fast.data.text import prompt_ids
 
     tok, dev = wm.text_tokenizer, wm.device
@@ -105,7 +108,7 @@ def _pass(wm, records, settings, answer_match, seed: int, stages: dict[str, floa
             codes = generate_images(wm.model, wm.layout, [prompt_ids(tok, r.prompt)], int(r.image_codes.numel()),
                                     images_per_prompt=settings.images_per_prompt, steps=settings.steps,
                                     guidance_scale=settings.guidance_scale, generator=gen, use_text_cache=False,
-                                    cfg_batched=True)
+                                    cfg_batched=cfg_batched)
         with stage_timer(stages, "self_vqa", dev):
             codes = _png_roundtrip(wm, codes)
             acc = []

@@ -1,5 +1,6 @@
 """Smoke test of bench/bench_curation.py at the "tiny" preset (a random model around the world, its own image grid
-and codebook) in bf16: both passes run and append one records/s row each, with the preset's shapes recorded."""
+and codebook) in bf16: both passes run and append one records/s row each, with the preset's shapes (and the
+baseline's CFG batching) recorded."""
 
 import json
 import sys
@@ -32,7 +33,8 @@ def test_bf16_tiny_preset_rows(tmp_path):
     torch.set_grad_enabled(False)
     try:
         rows = bench_curation.main(["--preset", "tiny", "--dtype", "bf16", "--records", "2", "--images", "2",
-                                    "--steps", "2", "--captions", "two", "--threads", "1", "--out", str(out)])
+                                    "--steps", "2", "--captions", "two", "--threads", "1", "--baseline-cfg", "separate",
+                                    "--out", str(out)])
     finally:
         torch.set_grad_enabled(True)
     assert [r["kernel_provider"] for r in rows] == ["hermesflow", "ours"]
@@ -40,6 +42,7 @@ def test_bf16_tiny_preset_rows(tmp_path):
     assert len(got) == 2 and all(r["dtype"] == "bf16" and float(r["y_value_50"]) > 0 for r in got)
     cfg = json.loads(got[0]["extra_benchmark_config_str"])
     assert cfg["preset"] == "tiny" and cfg["image_tokens"] == 256 and cfg["d"] == 64
+    assert cfg["baseline_cfg"] == "separate"
     for row in got:  # each side's time split by stage, under the same names
         split = json.loads(row["extra_benchmark_config_str"])["stage_seconds"]
         assert set(split) == {"captions", "images", "self_vqa"} and all(v > 0 for v in split.values())
