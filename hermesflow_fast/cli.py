@@ -279,10 +279,10 @@ def eval_command(checkpoint: str, run_dir: str, records: int, seed: int, images_
               help="output folder  [default: ROUND_DIR/images]")
 def images_command(round_dir: str, model: str | None, out_dir: str | None) -> None:
     """Decode a self-play round's generated candidates (gen_candidates.jsonl) to PNGs, <out>/<id>/<k>.png."""
-    import yaml
-
+    from hermesflow_fast.selfplay.config import SelfPlayConfig
     from hermesflow_fast.selfplay.journal import Journal
     from hermesflow_fast.selfplay.stages import export_candidate_images
+    from hermesflow_fast.train.config import load_config
     from hermesflow_fast.world.base import load_base
 
     rd = Path(round_dir)
@@ -290,8 +290,8 @@ def images_command(round_dir: str, model: str | None, out_dir: str | None) -> No
     if not cands.is_file():
         raise click.BadParameter(f"{cands} does not exist; run the round's gen_candidates stage first",
                                  param_hint="ROUND_DIR")
-    if model is None and (rd.parent / "config.yaml").is_file():
-        model = ((yaml.safe_load((rd.parent / "config.yaml").read_text()) or {}).get("world") or {}).get("base")
+    if model is None and (rd.parent / "config.yaml").is_file():  # the run's own config, saved by selfplay
+        model = load_config(rd.parent / "config.yaml", [], schema=SelfPlayConfig).world.base
     wm = load_base(model)
     out = Path(out_dir) if out_dir else rd / "images"
     n = export_candidate_images(wm.image_tokenizer, Journal(cands), out)

@@ -66,6 +66,7 @@ __all__ = [
     "MAGVITv2Config",
     "TOKENIZER_TYPE",
     "check_code_grid",
+    "images_to_uint8",
     "load_magvit_state_dict",
     "map_magvit_keys",
     "read_state_dict",
@@ -420,14 +421,8 @@ class MAGVITv2(nn.Module):
 
     @staticmethod
     def to_uint8(images: Tensor) -> Tensor:
-        """images (B, 3, H, W) in [−1, 1] -> (B, H, W, 3) uint8 on the CPU, round((x + 1)/2 · 255).
-
-        Show-o truncates (``astype(uint8)``) instead of rounding: values differ by at most one level.
-        """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"MAGVITv2.to_uint8: images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-        x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-        return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        """images (B, 3, H, W) in [−1, 1] -> (B, H, W, 3) uint8 on the CPU (``images_to_uint8``)."""
+        return images_to_uint8(images, "MAGVITv2.to_uint8")
 
     # --- checkpoints --------------------------------------------------------------------------------------------------
 
@@ -495,6 +490,17 @@ def check_code_grid(codes: Tensor, shape: Sequence[int] | None, where: str) -> t
     if h * w != N or h <= 0:
         raise ValueError(f"{where}: shape={tuple(shape)} has h·w = {h * w}, codes (B, N) = {tuple(codes.shape)}")
     return B, h, w
+
+
+def images_to_uint8(images: Tensor, name: str = "images_to_uint8") -> Tensor:
+    """Any image tokenizer's decode, (B, 3, H, W) in [−1, 1] -> (B, H, W, 3) uint8 on the CPU, round((x + 1)/2 · 255).
+
+    Show-o truncates (``astype(uint8)``) instead of rounding: values differ by at most one level. ``name`` starts the
+    error message."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name}: images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

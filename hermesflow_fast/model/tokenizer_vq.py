@@ -46,7 +46,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from hermesflow_fast.model.magvit import TOKENIZER_TYPE as MAGVIT_TYPE
-from hermesflow_fast.model.magvit import MAGVITv2, check_code_grid
+from hermesflow_fast.model.magvit import MAGVITv2, check_code_grid, images_to_uint8
 from hermesflow_fast.ops import nearest_code
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "PatchVQConfig",
     "PatchVQTokenizer",
     "image_to_tensor",
+    "images_to_uint8",
     "load_image",
     "load_image_tokenizer",
 ]

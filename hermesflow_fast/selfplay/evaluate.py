@@ -42,7 +42,7 @@ from torch import Tensor
 
 from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
-from hermesflow_fast.model.tokenizer_vq import image_to_tensor
+from hermesflow_fast.model.tokenizer_vq import image_to_tensor, images_to_uint8
 from hermesflow_fast.world.judge import JUDGE, Judge
 from hermesflow_fast.world.records import WorldRecord
 from hermesflow_fast.world.scene import CATEGORIES
@@ -212,8 +212,7 @@ def image_grid(images: Tensor, ncol: int, scale: int = 4, pad: int = 2,
     text_h = 12 if labels else 0
     ch, cw = H * scale + pad, W * scale + pad
     canvas = Image.new("RGB", (ncol * cw + pad, nrow * (ch + text_h) + pad), (64, 64, 64))
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    arr = images_to_uint8(images, "image_grid").numpy()  # (B, H, W, 3)
     draw = ImageDraw.Draw(canvas)
     for i in range(B):
         r, c = divmod(i, ncol)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
+from hermesflow_fast.model.tokenizer_vq import images_to_uint8
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.pairs import Choice, self_play_pair
 
@@ -143,8 +144,7 @@ def save_candidate_images(image_tokenizer, record_id: str, codes: Tensor, out_di
     folder = Path(out_dir) / image_folder(record_id)
     folder.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        pixels = image_tokenizer.decode(codes.to(image_tokenizer.device)).float().cpu()  # (M, 3, H, W) in [-1, 1]
-    arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        arr = images_to_uint8(image_tokenizer.decode(codes.to(image_tokenizer.device))).numpy()  # (M, H, W, 3)
     paths = []
     for k, a in enumerate(arr):
         path, tmp = folder / f"{k}.png", folder / f".{k}.png.tmp"
@@ -176,9 +176,10 @@ def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
                                 generator=gens).cpu()
         M = s.images_per_prompt
         for i, r in enumerate(batch):
+            grids = codes[i * M:(i + 1) * M]
             if images_dir is not None:
-                save_candidate_images(wm.image_tokenizer, r.id, codes[i * M:(i + 1) * M], images_dir)
-            journal.append({"id": r.id, "images": codes[i * M:(i + 1) * M].tolist()})
+                save_candidate_images(wm.image_tokenizer, r.id, grids, images_dir)
+            journal.append({"id": r.id, "images": grids.tolist()})
         if progress:
             progress(len(batch))
     return journal

@@ -148,6 +148,14 @@ def test_images_command_decodes_a_rounds_candidates(wm, tmp_path):
         for k in range(2):
             got = np.asarray(Image.open(rd / "images" / image_folder(r["id"]) / f"{k}.png"))
             assert (got == as_rgb(px[k])).all()
+    # in a run dir, the model comes from the run's saved config (world.base): a folder that is not there is named
+    from hermesflow_fast.selfplay.config import SelfPlayConfig
+    from hermesflow_fast.train.config import load_config, save_config
+
+    save_config(load_config(None, [f"world.base={tmp_path / 'gone'}"], schema=SelfPlayConfig),
+                tmp_path / "config.yaml")
+    res = CliRunner().invoke(main, ["images", str(rd), "--out", str(tmp_path / "again")])
+    assert res.exit_code != 0 and "gone" in str(res.exception)
 
 
 def test_selfplay_recipe_is_the_demo_recipe():
