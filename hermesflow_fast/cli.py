@@ -84,9 +84,22 @@ def env_report() -> list[tuple[str, str]]:
     return rows
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+class _Main(click.Group):
+    """The ``hermesflow`` group: a ``UserError`` from any subcommand is one ``error: …`` line (errors.py)."""
+
+    def invoke(self, ctx: click.Context):
+        from hermesflow_fast.errors import user_errors
+
+        with user_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show tracebacks of user errors (same as HFF_DEBUG=1)")
+def main(debug: bool) -> None:
     """hermesflow_fast: HermesFlow Pair-DPO, fast."""
+    if debug:
+        os.environ["HFF_DEBUG"] = "1"  # also seen by the ranks torchrun starts
 
 
 @main.command()

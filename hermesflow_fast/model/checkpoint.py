@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hermesflow_fast.errors import UserError
 from hermesflow_fast.model.config import ModelConfig
 
 __all__ = ["CheckpointError", "load_pretrained", "load_state_dict_file", "map_keys", "read_state_dict",
@@ -33,7 +34,7 @@ _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old Phi checkpoints carry
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded as asked: the message names the file/tensor and what was expected."""
 
 

@@ -2,7 +2,10 @@
 
 import sys
 
+from hermesflow_fast.errors import user_errors
 from hermesflow_fast.selfplay.cli import selfplay_main
 
 if __name__ == "__main__":
-    raise SystemExit(selfplay_main(sys.argv[1:]))
+    with user_errors():
+        code = selfplay_main(sys.argv[1:])
+    raise SystemExit(code)

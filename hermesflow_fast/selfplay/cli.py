@@ -61,14 +61,11 @@ def _run(args, overrides: list[str]) -> int:
     from hermesflow_fast.selfplay.config import SelfPlayConfig, check_data
     from hermesflow_fast.selfplay.report import format_table
     from hermesflow_fast.selfplay.rounds import run_selfplay
-    from hermesflow_fast.train.config import ConfigError, load_config
+    from hermesflow_fast.train.config import load_config
     from hermesflow_fast.train.distributed import shutdown
 
-    try:
-        cfg = load_config(args.config, overrides, schema=SelfPlayConfig)
-        check_data(cfg)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    cfg = load_config(args.config, overrides, schema=SelfPlayConfig)
+    check_data(cfg)
     t0 = time.perf_counter()
     try:
         results = run_selfplay(cfg, args.run_dir, args.rounds, resume=args.resume, stop_after=args.stop_after)

@@ -59,15 +59,12 @@ def launch(argv: list[str]) -> int:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    from hermesflow_fast.train.config import ConfigError, load_config
+    from hermesflow_fast.train.config import load_config
 
     overrides = list(args.overrides)
     if args.init_from:
         overrides.append(f"model.init_from={args.init_from}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    cfg = load_config(args.config, overrides)
     if args.dry_run:
         return _dry_run(cfg, args)
     from hermesflow_fast.train.distributed import shutdown
@@ -98,4 +95,8 @@ def _dry_run(cfg, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    raise SystemExit(launch(sys.argv[1:] if argv is None else argv))
+    from hermesflow_fast.errors import user_errors
+
+    with user_errors():
+        code = launch(sys.argv[1:] if argv is None else argv)
+    raise SystemExit(code)

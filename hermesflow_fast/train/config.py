@@ -32,6 +32,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from hermesflow_fast.errors import UserError
+
 __all__ = [
     "CheckpointSection",
     "ConfigError",
@@ -51,7 +53,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used: the message names the file/line or override, the key and what was expected."""
 
 
