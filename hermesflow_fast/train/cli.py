@@ -75,6 +75,7 @@ def run_training(args: argparse.Namespace) -> int:
         trainer.setup()
         trainer.train()
     finally:
+        del trainer  # its DDP/FSDP wrappers hold the process group: released before shutdown() frees it
         shutdown()
     return 0
 

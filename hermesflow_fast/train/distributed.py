@@ -9,11 +9,20 @@ Without torchrun's environment (RANK/WORLD_SIZE) everything runs as one process 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: torch.distributed.nn.functional declares its collectives
+# with `group=group.WORLD` as a default argument, evaluated when the module is first imported. Imported after
+# init_process_group (DDP's construction imports it), those defaults hold the group for the life of the process,
+# destroy_process_group cannot free it, and gloo's worker threads live on into interpreter exit, where they race the
+# process's teardown: "terminate called without an active exception" (SIGABRT) on a rank in some runs.
+import torch.distributed.nn  # noqa: F401, E402  (isort: keep after torch.distributed)
 from torch import nn
 
 __all__ = ["DistInfo", "all_reduce_sum", "barrier", "init_distributed", "shutdown", "wrap_model"]
@@ -57,8 +66,20 @@ def init_distributed(backend: str = "auto", device: str | None = None) -> DistIn
 
 
 def shutdown() -> None:
+    """Destroy the process group; its backend (gloo's threads, NCCL's communicators) goes with the last reference.
+
+    Call it after the models wrapped by ``wrap_model`` are dropped (DDP's reducer and FSDP's state hold the group):
+    a backend still alive at interpreter exit can abort the process."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    if "torch.distributed.tensor" in sys.modules:  # FSDP2's DTensors ran: their sharding caches hold the mesh
+        try:
+            from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+            _clear_sharding_prop_cache()
+        except (ImportError, AttributeError, RuntimeError):  # another torch release: the group may outlive us
+            pass
+    gc.collect()  # wrappers caught in reference cycles release the group now, not during interpreter teardown
 
 
 def barrier() -> None:

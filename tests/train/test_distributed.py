@@ -62,3 +62,44 @@ def test_fsdp2_matches_ddp_and_resumes(two_procs, tmp_path):
     shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-00000008")
     again = _train(tmp_path / "fsdp", 2, "dist.strategy=fsdp", "--resume", "auto")
     assert [r["loss"] for r in again] == [r["loss"] for r in fsdp]
+
+
+_SHUTDOWN_SCRIPT = """
+import os, sys, torch
+from hermesflow_fast.train.distributed import init_distributed, shutdown, wrap_model
+
+class Net(torch.nn.Module):  # the shape wrap_model's FSDP path expects: .policy.model.layers
+    def __init__(self):
+        super().__init__()
+        self.policy = torch.nn.Module()
+        self.policy.model = torch.nn.Module()
+        self.policy.model.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+
+    def forward(self, x):
+        for layer in self.policy.model.layers:
+            x = layer(x)
+        return x
+
+info = init_distributed()
+model = wrap_model(Net(), info, sys.argv[1])
+model(torch.ones(2, 4)).sum().backward()
+del model
+shutdown()
+threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(f"rank {info.rank} threads {threads}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_shutdown_leaves_no_backend_threads(tmp_path, strategy):
+    """After shutdown() no gloo thread is left to race the interpreter's exit (the cause of rank aborts:
+    'terminate called without an active exception')."""
+    script = tmp_path / "shutdown.py"
+    script.write_text(_SHUTDOWN_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), strategy]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    lines = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("rank "))
+    assert lines == ["rank 0 threads ['python']", "rank 1 threads ['python']"], proc.stdout
