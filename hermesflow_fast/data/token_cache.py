@@ -623,19 +623,20 @@ class TokenCache:
         """None when the codes of ``rid`` are integers in [0, num_codes) (default: the cache's tokenizer's), else
         what is wrong, naming the shard file and row. Each shard is scanned once (per ``num_codes``)."""
         shard, row = self._locate(rid)
-        n = self.num_codes if num_codes is None else int(num_codes)
-        if (shard, n) not in self._bad:
-            self._bad[(shard, n)] = _bad_rows(self._shard(shard), n)
-        bad = self._bad[(shard, n)].get(row)
+        bad = self._row_bad(shard, row, self.num_codes if num_codes is None else int(num_codes))
         return None if bad is None else f"{self.out_dir / shard} row {row}: {bad}"
 
     def __getitem__(self, rid: str) -> Tensor:
         shard, row = self._locate(rid)
-        codes = self._shard(shard)[row]
-        bad = codes_problem(codes, self.num_codes)
+        bad = self._row_bad(shard, row, self.num_codes)
         if bad is not None:
             raise TokenCacheError(f"token cache record {rid!r} ({self.out_dir / shard} row {row}): {bad}")
-        return codes.to(torch.int64)  # (N,)
+        return self._shard(shard)[row].to(torch.int64)  # (N,)
+
+    def _row_bad(self, shard: str, row: int, num_codes: int) -> str | None:
+        if (shard, num_codes) not in self._bad:  # one vectorised scan per shard; the verdicts outlive the LRU
+            self._bad[(shard, num_codes)] = _bad_rows(self._shard(shard), num_codes)
+        return self._bad[(shard, num_codes)].get(row)
 
     def _locate(self, rid: str) -> tuple[str, int]:
         try:

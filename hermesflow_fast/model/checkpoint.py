@@ -10,8 +10,8 @@ behind a ``module.`` prefix (a DDP save). Nothing is unpickled beyond tensors: `
 ``torch.load(weights_only=True)``, so a pickle carrying code is refused. Every tensor's shape is checked against the
 config before anything is copied; a mismatch names the tensor and both shapes. A weights file that cannot be read
 (truncated, not safetensors, a missing shard of a sharded checkpoint) is a ``CheckpointError`` naming the file, and a
-tensor the model would load holding NaN or ±inf is refused naming the tensor and its file (``check_finite``: one
-float64 sum per tensor, an exact count only when that sum is not finite).
+tensor the model would load holding NaN or ±inf is refused naming the tensor and its file (``check_finite``: one sum
+per tensor in its own dtype, an exact count only when that sum is not finite).
 """
 
 from __future__ import annotations
@@ -114,11 +114,12 @@ def _read_files(paths: list[Path], files: dict[str, Path] | None) -> dict[str, T
 
 
 def _nonfinite(t: Tensor) -> int:
-    """How many values of ``t`` are NaN or ±inf (0 for integer tensors). A float64 sum is finite exactly when every
-    value is (float32/bf16 values cannot overflow it), so the count runs only for a tensor that has some."""
+    """How many values of ``t`` are NaN or ±inf (0 for integer tensors). A NaN or inf makes the sum non-finite, so a
+    finite sum (one vectorised pass in the tensor's dtype) clears the tensor; only a non-finite sum (a bad value, or
+    an overflow of the sum itself) pays for the exact count."""
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return 0
-    if t.is_floating_point() and bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    if bool(torch.isfinite(t.sum())):
         return 0
     return int((~torch.isfinite(t)).sum())
 
