@@ -15,20 +15,20 @@ image, ~11% of a DPO step). The codes of an image never change for a frozen toke
 For each record: row = tokenizer.encode(load_image(path)[None])[0], so ``TokenCache(out_dir)[id]`` equals the
 tokenizer's codes of that image (batches change nothing: both tokenizers encode each image independently).
 
-Crash safety and resume. A shard is written to ``shard-XXXXX.safetensors.tmp``, fsynced and renamed; only then are
-its size and sha256 appended to shards.jsonl and its index lines to index.jsonl (one fsynced write each). A rerun reads
-the index, drops a torn last line (a kill mid-append), deletes temp files and shards no index line refers to (a kill
-between rename and append), skips the ids already indexed and appends new shards numbered after the existing ones.
-Before that it checks every indexed shard: size and sha256 against shards.jsonl, or, for a shard without a line there
-(a cache written before shards.jsonl existed), by re-reading it (a readable safetensors file whose ``ids`` have the
-cache's dtype and width, rows for every index line, and the record ids the index gives); the line is then added. A
-missing or damaged shard (truncated, overwritten) is dropped from the index and its records are encoded again, and
-the summary says which shard and why. A killed run therefore loses at most the rows not
-yet in an indexed shard and never indexes an id twice. Images that cannot be read (missing, corrupt, truncated, a
-size other than tokenizer.image_size, a mode other than RGB unless the tokenizer's convert_to_rgb allows it) are
-listed in errors.jsonl with the reason, counted in the summary and skipped: nothing is substituted for them, and a
-rerun tries them again. A rerun with a different tokenizer (digest of its config and weights) is refused. One writer
-per out_dir at a time.
+Crash safety and resume. A shard is written to ``shard-XXXXX.safetensors.tmp``, fsynced and renamed; only then are its
+size and sha256 appended to shards.jsonl and its index lines to index.jsonl (one fsynced write each). A rerun reads the
+index, drops a torn last line (a kill mid-append), deletes temp files and shards no index line refers to (a kill between
+rename and append), skips the ids already indexed and appends new shards numbered after the existing ones. Before that
+it checks every indexed shard: size and sha256 against shards.jsonl, or, for a shard without a line there (a cache
+written before shards.jsonl existed), by re-reading it (a readable safetensors file whose ``ids`` have the cache's dtype
+and width, rows for every index line, and the record ids the index gives); the line is then added. A missing or damaged
+shard (truncated, overwritten) is dropped from the index, its file kept aside as ``shard-XXXXX.safetensors.damaged``,
+and its records are encoded again; the summary says which shard and why. A killed run therefore loses at most the rows
+not yet in an indexed shard and never indexes an id twice. Images that cannot be read (missing, corrupt, truncated, a
+size other than tokenizer.image_size, a mode other than RGB unless the tokenizer's convert_to_rgb allows it) are listed
+in errors.jsonl with the reason, counted in the summary and skipped: nothing is substituted for them, and a rerun tries
+them again. A rerun with a different tokenizer (digest of its config and weights) is refused. One writer per out_dir at
+a time.
 
 Reading checks too (``TokenCache``): a shard that is missing, has another size or sha256 than shards.jsonl records,
 or is not readable is a ``TokenCacheError`` naming the file (and saying that rerunning ``hermesflow tokenize`` on the
@@ -180,8 +180,8 @@ class TokenizeSummary:
         if self.damaged:
             why = "; ".join(f"{k}: {v}" for k, v in list(self.damaged.items())[:3])
             more = f"; … {len(self.damaged) - 3} more" if len(self.damaged) > 3 else ""
-            s += (f"; {len(self.damaged)} damaged shard(s) dropped ({why}{more}), {self.reencoded} of their "
-                  f"record(s) re-encoded")
+            s += (f"; {len(self.damaged)} damaged shard(s) dropped ({why}{more}; kept as *.damaged), "
+                  f"{self.reencoded} of their record(s) re-encoded")
             if self.dropped:
                 s += f", {self.dropped} not in the source and no longer cached"
         return s
@@ -367,6 +367,9 @@ def _check_shards(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any]
     if damaged:
         entries = [e for e in entries if e["shard"] not in damaged]
         _rewrite(out / INDEX_FILE, [json.dumps(e) + "\n" for e in entries])
+        for name in damaged:  # kept aside, never read again; a later damage of the same name replaces it
+            if (out / name).is_file():
+                os.replace(out / name, out / (name + ".damaged"))
     if sound != recorded:
         _rewrite(out / SHARDS_FILE, [json.dumps(r) + "\n" for r in sound.values()])
     return entries, damaged, lost

@@ -205,6 +205,8 @@ def test_damaged_shard_is_named_on_read_and_re_encoded_on_resume(tmp_path, vq, d
     assert (summary.cached_before, summary.written, summary.reencoded) == (4, 2, 2)
     assert f"1 damaged shard(s) dropped ({shard.name}: " in str(summary) and "2 of their record(s) re-encoded" in str(
         summary)
+    if damage != "delete":  # what was there is kept aside, not deleted
+        assert (out / f"{shard.name}.damaged").read_bytes() != data and len(list(out.glob("*.damaged"))) == 1
     cache = TokenCache(out)
     assert len(cache) == 6 and not (set(victims) - set(cache.ids()))
     _assert_matches_encode(cache, list_records(tmp_path / "src"), vq)
