@@ -181,8 +181,8 @@ def selfplay(args: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True))
-@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(exists=True),
+@click.argument("source", type=click.Path())
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(),
               help="local image tokenizer folder (MAGVIT-v2 weights or a patch-VQ save)")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="token cache folder (resumable)")
 @click.option("--batch-size", default=64, show_default=True)
@@ -191,7 +191,8 @@ def selfplay(args: tuple[str, ...]) -> None:
 def tokenize(source: str, tokenizer_path: str, out_dir: str, batch_size: int, shard_size: int, device: str) -> None:
     """Tokenize images once: SOURCE is a folder of images or a records JSONL (`id`, `image`).
 
-    Rerunning continues where a previous run stopped; unreadable images are listed in OUT/errors.jsonl."""
+    Rerunning continues where a previous run stopped and re-encodes the records of shards found missing or damaged;
+    unreadable images are listed in OUT/errors.jsonl. Bad arguments are one `error: …` line (exit 2)."""
     from hermesflow_fast.data.token_cache import tokenize_command
 
     summary = tokenize_command(source, tokenizer_path, out_dir, batch_size=batch_size, shard_size=shard_size,

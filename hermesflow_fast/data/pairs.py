@@ -38,6 +38,10 @@ append to. Fields are mapped by ``HERMESFLOW_FIELDS``:
 No question is imported: HermesFlow trains captions under "Give a detailed caption for this image.", our default.
 Duplicates (an append-mode rerun writes every record again) are imported as they are; validation reports them.
 
+Every problem with the file itself (missing, a folder, not UTF-8 text, a line or object that is not a pair) is a
+``UserError`` naming the file and line; ``looks_like_hermesflow(path)`` tells a caller that read HermesFlow's file as
+JSONL (or the reverse) which format to ask for.
+
     python -m pytest -q tests/data/test_pairs.py
 """
 
@@ -50,6 +54,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hermesflow_fast.errors import UserError
+
 __all__ = [
     "CACHE_PREFIX",
     "DEFAULT_QUESTION",
@@ -57,6 +63,7 @@ __all__ = [
     "PairRecord",
     "derived_id",
     "import_hermesflow",
+    "looks_like_hermesflow",
     "read_pairs",
     "write_pairs",
 ]
@@ -128,45 +135,76 @@ _KNOWN = {f.name for f in fields(PairRecord)} - {"line"}
 
 def _record(obj: Any, where: str) -> PairRecord:
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _KNOWN)
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; a pair has {sorted(_KNOWN)}")
+        raise UserError(f"{where}: unknown field(s) {unknown}; a pair has {sorted(_KNOWN)}")
     kw: dict[str, Any] = {}
     for k in _TEXT_FIELDS:
         v = obj.get(k)
         if k == "id" and isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
         if v is not None and not isinstance(v, str):
-            raise ValueError(f"{where}: field {k!r} must be a string or null, got {type(v).__name__} {v!r:.60}")
+            raise UserError(f"{where}: field {k!r} must be a string or null, got {type(v).__name__} {v!r:.60}")
         kw[k] = v
     scores = obj.get("scores") or {}
     if not isinstance(scores, dict) or any(
             not isinstance(s, (int, float)) or isinstance(s, bool) for s in scores.values()):
-        raise ValueError(f"{where}: \"scores\" must be an object of numbers, got {scores!r:.80}")
+        raise UserError(f"{where}: \"scores\" must be an object of numbers, got {scores!r:.80}")
     return PairRecord(**kw, scores={str(k): float(s) for k, s in scores.items()})
 
 
 def read_pairs(path: str | os.PathLike) -> list[PairRecord]:
     """The pairs of a JSONL file in file order (blank lines skipped; ``record.line`` = its line number).
 
-    Raises ValueError naming file:line for a line that is not a JSON object, an unknown field or a field of the
-    wrong type. Missing fields, bad images and duplicate ids are left to ``validate_pairs``."""
+    Raises UserError (a ValueError) naming the file for a missing file, a folder or bytes that are not UTF-8 text,
+    and file:line for a line that is not a JSON object, an unknown field or a field of the wrong type. Missing
+    fields, bad images and duplicate ids are left to ``validate_pairs``."""
     path = Path(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from exc
-            rec = _record(obj, where)
-            rec.line = lineno
-            records.append(rec)
+    text = _read_text(path, "utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from exc
+        rec = _record(obj, where)
+        rec.line = lineno
+        records.append(rec)
     return records
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    """The text of a pairs file; UserError naming it when it is missing, a folder or not UTF-8."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, expected a file of pairs (JSONL, or HermesFlow's pair_dpo_data.json)")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file")
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {exc.start}: {exc.reason}); a pairs file is JSON "
+                        f"text") from exc
+    return text
+
+
+_HERMESFLOW_ONLY = tuple(f'"{k}"' for k in HERMESFLOW_FIELDS if k not in ("id", "prompt"))
+
+
+def looks_like_hermesflow(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like HermesFlow's ``pair_dpo_data.json`` (a JSON array, or objects with its keys
+    such as ``caption_win`` / ``img_path``) rather than our JSONL; reads at most its first 64 KiB."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    except OSError:
+        return False
+    return head.startswith("[") or any(k in head for k in _HERMESFLOW_ONLY)
 
 
 def write_pairs(path: str | os.PathLike, records: list[PairRecord]) -> None:
@@ -220,26 +258,26 @@ def _objects(text: str, file: Path) -> list[tuple[int, Any]]:
     while True:
         if pos >= n:
             if array:
-                raise ValueError(f"{file}:{_position(text, pos)}: the JSON array is not closed with ']'")
+                raise UserError(f"{file}:{_position(text, pos)}: the JSON array is not closed with ']'")
             break
         if array and text[pos] == "]":
             rest = skip(pos + 1)
             if rest < n:
-                raise ValueError(f"{file}:{_position(text, rest)}: unexpected text after the closing ']'")
+                raise UserError(f"{file}:{_position(text, rest)}: unexpected text after the closing ']'")
             break
         if text[pos] != "{":
-            raise ValueError(f"{file}:{_position(text, pos)}: expected a JSON object '{{', got {text[pos:pos + 20]!r}")
+            raise UserError(f"{file}:{_position(text, pos)}: expected a JSON object '{{', got {text[pos:pos + 20]!r}")
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{file}:{_position(text, exc.pos)}: not JSON ({exc.msg}) in the object starting at "
+            raise UserError(f"{file}:{_position(text, exc.pos)}: not JSON ({exc.msg}) in the object starting at "
                              f"{_position(text, pos)}") from exc
         out.append((text.count("\n", 0, pos) + 1, obj))
         pos = skip(end)
         if pos < n and text[pos] == ",":
             pos = skip(pos + 1)
         elif array and pos < n and text[pos] != "]":
-            raise ValueError(f"{file}:{_position(text, pos)}: expected ',' between objects, got "
+            raise UserError(f"{file}:{_position(text, pos)}: expected ',' between objects, got "
                              f"{text[pos:pos + 20]!r}")
     return out
 
@@ -249,18 +287,18 @@ def import_hermesflow(path: str | os.PathLike, *, root: str | os.PathLike | None
 
     ``root``: HermesFlow's repo root, which its image paths are relative to; given, relative paths become
     ``root/path`` (so the records can be written anywhere), else they are kept as they are. ``record.line`` is the
-    line the object starts on. Raises ValueError naming file:line for bad JSON, a non-object, an unknown key or a
-    value of the wrong type."""
+    line the object starts on. Raises UserError (a ValueError) naming file:line for bad JSON, a non-object, an
+    unknown key or a value of the wrong type, and the file when it is missing, a folder or not UTF-8 text."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path, "utf-8-sig")
     records = []
     for line, obj in _objects(text, path):
         where = f"{path}:{line}"
         if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         unknown = sorted(set(obj) - set(HERMESFLOW_FIELDS))
         if unknown:
-            raise ValueError(f"{where}: unknown HermesFlow key(s) {unknown}; pair_dpo_data.json records have "
+            raise UserError(f"{where}: unknown HermesFlow key(s) {unknown}; pair_dpo_data.json records have "
                              f"{sorted(HERMESFLOW_FIELDS)}")
         ours: dict[str, Any] = {"scores": {}}
         for key, value in obj.items():

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hermesflow_fast.data.pairs import DEFAULT_QUESTION
+from hermesflow_fast.errors import UserError
 
 __all__ = ["EOS_TOKEN", "UND_TEMPLATE", "UNK_TOKEN", "build_word_tokenizer", "caption_ids", "load_text_tokenizer",
            "prompt_ids", "und_prompt_ids"]
@@ -40,20 +41,21 @@ _WORD = re.compile(r"\w+|[^\w\s]+")
 
 
 def load_text_tokenizer(path: str | os.PathLike) -> Any:
-    """``transformers.AutoTokenizer`` from a local folder (never the network). FileNotFoundError if it is missing,
-    ValueError naming the folder if transformers cannot read it."""
+    """``transformers.AutoTokenizer`` from a local folder (never the network). UserError naming the folder if it is
+    missing or transformers cannot read it."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"load_text_tokenizer: {path} is not a folder; pass a local tokenizer folder "
-                                f"(tokenizer.json / tokenizer_config.json, e.g. a phi-1.5 download)")
+        raise UserError(f"load_text_tokenizer: {path} is not a folder; pass a local tokenizer folder "
+                        f"(tokenizer.json / tokenizer_config.json, e.g. a phi-1.5 download)")
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:
         raise ImportError("load_text_tokenizer needs transformers: pip install 'hermesflow_fast[hf]'") from exc
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"load_text_tokenizer: cannot read a tokenizer from {path} ({exc})") from exc
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"load_text_tokenizer: cannot read a tokenizer from {path} ({type(exc).__name__}: "
+                        f"{exc})") from exc
 
 
 def build_word_tokenizer(words: Iterable[str], out_dir: str | os.PathLike) -> Any:

@@ -8,14 +8,17 @@ Checks, in order, per record (a side = understanding "und" (image, y_w, y_l) or 
     duplicate id      the id appeared on an earlier line (this record dropped; the first one is kept)
     missing image     a path that does not exist; a ``cache:<id>`` ref not in the token cache (or no cache given)
     unreadable image  a path PIL cannot open and verify (header + structure; no full decode)
-    equal pair        y_w == y_l (after strip) drops the und side; x_w == x_l (same file, same cache row, or equal
-                      cached codes) drops the gen side
+    bad codes         a ``cache:<id>`` row holding NaN/inf, a non-integer or a code outside the tokenizer's codebook
+                      [0, num_codes) (the message names the shard file and row; one scan per shard)
+    equal pair        y_w == y_l (after strip) drops the und side; x_w == x_l (same file, files with the same bytes,
+                      same cache row, or equal cached codes) drops the gen side; a file is hashed only when another
+                      file of its pair has its size, once
     too long          a caption over ``text_budget`` tokens or a prompt over ``prompt_budget`` tokens: with
                       ``truncate`` it is counted (batching cuts it), without, its side is dropped
     no side           neither side declared (record dropped)
 
 A record that loses both sides is dropped (counted under the first problem that cost it a side). ``strict=True``
-raises one ValueError listing the first 20 problems and their total (callers write nothing); ``strict=False``
+raises one UserError listing the first 20 problems and their total (callers write nothing); ``strict=False``
 returns the kept records, with a dropped side's fields set to None, and the report.
 
     report = validate_pairs(read_pairs(f), f, root=f.parent, text_tokenizer=tok, text_budget=100, truncate=False,
@@ -28,6 +31,7 @@ returns the kept records, with a dropped side's fields set to None, and the repo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -40,10 +44,13 @@ import torch
 from hermesflow_fast.data.image_ref import cache_id, image_problem, resolve_path
 from hermesflow_fast.data.pairs import PairRecord
 from hermesflow_fast.data.text import caption_ids, prompt_ids
+from hermesflow_fast.data.token_cache import codes_problem
+from hermesflow_fast.errors import UserError
 
 __all__ = ["KINDS", "Problem", "ValidationReport", "validate_pairs"]
 
-KINDS = ("missing field", "duplicate id", "missing image", "unreadable image", "equal pair", "too long", "no side")
+KINDS = ("missing field", "duplicate id", "missing image", "unreadable image", "bad codes", "equal pair", "too long",
+         "no side")
 _SIDE_FIELDS = {"und": ("caption_chosen", "caption_rejected"), "gen": ("image_chosen", "image_rejected")}
 MAX_LISTED = 20
 
@@ -109,13 +116,16 @@ def validate_pairs(
     records: Sequence[PairRecord], source: str | os.PathLike, *, root: str | os.PathLike, text_tokenizer: Any,
     text_budget: int, truncate: bool, strict: bool, token_cache: Any = None,
     image_exists: Callable[[Path], bool | str | None] = image_problem, prompt_budget: int | None = None,
+    num_codes: int | None = None,
 ) -> ValidationReport:
     """Check ``records`` read from ``source`` (named in every problem); see the module docstring.
 
     ``root``: the folder path refs are relative to (the JSONL file's). ``text_budget``: most caption tokens
     (``caption_ids``, eos excluded); ``prompt_budget`` (default ``text_budget``): most prompt tokens (``prompt_ids``).
-    ``token_cache``: a TokenCache (or mapping id -> codes) serving ``cache:`` refs. ``image_exists(path)``: None or
-    True if the file is usable, False if missing, or a reason string ("missing: …" / "unreadable: …").
+    ``token_cache``: a TokenCache (or mapping id -> codes) serving ``cache:`` refs. ``num_codes``: the codebook size
+    cached codes must fall below (default the cache's ``num_codes``; the model's image-code count when smaller).
+    ``image_exists(path)``: None or True if the file is usable, False if missing, or a reason string ("missing: …" /
+    "unreadable: …").
     """
     if text_budget < 1:
         raise ValueError(f"validate_pairs: text_budget must be ≥ 1, got {text_budget}")
@@ -124,6 +134,10 @@ def validate_pairs(
     report = ValidationReport(source, len(records))
     seen: dict[str, int | None] = {}
     image_memo: dict[str, tuple[str, str] | None] = {}
+    codes_memo: dict[str, str | None] = {}
+    digests: dict[str, tuple[int, str | None] | None] = {}  # path -> (size, sha256 once computed); None: no file
+    if num_codes is None:
+        num_codes = getattr(token_cache, "num_codes", None)
 
     def check_image(ref: str) -> tuple[str, str] | None:
         """(kind, message) of a bad image ref, None when fine; each cache row or file is checked once."""
@@ -133,7 +147,14 @@ def validate_pairs(
                 return "missing image", f"{ref!r} names a token cache, but none was given"
             if rid not in token_cache:
                 return "missing image", f"{ref!r}: record {rid!r} is not in the token cache"
-            return None
+            if rid not in codes_memo:
+                if hasattr(token_cache, "row_problem"):
+                    codes_memo[rid] = token_cache.row_problem(rid, num_codes)
+                else:
+                    codes_memo[rid] = codes_problem(torch.as_tensor(token_cache[rid]),
+                                                    num_codes if num_codes is not None else 2**63 - 1)
+            bad_codes = codes_memo[rid]
+            return None if bad_codes is None else ("bad codes", f"{ref!r}: {bad_codes}")
         path = Path(os.path.normpath(resolve_path(ref, root)))
         key = str(path)
         if key not in image_memo:
@@ -148,13 +169,43 @@ def validate_pairs(
         bad = image_memo[key]
         return None if bad is None else (bad[0], f"{ref!r}: {bad[1]}")
 
-    def same_image(a: str, b: str) -> bool:
+    def size_of(path: str) -> int | None:
+        if path not in digests:
+            try:
+                digests[path] = (os.stat(path).st_size, None)
+            except OSError:
+                digests[path] = None
+        entry = digests[path]
+        return None if entry is None else entry[0]
+
+    def sha256_of(path: str) -> str:
+        size, digest = digests[path]
+        if digest is None:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            digests[path] = (size, digest)
+        return digest
+
+    def same_image(a: str, b: str) -> str | None:
+        """How ``a`` and ``b`` are the same image ("the same file", …), None when they are not."""
         ca, cb = cache_id(a), cache_id(b)
         if ca is not None and cb is not None:
-            return ca == cb or (token_cache is not None and torch.equal(token_cache[ca], token_cache[cb]))
+            if ca == cb:
+                return "the same cache row"
+            if token_cache is not None and torch.equal(token_cache[ca], token_cache[cb]):
+                return "equal cached codes"
+            return None
         if ca is None and cb is None:
-            return os.path.normpath(resolve_path(a, root)) == os.path.normpath(resolve_path(b, root))
-        return False
+            pa, pb = (os.path.normpath(resolve_path(x, root)) for x in (a, b))
+            if pa == pb:
+                return "the same file"
+            size = size_of(pa)
+            if size is not None and size == size_of(pb) and sha256_of(pa) == sha256_of(pb):
+                return "files with identical bytes"
+        return None
 
     for i, rec in enumerate(records):
         rid = rec.id if not _blank(rec.id) else f"#{i}"
@@ -201,9 +252,9 @@ def validate_pairs(
                 if len(found) == n_before:
                     if side == "und" and a.strip() == b.strip():
                         problem("equal pair", side, f"caption_chosen == caption_rejected ({a.strip()[:60]!r})")
-                    elif side == "gen" and same_image(a, b):
-                        problem("equal pair", side, f"image_chosen and image_rejected are the same image ({a!r}, "
-                                f"{b!r})")
+                    elif side == "gen" and (how := same_image(a, b)):
+                        problem("equal pair", side, f"image_chosen and image_rejected are the same image ({how}: "
+                                f"{a!r}, {b!r})")
                 if len(found) == n_before:
                     texts = ([("caption_chosen", a), ("caption_rejected", b)] if side == "und"
                              else [("prompt", rec.prompt)])
@@ -233,5 +284,5 @@ def validate_pairs(
         listed = "\n".join(f"  {p}" for p in report.problems[:MAX_LISTED])
         more = f"\n  … and {n - MAX_LISTED} more" if n > MAX_LISTED else ""
         counts = ", ".join(f"{c:,} {k}" for k, c in _by_kind(Counter(p.kind for p in report.problems)))
-        raise ValueError(f"{source}: {n:,} problem(s) in {report.total:,} records ({counts}):\n{listed}{more}")
+        raise UserError(f"{source}: {n:,} problem(s) in {report.total:,} records ({counts}):\n{listed}{more}")
     return report

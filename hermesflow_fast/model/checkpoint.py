@@ -8,7 +8,10 @@
 Keys: ``model.layers.N.self_attn.q_proj.weight`` … (HF Phi, ours), the same under ``showo.`` (Show-o), optionally
 behind a ``module.`` prefix (a DDP save). Nothing is unpickled beyond tensors: ``.bin``/``.pt`` files go through
 ``torch.load(weights_only=True)``, so a pickle carrying code is refused. Every tensor's shape is checked against the
-config before anything is copied; a mismatch names the tensor and both shapes.
+config before anything is copied; a mismatch names the tensor and both shapes. A weights file that cannot be read
+(truncated, not safetensors, a missing shard of a sharded checkpoint) is a ``CheckpointError`` naming the file, and a
+tensor the model would load holding NaN or ±inf is refused naming the tensor and its file (``check_finite``: one sum
+per tensor in its own dtype, an exact count only when that sum is not finite).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from torch import Tensor
 from hermesflow_fast.errors import UserError
 from hermesflow_fast.model.config import ModelConfig
 
-__all__ = ["CheckpointError", "load_pretrained", "load_state_dict_file", "map_keys", "read_state_dict",
-           "save_pretrained"]
+__all__ = ["CheckpointError", "check_finite", "load_pretrained", "load_state_dict_file", "map_keys",
+           "read_state_dict", "save_pretrained"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -67,26 +70,70 @@ def load_state_dict_file(file: str | os.PathLike) -> dict[str, Tensor]:
     return dict(sd)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A weights file, or a folder holding one (single file or sharded with an index)."""
+def read_state_dict(path: str | os.PathLike, files: dict[str, Path] | None = None) -> dict[str, Tensor]:
+    """A weights file, or a folder holding one (single file or sharded with an index). ``files``, when given, is
+    filled with the file each tensor came from."""
     path = Path(path)
     if path.is_file():
-        return load_state_dict_file(path)
+        return _read_files([path], files)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or folder")
     for name in _INDEX_FILES:
         index = path / name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            sd: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                sd.update(load_state_dict_file(path / shard))
-            return sd
+            return _read_files([path / s for s in _index_shards(index)], files)
     for name in _WEIGHT_FILES:
         if (path / name).is_file():
-            return load_state_dict_file(path / name)
+            return _read_files([path / name], files)
     found = sorted(p.name for p in path.iterdir())[:20]
     raise CheckpointError(f"{path}: no weights file ({', '.join(_WEIGHT_FILES)} or a sharded index); found {found}")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names of a sharded checkpoint's index (``weight_map`` values), sorted."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    except (UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a sharded-checkpoint index (a JSON object with a \"weight_map\" of "
+                              f"tensor name → shard file): {type(exc).__name__}: {exc}") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: \"weight_map\" must map tensor names to shard file names")
+    return sorted(set(weight_map.values()))
+
+
+def _read_files(paths: list[Path], files: dict[str, Path] | None) -> dict[str, Tensor]:
+    sd: dict[str, Tensor] = {}
+    for file in paths:
+        part = load_state_dict_file(file)
+        if files is not None:
+            files.update(dict.fromkeys(part, file))
+        sd.update(part)
+    return sd
+
+
+def _nonfinite(t: Tensor) -> int:
+    """How many values of ``t`` are NaN or ±inf (0 for integer tensors). A NaN or inf makes the sum non-finite, so a
+    finite sum (one vectorised pass in the tensor's dtype) clears the tensor; only a non-finite sum (a bad value, or
+    an overflow of the sum itself) pays for the exact count."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return 0
+    if bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_finite(state_dict: Mapping[str, Tensor], files: Mapping[str, str | os.PathLike] | str | os.PathLike
+                 ) -> None:
+    """Raise ``CheckpointError`` naming the first tensor holding NaN or ±inf and its file (``files``: one path for
+    all, or tensor name → path)."""
+    for name, t in state_dict.items():
+        bad = _nonfinite(t)
+        if bad:
+            file = files.get(name, "?") if isinstance(files, Mapping) else files
+            raise CheckpointError(f"{file}: tensor {name!r} holds {bad:,} non-finite value(s) (NaN or ±inf) of "
+                                  f"{t.numel():,}; these weights cannot be trained or sampled from")
 
 
 def map_keys(sd: dict[str, Tensor], where: str = "checkpoint") -> tuple[dict[str, Tensor], str, list[str]]:
@@ -126,9 +173,13 @@ def load_pretrained(cls, path, config: ModelConfig | None = None, dtype: torch.d
         if raw is None:
             raise CheckpointError(f"{path}: no config.json beside the weights; pass config=ModelConfig(...)")
         config = ModelConfig.from_dict(raw, where=str(path / "config.json" if path.is_dir() else path))
-    sd, layout, left = map_keys(read_state_dict(path), where=str(path))
+    files: dict[str, Path] = {}
+    sd, layout, left = map_keys(read_state_dict(path, files), where=str(path))
     model = cls(config)
     expected = model.state_dict()
+    check_finite({k: v for k, v in sd.items() if k in expected},
+                 {k: next((files[o] for o in (k, f"showo.{k}", f"module.{k}", f"module.showo.{k}") if o in files), path)
+                  for k in sd})
     for name, t in sd.items():
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):
             hint = ""

@@ -32,12 +32,13 @@ encoder/decoder (the released ``showlab/magvitv2`` key list is not available her
 ``mid_block.{n}`` → ``mid.block_{n+1}``, ``downsample.weight`` → ``downsample.conv.weight`` (and ``upsample``); it drops
 the LFQ's buffers (``quantize.*``: the quantiser has no learned parameters) and training-only modules (``loss.*``,
 ``discriminator.*``, ``lpips.*``, ``perceptual_loss.*``). ``load_magvit_state_dict`` then matches by name, strictly:
-every tensor's shape is checked before anything is copied, and a mismatch raises ``ValueError`` naming the tensor,
-the checkpoint's shape and the model's shape, with the lists of missing and unexpected keys. One leniency: a conv
-whose weight is present but whose bias is absent was built ``bias=False`` in the release and gets a zero bias (the
-same function). ``.bin``/``.pt`` files go through ``torch.load(weights_only=True)``: a pickle that carries code is
-refused. ``MAGVITv2.from_pretrained(path)`` takes the sizes from our config.json if the folder has one, else infers
-them from the tensors' shapes (``MAGVITv2Config.from_state_dict``).
+every tensor's shape is checked before anything is copied, and a mismatch raises ``CheckpointError`` (a ``ValueError``)
+naming the tensor, the checkpoint's shape and the model's shape, with the lists of missing and unexpected keys. One
+leniency: a conv whose weight is present but whose bias is absent was built ``bias=False`` in the release and gets a
+zero bias (the same function). ``.bin``/``.pt`` files go through ``torch.load(weights_only=True)``: a pickle that
+carries code is refused; an unreadable (e.g. truncated) weights file, or a tensor the model loads holding NaN or ±inf,
+is a ``CheckpointError`` naming the file (and the tensor). ``MAGVITv2.from_pretrained(path)`` takes the sizes from our
+config.json if the folder has one, else infers them from the tensors' shapes (``MAGVITv2Config.from_state_dict``).
 
     python -m pytest -q tests/model/test_magvit.py
 """
@@ -58,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hermesflow_fast.model.checkpoint import load_state_dict_file
+from hermesflow_fast.model.checkpoint import CheckpointError, check_finite, load_state_dict_file
 from hermesflow_fast.ops.lfq import lfq_codes, lfq_quantize
 
 __all__ = [
@@ -162,7 +163,7 @@ class MAGVITv2Config:
             conv_out = sd["encoder.conv_out.weight"]  # (C, width, k, k)
             dec_out = sd["decoder.conv_out.weight"]  # (out, width, 3, 3)
         except KeyError as exc:
-            raise ValueError(f"MAGVITv2Config.from_state_dict: the checkpoint has no {exc.args[0]!r}; "
+            raise CheckpointError(f"MAGVITv2Config.from_state_dict: the checkpoint has no {exc.args[0]!r}; "
                              f"is it a MAGVIT-v2 checkpoint? First keys: {sorted(sd)[:8]}") from None
         ch = int(conv_in.shape[0])
 
@@ -174,7 +175,7 @@ class MAGVITv2Config:
                 if m:
                     blocks.setdefault(int(m[1]), {})[int(m[2])] = v
             if sorted(blocks) != list(range(len(blocks))) or not blocks:
-                raise ValueError(f"MAGVITv2Config.from_state_dict: {part}.{group}.* levels are not 0..L−1: "
+                raise CheckpointError(f"MAGVITv2Config.from_state_dict: {part}.{group}.* levels are not 0..L−1: "
                                  f"{sorted(blocks)}")
             counts = tuple(len(blocks[i]) for i in range(len(blocks)))
             mult = tuple(int(blocks[i][max(blocks[i])].shape[0]) // ch for i in range(len(blocks)))
@@ -433,7 +434,10 @@ class MAGVITv2(nn.Module):
         ``*.safetensors``) or a single weights file. Sizes: ``config`` if given, else our config.json, else read off
         the tensors (``MAGVITv2Config.from_state_dict``). Nothing is downloaded."""
         path = Path(path)
-        sd = map_magvit_keys(read_state_dict(path))
+        files: dict[str, Path] = {}
+        raw = read_state_dict(path, files)
+        check_finite({k: v for k, v in raw.items() if not _map_key(k).startswith(_IGNORED_PREFIXES)}, files)
+        sd = map_magvit_keys(raw)
         if config is None:
             saved = _read_our_config(path)
             config = MAGVITv2Config.from_dict(saved, str(path / _CONFIG_FILE)) if saved is not None \
@@ -516,32 +520,36 @@ def _read_our_config(path: Path) -> dict[str, Any] | None:
     try:
         d = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
     return d if isinstance(d, dict) and d.get("tokenizer_type") == TOKENIZER_TYPE else None
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike, files: dict[str, Path] | None = None) -> dict[str, Tensor]:
     """A weights file (``.safetensors``, or ``.bin``/``.pt``/``.pth``/``.ckpt`` read with ``weights_only=True``) or a
-    folder holding ``*.safetensors`` (all are merged) or else ``pytorch_model.bin`` → {name: CPU tensor}."""
+    folder holding ``*.safetensors`` (all are merged) or else ``pytorch_model.bin`` → {name: CPU tensor}. ``files``,
+    when given, is filled with the file each tensor came from. Errors are ``CheckpointError`` naming the file."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files and (path / "pytorch_model.bin").is_file():
-            files = [path / "pytorch_model.bin"]
-        if not files:
-            raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model.bin in this folder (weights are "
-                                    f"read from a local path only)")
-        sd: dict[str, Tensor] = {}
-        for f in files:
-            part = load_state_dict_file(f)
-            dup = sorted(set(sd) & set(part))
-            if dup:
-                raise ValueError(f"{f}: tensors {dup[:5]} are also in another weights file of {path}")
-            sd.update(part)
-        return sd
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or folder (weights are read from a local path only)")
-    return load_state_dict_file(path)
+        paths = sorted(path.glob("*.safetensors"))
+        if not paths and (path / "pytorch_model.bin").is_file():
+            paths = [path / "pytorch_model.bin"]
+        if not paths:
+            raise CheckpointError(f"{path}: no *.safetensors or pytorch_model.bin in this folder (weights are "
+                                  f"read from a local path only)")
+    elif path.is_file():
+        paths = [path]
+    else:
+        raise CheckpointError(f"{path}: no such file or folder (weights are read from a local path only)")
+    sd: dict[str, Tensor] = {}
+    for f in paths:
+        part = load_state_dict_file(f)
+        dup = sorted(set(sd) & set(part))
+        if dup:
+            raise CheckpointError(f"{f}: tensors {dup[:5]} are also in another weights file of {path}")
+        sd.update(part)
+        if files is not None:
+            files.update(dict.fromkeys(part, f))
+    return sd
 
 
 _KEY_REWRITES: tuple[tuple[re.Pattern[str], Any], ...] = (
@@ -553,6 +561,12 @@ _KEY_REWRITES: tuple[tuple[re.Pattern[str], Any], ...] = (
 )
 
 
+def _map_key(key: str) -> str:
+    for pat, repl in _KEY_REWRITES:
+        key = pat.sub(repl, key)
+    return key
+
+
 def map_magvit_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rewrite known key variants onto our layout (module docstring) and drop LFQ buffers and training-only modules.
 
@@ -560,13 +574,11 @@ def map_magvit_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     origin: dict[str, str] = {}
     for key, value in state_dict.items():
-        new = key
-        for pat, repl in _KEY_REWRITES:
-            new = pat.sub(repl, new)
+        new = _map_key(key)
         if new.startswith(_IGNORED_PREFIXES):
             continue
         if new in out:
-            raise ValueError(f"map_magvit_keys: checkpoint keys {origin[new]!r} and {key!r} both map to {new!r}")
+            raise CheckpointError(f"map_magvit_keys: checkpoint keys {origin[new]!r} and {key!r} both map to {new!r}")
         out[new], origin[new] = value, key
     return out
 
@@ -574,8 +586,8 @@ def map_magvit_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_magvit_state_dict(model: MAGVITv2, state_dict: Mapping[str, Tensor], source: str = "state_dict") -> None:
     """Copy a checkpoint (any known key variant) into ``model``, strictly by name.
 
-    Raises ValueError naming ``source`` and listing every shape mismatch (tensor, checkpoint shape, model shape),
-    missing key and unexpected key; nothing is copied unless all match."""
+    Raises CheckpointError (a ValueError) naming ``source`` and listing every shape mismatch (tensor, checkpoint shape,
+    model shape), missing key and unexpected key; nothing is copied unless all match."""
     sd = map_magvit_keys(state_dict)
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -591,10 +603,10 @@ def load_magvit_state_dict(model: MAGVITv2, state_dict: Mapping[str, Tensor], so
             if items:
                 more = f" … (+{len(items) - 20} more)" if len(items) > 20 else ""
                 parts.append(f"{len(items)} {label}: " + "; ".join(items[:20]) + more)
-        raise ValueError("\n".join(parts))
+        raise CheckpointError("\n".join(parts))
     bad_dtype = [k for k, v in sd.items() if not v.dtype.is_floating_point]
     if bad_dtype:
-        raise ValueError(f"{source}: tensors {bad_dtype[:5]} are not floating point")
+        raise CheckpointError(f"{source}: tensors {bad_dtype[:5]} are not floating point")
     with torch.no_grad():
         for k, p in own.items():
             if k in zero_bias:

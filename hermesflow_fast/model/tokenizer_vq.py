@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from hermesflow_fast.model.checkpoint import CheckpointError, check_finite, load_state_dict_file
 from hermesflow_fast.model.magvit import TOKENIZER_TYPE as MAGVIT_TYPE
 from hermesflow_fast.model.magvit import MAGVITv2, check_code_grid, images_to_uint8
 from hermesflow_fast.ops import nearest_code
@@ -101,22 +102,20 @@ class ImageTokenizer(Protocol):
 
 def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> ImageTokenizer:
     """The tokenizer saved at ``path`` (local only): config.json's ``tokenizer_type`` picks the class; a weights file,
-    or a folder of weights whose config.json is not ours (e.g. a ``showlab/magvitv2`` download), is MAGVIT-v2."""
+    or a folder of weights whose config.json is not ours (e.g. a ``showlab/magvitv2`` download), is MAGVIT-v2.
+    A missing path, an unknown type or unreadable weights are a ``CheckpointError`` naming the file."""
     path = Path(path)
     config = path / _CONFIG_FILE
     kind = None
     if path.is_dir() and config.is_file():
-        try:
-            kind = json.loads(config.read_text()).get("tokenizer_type")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ValueError(f"{config}: not a JSON object ({exc})") from exc
+        kind = _read_json(config).get("tokenizer_type")
     if kind == TOKENIZER_TYPE:
         return PatchVQTokenizer.from_pretrained(path).to(device)
     if kind in (MAGVIT_TYPE, None) and path.exists():
         return MAGVITv2.from_pretrained(path, device=device)
     if not path.exists():
-        raise FileNotFoundError(f"load_image_tokenizer: {path} does not exist (tokenizers are read from a local path)")
-    raise ValueError(f"{config}: unknown tokenizer_type {kind!r}; known: {TOKENIZER_TYPE!r}, {MAGVIT_TYPE!r}")
+        raise CheckpointError(f"load_image_tokenizer: {path} does not exist (tokenizers are read from a local path)")
+    raise CheckpointError(f"{config}: unknown tokenizer_type {kind!r}; known: {TOKENIZER_TYPE!r}, {MAGVIT_TYPE!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,25 +292,42 @@ class PatchVQTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> PatchVQTokenizer:
-        from safetensors.torch import load_file
-
+        """A folder written by ``save_pretrained``; every problem is a ``CheckpointError`` naming the file."""
         path = Path(path)
         cfg_file, weights = path / _CONFIG_FILE, path / _WEIGHTS_FILE
         if not cfg_file.is_file() or not weights.is_file():
-            raise FileNotFoundError(f"PatchVQTokenizer.from_pretrained: {path} needs {_CONFIG_FILE} and "
-                                    f"{_WEIGHTS_FILE}")
-        d = json.loads(cfg_file.read_text())
+            raise CheckpointError(f"PatchVQTokenizer.from_pretrained: {path} needs {_CONFIG_FILE} and "
+                                  f"{_WEIGHTS_FILE}")
+        d = _read_json(cfg_file)
         if d.get("tokenizer_type") != TOKENIZER_TYPE:
-            raise ValueError(f"{cfg_file}: tokenizer_type is {d.get('tokenizer_type')!r}, not {TOKENIZER_TYPE!r}")
-        config = PatchVQConfig.from_dict(d, str(cfg_file))
-        sd = load_file(str(weights))
+            raise CheckpointError(f"{cfg_file}: tokenizer_type is {d.get('tokenizer_type')!r}, not "
+                                  f"{TOKENIZER_TYPE!r}")
+        try:
+            config = PatchVQConfig.from_dict(d, str(cfg_file))
+        except (TypeError, ValueError) as exc:
+            msg = str(exc)
+            raise CheckpointError(msg if msg.startswith(str(cfg_file)) else f"{cfg_file}: {msg}") from exc
+        sd = load_state_dict_file(weights)
         if set(sd) != {"codebook"}:
-            raise ValueError(f"{weights}: expected exactly the tensor 'codebook', got {sorted(sd)}")
+            raise CheckpointError(f"{weights}: expected exactly the tensor 'codebook', got {sorted(sd)}")
         cb = sd["codebook"]
         if tuple(cb.shape) != (config.num_codes, config.dim):
-            raise ValueError(f"{weights}: codebook has shape {tuple(cb.shape)}, config {cfg_file.name} expects "
-                             f"(num_codes, channels·p²) = {(config.num_codes, config.dim)}")
+            raise CheckpointError(f"{weights}: codebook has shape {tuple(cb.shape)}, config {cfg_file.name} expects "
+                                  f"(num_codes, channels·p²) = {(config.num_codes, config.dim)}")
+        check_finite(sd, weights)
         return cls(config, cb)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:

@@ -11,18 +11,24 @@ model folder, never the network.
 
     scorer = EmbeddingCaptionScorer(TextEmbedder("/models/all-MiniLM-L6-v2", "sbert"))
     und_scores(records, candidates, journal, scorer)
+
+A model folder that cannot be used is a ``UserError`` naming it: missing, unreadable by transformers, or holding
+pickled weights (``pytorch_model*.bin`` with no ``*.safetensors`` beside them) that carry anything but tensors; such
+a file is named, and refused before transformers or sentence-transformers unpickle it.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from hermesflow_fast.errors import UserError
 from hermesflow_fast.world.scoring import answer_match, normalise_answer
 
 __all__ = ["KINDS", "EmbeddingAnswerMatcher", "EmbeddingCaptionScorer", "TextEmbedder"]
@@ -36,12 +42,13 @@ class TextEmbedder:
     def __init__(self, path: str | os.PathLike, kind: str = "sbert", device: str | torch.device = "cpu",
                  batch_size: int = 64, max_length: int = 128):
         if kind not in KINDS:
-            raise ValueError(f"TextEmbedder: kind must be one of {KINDS}, got {kind!r}")
+            raise UserError(f"TextEmbedder: kind must be one of {KINDS}, got {kind!r}")
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"TextEmbedder: scorer model folder {path} does not exist; pass a local "
-                                    f"{'sentence-transformers' if kind == 'sbert' else 'BERT'} model folder "
-                                    f"(nothing is downloaded)")
+            raise UserError(f"TextEmbedder: scorer model folder {path} does not exist; pass a local "
+                            f"{'sentence-transformers' if kind == 'sbert' else 'BERT'} model folder "
+                            f"(nothing is downloaded)")
+        _check_pickled_weights(path)
         self.path, self.kind, self.device = path, kind, torch.device(device)
         self.batch_size, self.max_length = batch_size, max_length
         if kind == "sbert":
@@ -50,15 +57,23 @@ class TextEmbedder:
             except ImportError as exc:
                 raise ImportError("TextEmbedder(kind='sbert') needs sentence-transformers: "
                                   "pip install 'hermesflow_fast[scorers]' (or use kind='bert-cls')") from exc
-            self._st = SentenceTransformer(str(path), device=str(self.device))
+            try:
+                self._st = SentenceTransformer(str(path), device=str(self.device))
+            except pickle.UnpicklingError as exc:
+                raise UserError(f"TextEmbedder: {path}: refused to unpickle a weights file of this folder "
+                                f"({_first_line(exc)})") from exc
         else:
             from transformers import AutoModel, AutoTokenizer
 
             try:
                 self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
                 self._model = AutoModel.from_pretrained(str(path), local_files_only=True).to(self.device).eval()
+            except pickle.UnpicklingError as exc:
+                raise UserError(f"TextEmbedder: {path}: refused to unpickle a weights file of this folder "
+                                f"({_first_line(exc)})") from exc
             except (OSError, ValueError) as exc:
-                raise ValueError(f"TextEmbedder: cannot load a BERT model and tokenizer from {path}: {exc}") from exc
+                raise UserError(f"TextEmbedder: cannot load a BERT model and tokenizer from {path}: "
+                                f"{_first_line(exc)}") from exc
             if self._tok.pad_token is None:
                 self._tok.pad_token = self._tok.eos_token or self._tok.unk_token
             self._drop_types = "token_type_ids" not in inspect.signature(self._model.forward).parameters
@@ -79,6 +94,24 @@ class TextEmbedder:
                 enc.pop("token_type_ids", None)
             chunks.append(self._model(**enc).last_hidden_state[:, 0].float().cpu())
         return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_pickled_weights(folder: Path) -> None:
+    """Refuse, naming it, a ``pytorch_model*.bin`` of ``folder`` or a module subfolder (sentence-transformers keeps
+    modules in subfolders) that would be unpickled (no ``*.safetensors`` beside it) and holds anything but tensors:
+    each is read once with ``torch.load(weights_only=True)`` (``load_state_dict_file``)."""
+    from hermesflow_fast.model.checkpoint import load_state_dict_file
+
+    for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        if any(d.glob("*.safetensors")):
+            continue
+        for f in sorted(d.glob("pytorch_model*.bin")):
+            load_state_dict_file(f)  # CheckpointError (a UserError) naming f when it carries other objects
 
 
 class EmbeddingCaptionScorer:

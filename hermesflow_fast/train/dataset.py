@@ -4,7 +4,10 @@
                 → text ids (data.text_tokenizer) + image codes (data.token_cache / data.image_tokenizer)
     synthetic:  data.synthetic_pairs > 0 → random captions/prompts/codes from the run seed (no files needed)
 
-Both give a ``Vocabulary`` (token layout), a ``Layout`` and ``list[TokenizedPair]`` in a stable order.
+Both give a ``Vocabulary`` (token layout), a ``Layout`` and ``list[TokenizedPair]`` in a stable order. A problem
+with what ``cfg.data`` names (a pairs file that is missing, a folder, binary, empty, in the other format, or left
+with no valid pair; a tokenizer or token cache that cannot be read) is a ``UserError`` led by the config key, e.g.
+``data.pairs: runs/x/pairs.jsonl holds no pairs``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hermesflow_fast.data.batching import TokenizedPair
+from hermesflow_fast.errors import UserError
 from hermesflow_fast.model.layout import Layout, Vocabulary
 
 __all__ = ["TrainData", "load_train_data", "synthetic_pairs", "synthetic_vocabulary"]
@@ -56,8 +60,8 @@ def synthetic_pairs(n: int, vocab: Vocabulary, image_tokens: int, seed: int, cap
 def _vocab_from_file(path: str) -> Vocabulary:
     try:
         return Vocabulary.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise ValueError(f"model.vocab: cannot read a vocabulary from {path}: {exc}") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError) as exc:
+        raise UserError(f"model.vocab: cannot read a vocabulary from {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def load_train_data(cfg, model_vocab: Vocabulary | None = None, log=print) -> TrainData:
@@ -70,14 +74,13 @@ def load_train_data(cfg, model_vocab: Vocabulary | None = None, log=print) -> Tr
         pairs = synthetic_pairs(d.synthetic_pairs, vocab, n_tok, cfg.run.seed)
         return TrainData(vocab, layout, pairs, f"synthetic: {len(pairs)} pairs, {n_tok} image tokens each", n_tok)
     if not d.pairs:
-        raise ValueError("data.pairs is not set (or set data.synthetic_pairs > 0 for generated data)")
+        raise UserError("data.pairs is not set (or set data.synthetic_pairs > 0 for generated data)")
     return _load_real(cfg, model_vocab, log)
 
 
 def _load_real(cfg, model_vocab: Vocabulary | None, log) -> TrainData:
     from hermesflow_fast.data.batching import text_budgets, tokenize_pair
     from hermesflow_fast.data.image_ref import ImageCodes
-    from hermesflow_fast.data.pairs import import_hermesflow, read_pairs
     from hermesflow_fast.data.text import load_text_tokenizer, und_prompt_ids
     from hermesflow_fast.data.token_cache import TokenCache
     from hermesflow_fast.data.validate import validate_pairs
@@ -85,16 +88,16 @@ def _load_real(cfg, model_vocab: Vocabulary | None, log) -> TrainData:
     d = cfg.data
     src = Path(d.pairs)
     root = Path(d.image_root) if d.image_root else src.parent
-    records = import_hermesflow(src, root=root) if d.format == "hermesflow" else read_pairs(src)
+    records = _read_records(src, d.format, root)
     if not d.text_tokenizer:
-        raise ValueError("data.text_tokenizer is not set: the captions and prompts need a text tokenizer")
-    tok = load_text_tokenizer(d.text_tokenizer)
-    cache = TokenCache(d.token_cache) if d.token_cache else None
+        raise UserError("data.text_tokenizer is not set: the captions and prompts need a text tokenizer")
+    tok = _named("data.text_tokenizer", load_text_tokenizer, d.text_tokenizer)
+    cache = _named("data.token_cache", TokenCache, d.token_cache) if d.token_cache else None
     image_tok = None
     if d.image_tokenizer:
         from hermesflow_fast.model.tokenizer_vq import load_image_tokenizer
 
-        image_tok = load_image_tokenizer(d.image_tokenizer)
+        image_tok = _named("data.image_tokenizer", load_image_tokenizer, d.image_tokenizer)
     num_codes = cache.num_codes if cache is not None else (image_tok.num_codes if image_tok is not None else None)
     if cfg.model.vocab:
         vocab = _vocab_from_file(cfg.model.vocab)
@@ -102,13 +105,18 @@ def _load_real(cfg, model_vocab: Vocabulary | None, log) -> TrainData:
         vocab = model_vocab
     else:
         if num_codes is None:
-            raise ValueError("the number of image codes is unknown: set data.token_cache or data.image_tokenizer")
+            raise UserError("the number of image codes is unknown: set data.token_cache or data.image_tokenizer")
         vocab = Vocabulary.from_tokenizer(tok, num_image_codes=num_codes)
     layout = Layout(vocab, t2i_text_len=d.t2i_text_len, mmu_text_len=d.text_budget)
     cap_budget, prompt_budget = text_budgets(layout, len(und_prompt_ids(tok)))
+    code_range = min(n for n in (vocab.num_image_codes, num_codes) if n is not None)
     report = validate_pairs(records, src, root=root, text_tokenizer=tok, text_budget=cap_budget,
-                            prompt_budget=prompt_budget, truncate=d.truncate, strict=d.strict, token_cache=cache)
+                            prompt_budget=prompt_budget, truncate=d.truncate, strict=d.strict, token_cache=cache,
+                            num_codes=code_range)
     log(report.summary())
+    if not report.kept:
+        raise UserError(f"data.pairs: none of the {report.total:,} pairs in {src} passed validation "
+                        f"({report.summary()})")
     codes = ImageCodes(root, cache, image_tok)
     pairs = []
     for r in report.kept:
@@ -118,3 +126,31 @@ def _load_real(cfg, model_vocab: Vocabulary | None, log) -> TrainData:
     n_tok = next((int(p.image_codes.numel()) for p in pairs if p.image_codes is not None), 0) or next(
         (int(p.image_chosen_codes.numel()) for p in pairs if p.image_chosen_codes is not None), 0)
     return TrainData(vocab, layout, pairs, report.summary(), n_tok)
+
+
+def _named(key: str, load, value):
+    """``load(value)``, a UserError it raises led by the config ``key`` that named ``value``."""
+    try:
+        return load(value)
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from exc
+
+
+def _read_records(src: Path, fmt: str, root: Path) -> list:
+    """The records of ``data.pairs`` in ``data.format``; a file in the other format says which to set."""
+    from hermesflow_fast.data.pairs import import_hermesflow, looks_like_hermesflow, read_pairs
+
+    try:
+        records = import_hermesflow(src, root=root) if fmt == "hermesflow" else read_pairs(src)
+    except UserError as exc:
+        if src.is_file() and fmt != "hermesflow" and looks_like_hermesflow(src):
+            raise UserError(f"data.pairs: {src} looks like HermesFlow's pair_dpo_data.json (a JSON array or objects "
+                            f"with caption_win / img_path keys), not JSONL pairs: set data.format=hermesflow "
+                            f"({exc})") from exc
+        if src.is_file() and fmt == "hermesflow" and not looks_like_hermesflow(src):
+            raise UserError(f"data.pairs: {src} is not HermesFlow's pair_dpo_data.json; for our JSONL pairs set "
+                            f"data.format=jsonl ({exc})") from exc
+        raise UserError(f"data.pairs: {exc}") from exc
+    if not records:
+        raise UserError(f"data.pairs: {src} holds no pairs")
+    return records

@@ -161,3 +161,131 @@ def test_tokenize_command_with_a_saved_magvit(tmp_path):
     tok = MAGVITv2.from_pretrained(tmp_path / "tok")
     assert cache.num_codes == 8192 and cache.tokens_per_image == 16
     _assert_matches_encode(cache, list_records(tmp_path / "src"), tok)
+
+
+# --- integrity: shards.jsonl on write, checked on resume and on read ----------------------------------------------
+
+
+def _cache(tmp_path, vq, n=6, shard_size=2):
+    _write_images(tmp_path / "src", n)
+    out = tmp_path / "out"
+    tokenize_images(tmp_path / "src", vq, out, batch_size=2, shard_size=shard_size, progress=False)
+    return out
+
+
+def test_shards_file_records_size_and_sha256_of_each_shard(tmp_path, vq):
+    import hashlib
+
+    out = _cache(tmp_path, vq)
+    lines = [json.loads(x) for x in (out / "shards.jsonl").read_text().splitlines()]
+    assert [r["shard"] for r in lines] == [f"shard-0000{i}.safetensors" for i in range(3)]
+    for r in lines:
+        data = (out / r["shard"]).read_bytes()
+        assert (r["rows"], r["bytes"], r["sha256"]) == (2, len(data), hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_shard_is_named_on_read_and_re_encoded_on_resume(tmp_path, vq, damage):
+    out = _cache(tmp_path, vq)
+    shard = out / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, one code changed: only the sha256 tells
+        shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    else:
+        shard.unlink()
+    victims = [json.loads(x)["id"] for x in (out / "index.jsonl").read_text().splitlines()
+               if json.loads(x)["shard"] == shard.name]
+    with pytest.raises(token_cache.TokenCacheError, match=rf"{shard.name} .*rerun hermesflow tokenize"):
+        cache = TokenCache(out)
+        cache[victims[0]]
+    summary = tokenize_images(tmp_path / "src", vq, out, batch_size=2, shard_size=2, progress=False)
+    assert list(summary.damaged) == [shard.name]
+    assert (summary.cached_before, summary.written, summary.reencoded) == (4, 2, 2)
+    assert f"1 damaged shard(s) dropped ({shard.name}: " in str(summary) and "2 of their record(s) re-encoded" in str(
+        summary)
+    if damage != "delete":  # what was there is kept aside, not deleted
+        assert (out / f"{shard.name}.damaged").read_bytes() != data and len(list(out.glob("*.damaged"))) == 1
+    cache = TokenCache(out)
+    assert len(cache) == 6 and not (set(victims) - set(cache.ids()))
+    _assert_matches_encode(cache, list_records(tmp_path / "src"), vq)
+    again = tokenize_images(tmp_path / "src", vq, out, batch_size=2, shard_size=2, progress=False)
+    assert (again.written, again.damaged) == (0, {})
+
+
+def test_records_of_a_damaged_shard_no_longer_in_the_source_are_counted(tmp_path, vq):
+    out = _cache(tmp_path, vq)
+    (out / "shard-00002.safetensors").write_bytes(b"junk")
+    for p in (tmp_path / "src").glob("img0[45].png"):  # the damaged shard's images are gone from the source
+        p.unlink()
+    summary = tokenize_images(tmp_path / "src", vq, out, progress=False)
+    assert (summary.written, summary.reencoded, summary.dropped) == (0, 0, 2)
+    assert "2 not in the source and no longer cached" in str(summary)
+    assert sorted(TokenCache(out).ids()) == ["img00", "img01", "img02", "img03"]
+
+
+def test_cache_without_shards_file_loads_and_resume_verifies_by_rereading(tmp_path, vq):
+    out = _cache(tmp_path, vq)
+    recorded = (out / "shards.jsonl").read_text()
+    (out / "shards.jsonl").unlink()  # a cache written before shards.jsonl existed
+    cache = TokenCache(out)
+    _assert_matches_encode(cache, list_records(tmp_path / "src"), vq)
+    summary = tokenize_images(tmp_path / "src", vq, out, progress=False)
+    assert (summary.written, summary.damaged) == (0, {})
+    assert (out / "shards.jsonl").read_text() == recorded  # verified by re-reading, then recorded
+
+    (out / "shards.jsonl").unlink()
+    data = (out / "shard-00000.safetensors").read_bytes()
+    (out / "shard-00000.safetensors").write_bytes(data[:-7])
+    from safetensors.torch import save_file
+
+    rows = load_file(str(out / "shard-00001.safetensors"))["ids"]
+    save_file({"ids": rows}, str(out / "shard-00001.safetensors"),
+              metadata={"record_ids": json.dumps(["img03", "img02"])})  # rows swapped against the index
+    save_file({"ids": rows.to(torch.int32)}, str(out / "shard-00002.safetensors"))  # not the cache's dtype
+    summary = tokenize_images(tmp_path / "src", vq, out, progress=False)
+    assert "not a readable safetensors file" in summary.damaged["shard-00000.safetensors"]
+    assert "row 0 holds record 'img03', index.jsonl says 'img02'" in summary.damaged["shard-00001.safetensors"]
+    assert "torch.int32" in summary.damaged["shard-00002.safetensors"]
+    assert (summary.written, summary.reencoded) == (6, 6)
+    _assert_matches_encode(TokenCache(out), list_records(tmp_path / "src"), vq)
+
+
+def test_bad_codes_are_named_by_record_id_and_shard(tmp_path, vq):
+    from safetensors.torch import save_file
+
+    out = _cache(tmp_path, vq)
+    (out / "shards.jsonl").unlink()  # hand-edited shards: no recorded sha256 to catch the edit first
+    shard = out / "shard-00001.safetensors"
+    ids = load_file(str(shard))["ids"].clone()
+    ids[1, 5] = 9999  # 32 codes in this tokenizer
+    save_file({"ids": ids}, str(shard))
+    cache = TokenCache(out)
+    assert cache.row_problem("img02") is None
+    assert cache.row_problem("img03") == (f"{shard} row 1: code 9999 at position 5 is outside the codebook "
+                                          f"[0, 32)")
+    assert "outside the codebook [0, 4)" in cache.row_problem("img02", num_codes=4)
+    with pytest.raises(token_cache.TokenCacheError, match=rf"record 'img03' \({shard} row 1\): code 9999"):
+        cache["img03"]
+    floats = ids.to(torch.float32)
+    floats[0, 2] = float("nan")
+    save_file({"ids": floats}, str(shard))
+    cache = TokenCache(out)
+    assert cache.row_problem("img02") == f"{shard} row 0: nan at position 2"
+    _assert_matches_encode(cache, list_records(tmp_path / "src")[:2], vq)  # the other shards read as before
+
+
+def test_source_and_argument_errors_are_user_errors(tmp_path, vq):
+    from hermesflow_fast.errors import UserError
+
+    (tmp_path / "bin.jsonl").write_bytes(b'{"id": "a", "image": "x.png"}\n\xff\xfe\x00')
+    with pytest.raises(UserError, match=r"bin\.jsonl:2: not UTF-8 text"):
+        list_records(tmp_path / "bin.jsonl")
+    with pytest.raises(UserError, match="nowhere does not exist"):
+        list_records(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="--batch-size must be ≥ 1, got 0"):
+        tokenize_command(tmp_path, tmp_path / "tok", tmp_path / "out", batch_size=0)
+    with pytest.raises(UserError, match=r"is not a token cache: cache\.json not found"):
+        TokenCache(tmp_path)
+    assert not (tmp_path / "out").exists()

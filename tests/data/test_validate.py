@@ -159,3 +159,73 @@ def test_strict_raises_with_first_20_and_total(root, tok):
     rep = validate_pairs(read_pairs(good), good, root=root, text_tokenizer=tok, text_budget=10, truncate=False,
                          strict=True)
     assert len(rep.kept) == 2 and rep.summary() == "kept 2 / 2 (und 2, gen 2)"
+
+
+def test_identical_bytes_under_different_names_is_an_equal_pair(root, tok, monkeypatch):
+    import shutil
+
+    from hermesflow_fast.data import validate
+
+    shutil.copy(root / "w1.png", root / "w1-copy.png")
+    (root / "same-size.png").write_bytes(bytes(b ^ 0xFF for b in (root / "w1.png").read_bytes()))
+    Image.new("RGB", (16, 16), "red").save(root / "other-size.png")
+    f = root / "pairs.jsonl"
+    write_pairs(f, [_rec("copy", gen=("w1.png", "w1-copy.png")), _rec("copy-again", gen=("w1-copy.png", "w1.png")),
+                    _rec("differs", gen=("w1.png", "same-size.png")), _rec("ok", gen=("w2.png", "other-size.png"))])
+    hashed = []
+    sha256 = validate.hashlib.sha256
+    monkeypatch.setattr(validate.hashlib, "sha256", lambda *a: hashed.append(1) or sha256(*a))
+    rep = validate_pairs(read_pairs(f), f, root=root, text_tokenizer=tok, text_budget=10, truncate=False,
+                         strict=False, image_exists=lambda p: None)  # same-size.png is no PNG: skip verifying
+    by_id = {p.id: p for p in rep.problems}
+    assert set(by_id) == {"copy", "copy-again"} and all(p.kind == "equal pair" for p in by_id.values())
+    assert "same image (files with identical bytes: 'w1.png', 'w1-copy.png')" in by_id["copy"].message
+    assert {r.id: r.has_gen for r in rep.kept} == {"copy": False, "copy-again": False, "differs": True, "ok": True}
+    assert len(hashed) == 3  # w1, w1-copy and same-size, once each; files of other sizes are never read
+
+
+def _hand_made_cache(folder, rows, dtype=torch.uint16, num_codes=512):
+    """A token cache of 4-code images written by hand (as another tool or an edit would leave it)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "cache.json").write_text(json.dumps({"num_codes": num_codes, "tokens_per_image": 4, "grid": [2, 2],
+                                                   "dtype": "uint16"}))
+    save_file({"ids": torch.tensor(rows).to(dtype)}, str(folder / "shard-00000.safetensors"))
+    (folder / "index.jsonl").write_text("".join(json.dumps({"id": f"c{i}", "shard": "shard-00000.safetensors",
+                                                            "row": i}) + "\n" for i in range(len(rows))))
+
+
+def test_cached_codes_outside_the_codebook_or_nan_are_named_by_id_and_shard(root, tok):
+    from hermesflow_fast.data.token_cache import TokenCache
+
+    _hand_made_cache(root / "cache", [[1, 2, 3, 4], [5, 9999, 7, 8], [9, 10, 11, 12], [500, 1, 2, 3]])
+    f = root / "pairs.jsonl"
+    write_pairs(f, [_rec("bad", gen=("cache:c0", "cache:c1")), _rec("fine", gen=("cache:c0", "cache:c2")),
+                    _rec("real-bad", image="cache:c1", gen=None), _rec("big", gen=("cache:c3", "cache:c2"))])
+    kw = dict(root=root, text_tokenizer=tok, text_budget=10, truncate=False, strict=False)
+    rep = validate_pairs(read_pairs(f), f, token_cache=TokenCache(root / "cache"), **kw)
+    by_id = {p.id: p for p in rep.problems}
+    shard = root / "cache" / "shard-00000.safetensors"
+    assert set(by_id) == {"bad", "real-bad"} and {p.kind for p in by_id.values()} == {"bad codes"}
+    assert str(by_id["bad"]) == (f"{f}:1: id 'bad' [gen]: bad codes: 'cache:c1': {shard} row 1: code 9999 at "
+                                 f"position 1 is outside the codebook [0, 512)")
+    assert "1 bad codes" in rep.summary() and [r.id for r in rep.kept] == ["bad", "fine", "big"]
+    # a model with fewer image codes than the tokenizer: its own range applies
+    rep = validate_pairs(read_pairs(f), f, token_cache=TokenCache(root / "cache"), num_codes=256, **kw)
+    assert "code 500 at position 0 is outside the codebook [0, 256)" in {p.id: p for p in rep.problems}["big"].message
+    with pytest.raises(ValueError, match=r"2 problem\(s\) in 4 records \(2 bad codes\)"):
+        validate_pairs(read_pairs(f), f, token_cache=TokenCache(root / "cache"), **{**kw, "strict": True})
+    # a float shard holding NaN, and a plain mapping of codes
+    _hand_made_cache(root / "nan", [[1, 2, 3, 4], [5, float("nan"), 7, 8], [9, 10, 11, 12], [1, 1, 1, 1]],
+                     dtype=torch.float32)
+    rep = validate_pairs(read_pairs(f), f, token_cache=TokenCache(root / "nan"), **kw)
+    assert f"{root / 'nan' / 'shard-00000.safetensors'} row 1: nan at position 1" in rep.problems[0].message
+    mapping = {"c0": torch.tensor([1.0, 2.0]), "c1": torch.tensor([1.5, 2.0]), "c2": torch.tensor([3, 4]),
+               "c3": torch.tensor([-1, 2])}
+    rep = validate_pairs(read_pairs(f), f, token_cache=mapping, num_codes=512, **kw)
+    messages = {p.id: p.message for p in rep.problems}
+    assert "non-integer code 1.5 at position 0" in messages["bad"]
+    assert "code -1 at position 0 is outside the codebook [0, 512)" in messages["big"]

@@ -1,9 +1,13 @@
 """Real-data scorers from a local model folder: a tiny BERT written by the test (word tokenizer + random weights;
 the ``bert_dir`` fixture of tests/selfplay/conftest.py)."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
+from hermesflow_fast.errors import UserError
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.scorers import EmbeddingAnswerMatcher, EmbeddingCaptionScorer, TextEmbedder
 from hermesflow_fast.selfplay.stages import CurationRecord, und_scores
@@ -53,12 +57,33 @@ def test_answer_matcher_exact_first_then_nearest_choice():
 
 
 def test_missing_or_bad_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(UserError, match="nope"):
         TextEmbedder(tmp_path / "nope", "bert-cls")
-    with pytest.raises(ValueError, match="cannot load"):
+    with pytest.raises(UserError, match="cannot load"):
         TextEmbedder(tmp_path, "bert-cls")
-    with pytest.raises(ValueError, match="kind must be"):
+    with pytest.raises(UserError, match="kind must be"):
         TextEmbedder(tmp_path, "glove")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize("kind", ["bert-cls", "sbert"])
+def test_model_folder_holding_a_pickle_with_code_is_refused_naming_the_file(bert_dir, tmp_path, kind):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "scorer"
+    shutil.copytree(bert_dir, folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(sd, folder / "pytorch_model.bin")  # tensors only: loads as before
+    torch.testing.assert_close(TextEmbedder(folder, "bert-cls").embed(["a red circle"]),
+                               TextEmbedder(bert_dir, "bert-cls").embed(["a red circle"]))
+    torch.save({**sd, "payload": _Evil()}, folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match=rf"{folder / 'pytorch_model.bin'}: refused to unpickle"):
+        TextEmbedder(folder, kind)
 
 
 def test_sbert_without_the_extra_says_how_to_install(bert_dir):
