@@ -54,7 +54,7 @@ def launch(argv: list[str]) -> int:
     """Parse; run in this process, or re-launch under torchrun for --nproc > 1. Returns an exit code."""
     from hermesflow_fast.errors import UserError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags may follow the overrides
     if args.nproc < 1:
         raise UserError(f"--nproc must be ≥ 1, got {args.nproc}")
     if args.nproc > 1 and "RANK" not in os.environ:

@@ -18,10 +18,11 @@ new step count), how often to log and save (``log.*``, ``checkpoint.*``), and ho
 (``dist.*``, ``model.compile``, ``model.activation_checkpointing``, ``model.attn_backend``, ``data.token_budget``:
 how a step's pairs are packed, never which pairs or their masks; ``train.precompute_ref_logps``; ``train.nan_policy``)
 and, for self-play, records per generation call (``curation.batch_size``, ``eval.batch_size``: results are drawn per
-record). Everything else (model, data, seed, lr, β, loss, batch, warm-up, curation) is the experiment itself: a run
-that changed it halfway would not be the run its record describes. The learning rate in particular stays: AdamW's
-moments and the schedule's position were built under the old peak, and a new peak is a new experiment. To go on from
-a checkpoint's weights under new settings, start another folder with ``--init-from``.
+record) and whether candidates are also written as PNGs (``curation.save_images``: the journals are the same).
+Everything else (model, data, seed, lr, β, loss, batch, warm-up, curation) is the experiment itself: a run that
+changed it halfway would not be the run its record describes. The learning rate in particular stays: AdamW's moments
+and the schedule's position were built under the old peak, and a new peak is a new experiment. To go on from a
+checkpoint's weights under new settings, start another folder with ``--init-from``.
 
 ``check_model_shapes`` and ``check_vocab`` compare a checkpoint's tensors (names and shapes, from the safetensors
 header) and vocabulary with the model and data about to train, naming every difference.
@@ -45,6 +46,7 @@ from hermesflow_fast.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointM
 __all__ = [
     "CHANGEABLE_ON_RESUME",
     "CONFIG_FILE",
+    "IGNORED",
     "METRICS_FILE",
     "ConfigChange",
     "ResumeError",
@@ -68,7 +70,7 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "train.epochs", "train.max_steps", "train.nan_policy", "train.precompute_ref_logps",
     "checkpoint", "log", "dist",
     "model.compile", "model.activation_checkpointing", "model.attn_backend", "data.token_budget",
-    "run.name", "curation.batch_size", "eval.batch_size",
+    "run.name", "curation.batch_size", "eval.batch_size", "curation.save_images",
 )
 IGNORED: tuple[str, ...] = ("run.run_dir",)  # where the folder is, not what runs in it
 
@@ -224,10 +226,10 @@ class ResumePlan:
 
 def plan_run_dir(run_dir: str | os.PathLike, config: Mapping[str, Any] | Any, resume: bool,
                  allow_change: bool = False, manager: CheckpointManager | None = None, verify: bool = True,
-                 defaults: Mapping[str, Any] | Any | None = None) -> ResumePlan:
+                 defaults: Mapping[str, Any] | Any | None = None, ignore: Sequence[str] = IGNORED) -> ResumePlan:
     """Decide how a training run may use ``run_dir`` (rules in the module docstring); raise ResumeError, touching
     nothing, when it may not. ``config``: the requested config (nested dicts or the dataclass); ``verify``: hash every
-    checkpoint file against its manifest (else sizes only)."""
+    checkpoint file against its manifest (else sizes only); ``ignore``: keys left out of the comparison."""
     run_dir = Path(run_dir)
     manager = manager or CheckpointManager(run_dir)
     requested = _as_dict(config)
@@ -248,7 +250,7 @@ def plan_run_dir(run_dir: str | os.PathLike, config: Mapping[str, Any] | Any, re
         ck_config = plan.checkpoint_extra.get("config")
         if stored is None and isinstance(ck_config, Mapping):
             stored, where, ck_config = dict(ck_config), str(state_file), None
-    plan.changes = config_changes(stored, requested, defaults) if stored is not None else []
+    plan.changes = config_changes(stored, requested, defaults, ignore) if stored is not None else []
     if not resume:
         if plan.history and plan.changes:
             raise ResumeError(f"run dir {run_dir} already holds a different run ({describe(plan.changes)}); choose "
@@ -264,7 +266,7 @@ def plan_run_dir(run_dir: str | os.PathLike, config: Mapping[str, Any] | Any, re
                 if source is not None else "choose another --run-dir for the new settings")
         judge_changes(plan.changes, where, allow_change, hint)
         if isinstance(ck_config, Mapping):  # config.yaml agrees; the checkpoint's own record must too
-            judge_changes([c for c in config_changes(ck_config, requested, defaults) if not c.changeable],
+            judge_changes([c for c in config_changes(ck_config, requested, defaults, ignore) if not c.changeable],
                           plan.checkpoint / STATE_FILE, allow_change, hint)
     plan.restart = plan.checkpoint is None and logged
     return plan

@@ -49,6 +49,7 @@ from hermesflow_fast.train.objective import SIDES, PairDPOObjective, reference_l
 from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_cosine
 from hermesflow_fast.train.resume import (
     CONFIG_FILE,
+    IGNORED,
     METRICS_FILE,
     ResumeError,
     ResumePlan,
@@ -73,14 +74,17 @@ class NonFiniteError(RuntimeError):
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
                  info: DistInfo | None = None, log=print, data: TrainData | None = None,
-                 allow_config_change: bool = False):
+                 allow_config_change: bool = False, derived_keys: tuple[str, ...] = ()):
         """``data``: pairs already in memory (self-play hands its curated pairs over this way) instead of cfg.data.
-        ``allow_config_change``: on resume, apply differences in ``resume.CHANGEABLE_ON_RESUME`` keys."""
+        ``allow_config_change``: on resume, apply differences in ``resume.CHANGEABLE_ON_RESUME`` keys.
+        ``derived_keys``: keys the caller sets itself and has already checked, left out of the run-folder comparison
+        (self-play: ``model.init_from``, the previous round's model inside a run folder that may have moved)."""
         self.cfg = cfg
         self._given_data = data
         self.run_dir = Path(run_dir or cfg.run.run_dir or Path("runs") / cfg.run.name)
         self.resume = resume
         self.allow_config_change = allow_config_change
+        self.derived_keys = tuple(derived_keys)
         self.info = info
         self._log = log
         self.step = 0
@@ -99,7 +103,7 @@ class Trainer:
             raise ConfigError(f"--init-from / model.init_from {init!r}: no such file or folder")
         manager = CheckpointManager(self.run_dir, keep=self.cfg.checkpoint.keep)
         return plan_run_dir(self.run_dir, self.cfg, self.resume, self.allow_config_change, manager, verify=verify,
-                            defaults=TrainConfig())
+                            defaults=TrainConfig(), ignore=(*IGNORED, *self.derived_keys))
 
     def setup(self) -> Trainer:
         cfg = self.cfg
@@ -178,6 +182,8 @@ class Trainer:
         elif plan.failed:
             why = "; ".join(f"{p.name}: {reason}" for p, reason in plan.failed)
             self.log(f"--resume: newer checkpoints failed verification ({why}); continuing from {plan.checkpoint}")
+        elif self.resume and plan.checkpoint is None:
+            self.log(f"--resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting at step 0")
         if plan.restart and metrics.is_file():
             n = logged_steps(metrics)
             aside = move_aside(metrics)
