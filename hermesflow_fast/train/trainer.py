@@ -135,9 +135,9 @@ class Trainer:
         if wanted > n:
             self.log(f"note: train.batch_size {t.batch_size} × train.grad_accum {t.grad_accum} = {wanted} pairs per "
                      f"step, but the data holds {n}: each step takes all {n} pairs")
-        if t.batch_size < info.world_size:
-            raise UserError(f"train.batch_size {t.batch_size} < {info.world_size} processes: each process needs at "
-                            f"least one pair per step")
+        if self.batch_size < info.world_size:
+            raise UserError(f"train.batch_size {t.batch_size} × train.grad_accum {t.grad_accum} < {info.world_size} "
+                            f"processes: each process needs at least one pair per step")
         self.steps_per_epoch = _steps_per_epoch(n, self.batch_size, info.world_size)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         if plan.step > self.total_steps:
