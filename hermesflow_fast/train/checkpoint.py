@@ -20,10 +20,12 @@ Atomicity. Rank 0 writes the shared files into ``step-XXXXXXXX.tmp-<random>``, e
 hashes every file into manifest.json, fsyncs the files and the folder, and renames the folder to ``step-XXXXXXXX``
 (``os.replace``). Only then are checkpoints beyond the newest ``keep`` complete ones deleted. A crash at any point
 leaves either the previous checkpoints intact plus a temporary folder (ignored, deleted by the next save) or a
-complete new checkpoint. With ``world_size`` > 1 the ranks meet between phases (an all-reduce of a success flag, which
-is also a barrier, so a failure on one rank is raised on all instead of hanging); ``run_dir`` must be on a file system
-every rank sees. ``latest()`` returns the newest checkpoint whose manifest checks out (every file present, same size,
-same sha256) and names each one it skips and why. A state with a NaN or inf anywhere is never written.
+complete new checkpoint. A write that fails (a full disk, a lost mount) removes the temporary folder and raises one
+line naming the file, the OS's reason and, when the disk is full, how much is left. With ``world_size`` > 1 the ranks
+meet between phases (an all-reduce of a success flag, which is also a barrier, so a failure on one rank is raised on
+all instead of hanging); ``run_dir`` must be on a file system every rank sees. ``latest()`` returns the newest
+checkpoint whose manifest checks out (every file present, same size, same sha256) and names each one it skips and
+why. A state with a NaN or inf anywhere is never written.
 
 Nothing is unpickled beyond plain data: safetensors and JSON, and ``torch.load(weights_only=True)`` for the optimizer
 state, which refuses a pickle carrying code. Cost: the manifest hashes every byte once per save, and ``latest()``
