@@ -14,8 +14,12 @@ evaluate on held-out records.
     run_dir/summary.json, report.md, gap.png   every round's scores
 
 Each stage leaves ``<stage>.done`` when complete; ``resume`` continues at the first unfinished stage of the first
-unfinished round. With torchrun (``--nproc N``), each rank curates a disjoint shard of the records into its own
-journal, merged by id; training runs DDP over the same ranks.
+unfinished round. Before anything is written, a resume compares the requested config with the run's config.yaml
+(``check_run_dir``, train/resume.py's rules): a change to curation, data, the world, the model or the training
+math is refused, naming each key with old → new (a journal never mixes records of two settings); logging,
+checkpointing, execution settings and the training length change only with ``allow_config_change``. With torchrun
+(``--nproc N``), each rank curates a disjoint shard of the records into its own journal, merged by id; training runs
+DDP over the same ranks.
 
 Records come from one of two sources, chosen by ``data.records``:
 
@@ -61,8 +65,18 @@ from hermesflow_fast.selfplay.stages import (
 from hermesflow_fast.train.config import TrainConfig, config_to_dict
 from hermesflow_fast.train.dataset import TrainData
 from hermesflow_fast.train.distributed import DistInfo, barrier, init_distributed
+from hermesflow_fast.train.resume import (
+    CONFIG_FILE,
+    ConfigChange,
+    ResumeError,
+    changes_header,
+    config_changes,
+    describe,
+    judge_changes,
+    read_recorded_config,
+)
 
-__all__ = ["run_selfplay", "world_curation_records"]
+__all__ = ["check_run_dir", "run_selfplay", "world_curation_records"]
 
 STAGES = ("und_candidates", "und_scores", "gen_candidates", "gen_scores", "pairs", "train", "eval")
 EVAL_SKIPPED = "real data (data.records): the held-out evaluation needs the shapes world's judge"
@@ -194,13 +208,37 @@ def _curation(cfg: SelfPlayConfig, wm, info: DistInfo, say: Callable[[str], None
     return train_recs, None, scorer, matcher
 
 
+def check_run_dir(cfg: SelfPlayConfig, run_dir: str | Path, resume: bool,
+                  allow_config_change: bool = False) -> tuple[list[ConfigChange], bool]:
+    """Whether ``run_dir`` may take this run, read-only: (the changes from its recorded config to apply, whether it
+    holds anything besides config.yaml). Without ``resume`` the folder must be empty; with it, a changed key is
+    refused unless it is one of ``resume.CHANGEABLE_ON_RESUME`` and ``allow_config_change`` (ResumeError)."""
+    run_dir = Path(run_dir)
+    entries = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    history = any(name != CONFIG_FILE for name in entries)
+    if not resume:
+        if entries:
+            raise ResumeError(f"run dir {run_dir} is not empty; pass --resume to continue it or choose another one")
+        return [], False
+    stored = read_recorded_config(run_dir / CONFIG_FILE)
+    if stored is None:
+        return [], history
+    changes = config_changes(stored, cfg, defaults=SelfPlayConfig())
+    if history:
+        judge_changes(changes, run_dir / CONFIG_FILE, allow_config_change,
+                      f"start another --run-dir for the new settings (world.base={run_dir}/round-R/model begins "
+                      f"from a finished round's model)")
+    return changes, history
+
+
 def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: bool = False,
                  log: Callable[[str], None] = print, info: DistInfo | None = None,
-                 stop_after: str | None = None) -> list[dict]:
+                 stop_after: str | None = None, allow_config_change: bool = False) -> list[dict]:
     """Rounds 1..``rounds`` after the base (round 0); returns every round's eval dict (round 0 first).
 
     ``stop_after`` (one of STAGES): return as soon as this call has completed that stage of a round (the round's
-    later stages, and the report, wait for a ``resume``): each stage can be run on its own from the command line."""
+    later stages, and the report, wait for a ``resume``): each stage can be run on its own from the command line.
+    ``allow_config_change``: on ``resume``, apply changed values of ``resume.CHANGEABLE_ON_RESUME`` keys."""
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
     check_data(cfg)
@@ -218,13 +256,18 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
             return True
         return False
 
+    changes, history = check_run_dir(cfg, run_dir, resume, allow_config_change)  # every rank; nothing written yet
+    barrier()  # every rank has read the folder before the main rank writes to it
     if info.is_main:
-        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-            raise ValueError(f"run dir {run_dir} is not empty; pass --resume to continue it or choose another one")
         run_dir.mkdir(parents=True, exist_ok=True)
         from hermesflow_fast.train.config import save_config
 
-        save_config(cfg, run_dir / "config.yaml")
+        header = None
+        if history:
+            if changes:
+                say(f"--allow-config-change: applying {describe(changes)} (recorded in {run_dir / CONFIG_FILE})")
+            header = changes_header(run_dir / CONFIG_FILE, changes, "on resume")
+        save_config(cfg, run_dir / CONFIG_FILE, header=header)
     barrier()
     settings = _settings(cfg)
     wm = load_base(cfg.world.base, device=info.device)
@@ -313,7 +356,8 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
             pairs = _tokenized_pairs(wm, train_recs, rd / "pairs.jsonl")
             data = TrainData(wm.vocab, wm.layout, pairs, f"round {r}: {len(pairs)} pairs", wm.num_image_tokens)
             resume_train = (rd / "train" / "checkpoints").is_dir() and any((rd / "train" / "checkpoints").iterdir())
-            trainer = Trainer(tcfg, run_dir=rd / "train", resume=resume_train, info=info, log=say, data=data)
+            trainer = Trainer(tcfg, run_dir=rd / "train", resume=resume_train, info=info, log=say, data=data,
+                              allow_config_change=allow_config_change, derived_keys=("model.init_from",))
             trainer.setup()
             trainer.train()
             if info.is_main:

@@ -12,7 +12,8 @@
                      Eq. 10 against the previous round's pairs), drops counted by reason → pairs.jsonl, stats.json
 
 Randomness is drawn per record (a generator seeded by (record id, round, stage, seed)), so results do not depend on
-batching or on how records are sharded over ranks.
+batching or on how records are sharded over ranks. A journal written under other settings (caption grid, images per
+prompt) is refused, naming the record, rather than continued into a mix of both.
 
     python -m pytest -q tests/selfplay/test_stages.py
 """
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
+from hermesflow_fast.errors import UserError
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
 from hermesflow_fast.model.tokenizer_vq import images_to_uint8
 from hermesflow_fast.selfplay.journal import Journal
@@ -81,6 +83,16 @@ def _todo(records: Sequence[CurationRecord], journal: Journal) -> list[CurationR
     return [r for r in records if r.id not in journal]
 
 
+def _check_written(journal: Journal, key: str, want: Any, got: Callable[[dict], Any]) -> None:
+    """Refuse to continue a journal whose records were written under another setting ``key`` (a stage resumed
+    with other settings would mix, e.g., 3-image and 5-image records)."""
+    for rec in journal:
+        if got(rec) != want:
+            raise UserError(f"{journal.path}: record {rec['id']!r} was written with {key}={got(rec)!r}, but this run "
+                            f"asks for {want!r}; finish the stage with the settings it began with, or start another "
+                            f"run dir")
+
+
 def _batches(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i:i + n]
@@ -94,6 +106,7 @@ def und_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
                    progress: Callable[[int], None] | None = None) -> Journal:
     """K = len(caption_grid) captions per record → {"id", "captions": [str], "settings": [[top_k, temperature]]}."""
     tok, dev = wm.text_tokenizer, _device(wm)
+    _check_written(journal, "caption_grid", [list(x) for x in s.caption_grid], lambda rec: rec.get("settings"))
     q = und_prompt_ids(tok, s.question)
     for batch in _batches(_todo(records, journal), s.batch_size):
         codes = torch.stack([r.image_codes for r in batch]).to(dev)
@@ -167,6 +180,7 @@ def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
     """M images per prompt as token grids → {"id", "images": [[code, …] × M]}. With ``images_dir`` each record's
     images are also written as PNGs there (``save_candidate_images``) before its journal line."""
     tok = wm.text_tokenizer
+    _check_written(journal, "images_per_prompt", s.images_per_prompt, lambda rec: len(rec["images"]))
     N = int(records[0].image_codes.numel()) if records else 0
     for batch in _batches(_todo(records, journal), s.batch_size):
         gens = [record_generator(r.id, round_, "image", s.seed) for r in batch]

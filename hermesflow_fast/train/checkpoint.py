@@ -3,7 +3,7 @@
 HermesFlow saved only the model weights, so a resumed run restarted warm-up with a fresh optimizer (bug B11). Here a
 checkpoint is everything needed to continue the same run bit for bit:
 
-    run_dir/config.yaml                                the resolved config (written by the trainer; check_run_dir)
+    run_dir/config.yaml                                the resolved config (written by the trainer; resume.py)
     run_dir/checkpoints/step-00000100/
         model.safetensors                              full (unsharded) model state dict
         optimizer.pt                                   torch.save(optimizer.state_dict()); tensors, numbers,
@@ -20,10 +20,12 @@ Atomicity. Rank 0 writes the shared files into ``step-XXXXXXXX.tmp-<random>``, e
 hashes every file into manifest.json, fsyncs the files and the folder, and renames the folder to ``step-XXXXXXXX``
 (``os.replace``). Only then are checkpoints beyond the newest ``keep`` complete ones deleted. A crash at any point
 leaves either the previous checkpoints intact plus a temporary folder (ignored, deleted by the next save) or a
-complete new checkpoint. With ``world_size`` > 1 the ranks meet between phases (an all-reduce of a success flag, which
-is also a barrier, so a failure on one rank is raised on all instead of hanging); ``run_dir`` must be on a file system
-every rank sees. ``latest()`` returns the newest checkpoint whose manifest checks out (every file present, same size,
-same sha256) and names each one it skips and why. A state with a NaN or inf anywhere is never written.
+complete new checkpoint. A write that fails (a full disk, a lost mount) removes the temporary folder and raises one
+line naming the file, the OS's reason and, when the disk is full, how much is left. With ``world_size`` > 1 the ranks
+meet between phases (an all-reduce of a success flag, which is also a barrier, so a failure on one rank is raised on
+all instead of hanging); ``run_dir`` must be on a file system every rank sees. ``latest()`` returns the newest
+checkpoint whose manifest checks out (every file present, same size, same sha256) and names each one it skips and
+why. A state with a NaN or inf anywhere is never written.
 
 Nothing is unpickled beyond plain data: safetensors and JSON, and ``torch.load(weights_only=True)`` for the optimizer
 state, which refuses a pickle carrying code. Cost: the manifest hashes every byte once per save, and ``latest()``
@@ -34,8 +36,9 @@ re-reads the newest checkpoint once (≈ 1–2 s per GB).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -46,7 +49,7 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,6 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "LoadedCheckpoint",
-    "check_run_dir",
     "first_non_finite",
     "is_nan_free",
 ]
@@ -157,6 +159,45 @@ def _write_json(path: Path, obj: Any, allow_nan: bool = False) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+class _WriteError(CheckpointError):
+    """A checkpoint file or folder could not be written (disk full, permissions, a vanished file system)."""
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def _io_reason(exc: BaseException, path: Path) -> str:
+    """Why writing ``path`` failed, in words: the OS error (also when a library wraps it, as safetensors' 'os error
+    28' or torch's 'file write failed') and, when the disk is full, that it is and how much is left."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and (m := re.search(r"os error (\d+)", str(exc))):
+        code = int(m.group(1))
+    text = os.strerror(code) if code else (" ".join(str(exc).split()) or type(exc).__name__)
+    free = _free_bytes(path)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20):
+        left = f"{free / 2**20:.1f} MiB left" if free is not None else "no space left"
+        text += f" (disk full: {left} on that file system)"
+    return text
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failure to write ``path`` into one _WriteError line naming the file and the cause."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, or a library's wrapper of one (safetensors, torch)
+        raise _WriteError(f"cannot write {path}: {_io_reason(exc, path)}") from exc
 
 
 def _read_json(path: Path) -> Any:
@@ -306,18 +347,26 @@ class CheckpointManager:
                 return f"{name}: sha256 differs from the manifest (corrupt)"
         return None
 
+    def scan(self, verify: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """(the newest checkpoint that checks out or None, [(each newer one that does not, why)]), saying nothing."""
+        failed: list[tuple[Path, str]] = []
+        for path in reversed(self.checkpoints()):
+            reason = self.verify(path, full=verify)
+            if reason is None:
+                return path, failed
+            failed.append((path, reason))
+        return None, failed
+
     def latest(self, verify: bool = True) -> Path | None:
         """The newest checkpoint that checks out (every file's size, and with ``verify`` its sha256, against the
         manifest), or None. Each newer one that does not, and each unfinished temporary folder, is named on stderr
         with the reason, and the previous one is tried."""
         for temp in self._temporaries():
             self._say(f"checkpoint {temp}: ignored: a temporary folder left by an unfinished save")
-        for path in reversed(self.checkpoints()):
-            reason = self.verify(path, full=verify)
-            if reason is None:
-                return path
-            self._say(f"checkpoint {path}: skipped: {reason}; trying the previous one")
-        return None
+        path, failed = self.scan(verify)
+        for bad, reason in failed:
+            self._say(f"checkpoint {bad}: skipped: {reason}; trying the previous one")
+        return path
 
     # --------------------------------------------------------------------------------------------------- saving
 
@@ -376,15 +425,21 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"CheckpointManager.save: step must be an int >= 0, got {step!r}")
         final = self.step_dir(step)
-        temp = self._phase(self.rank == 0, lambda: self._write_shared(step, model_state, optimizer_state,
-                                                                       scheduler_state, extra, rng),
-                           "writing the shared files")
-        if self.rank != 0:
-            temps = sorted(self.root.glob(f"{final.name}.tmp-*"))
-            temp = temps[-1] if len(temps) == 1 else None
+        temp = None
         try:
+            temp = self._phase(self.rank == 0, lambda: self._write_shared(step, model_state, optimizer_state,
+                                                                           scheduler_state, extra, rng),
+                               "writing the shared files")
+            if self.rank != 0:
+                temps = sorted(self.root.glob(f"{final.name}.tmp-*"))
+                temp = temps[-1] if len(temps) == 1 else None
             self._phase(rng, lambda: self._write_rng(temp, final), "writing the RNG states")
             self._phase(self.rank == 0, lambda: self._finish(temp, final, step, rng), "finishing the checkpoint")
+        except _WriteError as exc:
+            if self.rank == 0 and temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint step {step}: {exc}; the unfinished checkpoint folder was removed and "
+                                  f"earlier checkpoints are untouched") from exc
         except BaseException:
             if self.rank == 0 and temp is not None:
                 shutil.rmtree(temp, ignore_errors=True)
@@ -417,25 +472,38 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint extra is not JSON-able ({exc})") from exc
         tensors = _plain_tensors(model_state, "model state")
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        with _writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self._temporaries():  # one writer per run dir: anything temporary is a crashed save's
             shutil.rmtree(leftover, ignore_errors=True)
         temp = self.root / f"step-{step:08d}.tmp-{secrets.token_hex(4)}"
-        temp.mkdir()
+        with _writing(temp):
+            temp.mkdir()
+        try:
+            self._write_files(temp, tensors, optimizer_state, scheduler_state, state)
+        except BaseException:  # a half-written folder never outlives the save that made it
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return temp
+
+    @staticmethod
+    def _write_files(temp: Path, tensors: dict[str, Tensor], optimizer_state, scheduler_state, state) -> None:
         from safetensors.torch import save_file
 
-        save_file(tensors, str(temp / MODEL_FILE), metadata={"format": "pt"})
-        _fsync(temp / MODEL_FILE)
-        del tensors
+        with _writing(temp / MODEL_FILE):
+            save_file(tensors, str(temp / MODEL_FILE), metadata={"format": "pt"})
+            _fsync(temp / MODEL_FILE)
+        tensors.clear()
         if optimizer_state is not None:
-            with open(temp / OPTIMIZER_FILE, "wb") as f:
+            with _writing(temp / OPTIMIZER_FILE), open(temp / OPTIMIZER_FILE, "wb") as f:
                 torch.save(optimizer_state, f)
                 f.flush()
                 os.fsync(f.fileno())
         if scheduler_state is not None:
-            _write_json(temp / SCHEDULER_FILE, dict(scheduler_state))
-        _write_json(temp / STATE_FILE, state, allow_nan=True)
-        return temp
+            with _writing(temp / SCHEDULER_FILE):
+                _write_json(temp / SCHEDULER_FILE, dict(scheduler_state))
+        with _writing(temp / STATE_FILE):
+            _write_json(temp / STATE_FILE, state, allow_nan=True)
 
     def _write_rng(self, temp: Path | None, final: Path) -> None:
         if temp is None or not temp.is_dir():
@@ -444,8 +512,9 @@ class CheckpointManager:
         from safetensors.torch import save_file
 
         tensors, meta = _rng_state()
-        save_file(tensors, str(temp / _rng_file(self.rank)), metadata=meta)
-        _fsync(temp / _rng_file(self.rank))
+        with _writing(temp / _rng_file(self.rank)):
+            save_file(tensors, str(temp / _rng_file(self.rank)), metadata=meta)
+            _fsync(temp / _rng_file(self.rank))
 
     def _finish(self, temp: Path, final: Path, step: int, rng: bool) -> None:
         if rng:
@@ -454,16 +523,18 @@ class CheckpointManager:
                 raise CheckpointError(f"checkpoint {final.name}: RNG files {missing} were not written")
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(temp.iterdir()) if p.is_file()}
-        _write_json(temp / MANIFEST_FILE, {"format": FORMAT, "step": step, "files": files})
-        _fsync(temp)
-        if final.exists():  # the same step saved again: move the old one aside, swap, then delete it
-            aside = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
-            os.replace(final, aside)
-            os.replace(temp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(temp, final)
-        _fsync(self.root)
+        with _writing(temp / MANIFEST_FILE):
+            _write_json(temp / MANIFEST_FILE, {"format": FORMAT, "step": step, "files": files})
+            _fsync(temp)
+        with _writing(final):
+            if final.exists():  # the same step saved again: move the old one aside, swap, then delete it
+                aside = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
+                os.replace(final, aside)
+                os.replace(temp, final)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(temp, final)
+            _fsync(self.root)
         self._prune(final)
 
     def _prune(self, newest: Path) -> None:
@@ -539,64 +610,3 @@ def _load_plain(file: Path, map_location: str | torch.device) -> Any:
                               f"or is corrupt ({first})") from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{file}: not a readable torch file ({type(exc).__name__}: {exc})") from exc
-
-
-# ------------------------------------------------------------------------------------------------------- run folder
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_run_dir(
-    run_dir: str | os.PathLike,
-    config_dict: Mapping[str, Any] | Any,
-    resume: bool,
-    ignore: Sequence[str] = ("run.run_dir", "train.max_steps"),
-) -> list[str]:
-    """Compare the run about to start with the one ``run_dir/config.yaml`` records (if any).
-
-    Returns the differing dotted keys as ``'key: saved → new'`` lines (empty for a new or identical run), ignoring the
-    keys in ``ignore`` (and everything under them). Raises CheckpointError, touching nothing, when they differ and
-    ``resume`` is False. With ``resume`` the differences are returned for the caller to report. ``config_dict``: the
-    resolved config as nested dicts (``config.config_to_dict``) or the config dataclass itself.
-    """
-    if dataclasses.is_dataclass(config_dict) and not isinstance(config_dict, type):
-        from hermesflow_fast.train.config import config_to_dict
-
-        config_dict = config_to_dict(config_dict)
-    run_dir = Path(run_dir)
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return []
-    import yaml
-
-    try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"{saved_path}: cannot read the run's saved config ({exc})") from exc
-    if not isinstance(saved, Mapping):
-        raise CheckpointError(f"{saved_path}: expected a mapping of config sections, got {type(saved).__name__}")
-    old, new = _flatten(saved), _flatten(config_dict)
-
-    def ignored(key: str) -> bool:
-        return any(key == k or key.startswith(k + ".") for k in ignore)
-
-    missing = object()
-    diffs = []
-    for key in [*old, *(k for k in new if k not in old)]:
-        a, b = old.get(key, missing), new.get(key, missing)
-        if a != b and not ignored(key):
-            shown = ["(absent)" if v is missing else repr(v) for v in (a, b)]
-            diffs.append(f"{key}: {shown[0]} → {shown[1]}")
-    if diffs and not resume:
-        listed = "; ".join(diffs[:5]) + (f"; … {len(diffs) - 5} more" if len(diffs) > 5 else "")
-        raise CheckpointError(f"run dir {run_dir} already holds a different run ({listed}); pass --resume auto or "
-                              f"choose another --run-dir")
-    return diffs

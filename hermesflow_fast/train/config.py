@@ -7,9 +7,9 @@ Order of precedence: the schema's defaults (the HermesFlow paper's values with t
 type: ``int``, ``float`` (``1e-5`` is a float even though YAML 1.1 reads it as a string), ``bool`` (true/false, 1/0,
 yes/no, on/off), ``str``, ``X | None`` (``null``/``none``/``~`` → None), ``list[X]`` (YAML syntax on the command line:
 ``train.adam_betas=[0.9,0.95]``) and ``Literal[...]`` (the allowed values are listed in the error). Ranges (``ge``,
-``gt``, ``le``, ``lt`` in a field's metadata) are checked after all overrides. Every error is a ``ConfigError``
-(a ValueError) naming where the value came from (file and line, or the override), the dotted key, the value and what
-was expected; an unknown key also gets the closest valid one::
+``gt``, ``le``, ``lt`` in a field's metadata) are checked after all overrides, and no float may be NaN or ±inf.
+Every error is a ``ConfigError`` (a ValueError) naming where the value came from (file and line, or the override),
+the dotted key, the value and what was expected; an unknown key also gets the closest valid one::
 
     unknown key 'train.learning_rate' in configs/tiny.yaml line 7; did you mean 'train.lr'?
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import operator
 import types
 import typing
@@ -112,7 +113,7 @@ class TrainSection:
     label_smoothing: float = _field(0.0, "ε for cDPO / robust / exo_pair", ge=0.0, lt=1.0)
     und_coeff: float = _field(1.0, "weight of the understanding (caption) DPO term", ge=0.0)
     gen_coeff: float = _field(1.0, "weight of the generation (image) DPO term", ge=0.0)
-    batch_size: int = _field(4, "pairs per optimizer step over all ranks (paper: 4); each rank's share runs in "
+    batch_size: int = _field(4, "pairs per micro-step over all ranks (paper: 4); each rank's share runs in "
                                 "micro-batches of <= data.token_budget tokens", ge=1)
     lr: float = _field(2e-5, "peak learning rate (AdamW)", gt=0.0)
     weight_decay: float = _field(0.01, "AdamW decoupled weight decay (not on biases, norms, embeddings)", ge=0.0)
@@ -123,7 +124,9 @@ class TrainSection:
                                  lt=1.0)
     max_steps: int | None = _field(None, "optimizer steps; None → epochs × steps per epoch of the data", ge=1)
     epochs: int = _field(1, "passes over the pairs when max_steps is None", ge=1)
-    grad_accum: int = _field(1, "micro-batches per optimizer step", ge=1)
+    grad_accum: int = _field(1, "micro-steps of batch_size pairs per optimizer step: a step takes batch_size × "
+                                "grad_accum pairs over all ranks, each pair weighing the same (accum 2 × batch B = "
+                                "batch 2B)", ge=1)
     max_grad_norm: float | None = _field(1.0, "gradient clipping norm; None → no clipping", gt=0.0)
     precompute_ref_logps: bool = _field(False, "reference log-probs computed once before training (no ref model)")
     nan_policy: Literal["stop", "skip"] = _field("stop", "a non-finite loss/grad: stop the run, or skip the step")
@@ -420,6 +423,11 @@ def _check_bounds(obj: Any, prefix: str, origins: dict[str, str]) -> None:
         if dataclasses.is_dataclass(value):
             _check_bounds(value, key + ".", origins)
             continue
+        numbers = value if isinstance(value, list) else [value]
+        for x in numbers:
+            if isinstance(x, float) and not math.isfinite(x):
+                where = origins.get(key, "the schema default")
+                raise ConfigError(f"{where}: '{key}' = {value!r} must be a finite number")
         if value is None or isinstance(value, (bool, str, list)):
             continue
         for bound, ok, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="),

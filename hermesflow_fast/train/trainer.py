@@ -1,13 +1,22 @@
 """The Pair-DPO trainer: one readable class, setup → train → save / load.
 
-Per optimizer step (``train.batch_size`` pairs over all ranks; each rank takes a contiguous share):
+Per optimizer step (E = ``train.batch_size`` × ``train.grad_accum`` pairs over all ranks, at most the data's pairs;
+each rank takes a contiguous share):
 
-    pairs of the step   = permutation(seed, epoch)[i·bs : (i+1)·bs]          deterministic: resume replays it exactly
-    micro-batches       = the rank's pairs packed into ``data.token_budget`` tokens (shared-prefix layouts, several
-                          pairs per row); gradients accumulate over them (DDP syncs on the last one only)
+    pairs of the step   = permutation(seed, epoch)[i·E : (i+1)·E]            deterministic: resume replays it exactly
+                          (the epoch's last step also takes a remainder too small to give every rank a pair)
+    micro-steps         = the rank's share cut into ``train.grad_accum`` consecutive groups (TRL's gradient
+                          accumulation, with batch_size counted over all ranks: accum 2 × batch B = batch 2B)
+    micro-batches       = each group packed into ``data.token_budget`` tokens (shared-prefix layouts, several
+                          pairs per row); gradients accumulate over all of them (DDP syncs on the last one only)
     per micro-batch     reference forward (no grad) or precomputed reference log-probs → policy forward → fused head
-                          on target rows → Pair-DPO, scaled by world_size / pairs_of_step
+                          on target rows → Pair-DPO, scaled by world_size / pairs_of_step (each pair weighs the same
+                          however the step is split)
     then                clip, NaN/inf check (stop or skip), AdamW, warm-up + cosine over the actual step count
+
+Before anything in the run folder is written, ``resume.plan_run_dir`` decides whether the folder may be used as asked
+(another run's folder, a resume with other settings, corrupt checkpoints), and on resume the checkpoint's tensor
+shapes and vocabulary are checked against the model and data about to train.
 
 ``metrics.jsonl`` gets one line per logged step (TRL's names per side: ``und/rewards/margins`` …, plus ``loss``,
 ``lr``, ``grad_norm``, tokens/s, pairs/s, peak memory, MFU on CUDA). Checkpoints: ``run_dir/checkpoints/step-N/``.
@@ -30,13 +39,28 @@ import torch
 
 from hermesflow_fast.data.batching import micro_batches
 from hermesflow_fast.data.gen_mask import pair_generator
+from hermesflow_fast.errors import UserError
 from hermesflow_fast.model import ModelConfig, UnifiedTransformer, Vocabulary
-from hermesflow_fast.train.checkpoint import CheckpointManager, check_run_dir
-from hermesflow_fast.train.config import TrainConfig, config_to_dict, save_config
+from hermesflow_fast.train.checkpoint import CheckpointManager
+from hermesflow_fast.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from hermesflow_fast.train.dataset import TrainData, load_train_data
 from hermesflow_fast.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, wrap_model
 from hermesflow_fast.train.objective import SIDES, PairDPOObjective, reference_logps, side_stats_names
 from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_cosine
+from hermesflow_fast.train.resume import (
+    CONFIG_FILE,
+    IGNORED,
+    METRICS_FILE,
+    ResumeError,
+    ResumePlan,
+    changes_header,
+    check_model_shapes,
+    check_vocab,
+    describe,
+    logged_steps,
+    move_aside,
+    plan_run_dir,
+)
 
 __all__ = ["NonFiniteError", "Trainer"]
 
@@ -49,12 +73,18 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
-                 info: DistInfo | None = None, log=print, data: TrainData | None = None):
-        """``data``: pairs already in memory (self-play hands its curated pairs over this way) instead of cfg.data."""
+                 info: DistInfo | None = None, log=print, data: TrainData | None = None,
+                 allow_config_change: bool = False, derived_keys: tuple[str, ...] = ()):
+        """``data``: pairs already in memory (self-play hands its curated pairs over this way) instead of cfg.data.
+        ``allow_config_change``: on resume, apply differences in ``resume.CHANGEABLE_ON_RESUME`` keys.
+        ``derived_keys``: keys the caller sets itself and has already checked, left out of the run-folder comparison
+        (self-play: ``model.init_from``, the previous round's model inside a run folder that may have moved)."""
         self.cfg = cfg
         self._given_data = data
         self.run_dir = Path(run_dir or cfg.run.run_dir or Path("runs") / cfg.run.name)
         self.resume = resume
+        self.allow_config_change = allow_config_change
+        self.derived_keys = tuple(derived_keys)
         self.info = info
         self._log = log
         self.step = 0
@@ -65,59 +95,112 @@ class Trainer:
         if self.info is None or self.info.is_main:
             self._log(msg)
 
+    def check_run_dir(self, verify: bool = True) -> ResumePlan:
+        """What this run may do with its folder, read-only (``resume.plan_run_dir``); a UserError if it may not.
+        ``model.init_from`` must exist. ``verify``: hash every checkpoint file (else sizes only)."""
+        init = self.cfg.model.init_from
+        if init and not Path(init).exists():
+            raise ConfigError(f"--init-from / model.init_from {init!r}: no such file or folder")
+        manager = CheckpointManager(self.run_dir, keep=self.cfg.checkpoint.keep)
+        return plan_run_dir(self.run_dir, self.cfg, self.resume, self.allow_config_change, manager, verify=verify,
+                            defaults=TrainConfig(), ignore=(*IGNORED, *self.derived_keys))
+
     def setup(self) -> Trainer:
         cfg = self.cfg
         self.info = self.info or init_distributed(cfg.dist.backend)
         info = self.info
         torch.manual_seed(cfg.run.seed + info.rank)
         np.random.seed((cfg.run.seed + info.rank) % 2**32)
-        if info.is_main:
-            check_run_dir(self.run_dir, config_to_dict(cfg), resume=self.resume)
-        barrier()
+        plan = self.check_run_dir()  # every rank reads; nothing is written before every check below has passed
         policy, vocab = self._build_model()
         self.data: TrainData = self._given_data or load_train_data(cfg, vocab, log=self.log)
         if policy is None:
             policy, _ = self._build_model(self.data.vocab)
         if policy.config.vocab_size != self.data.vocab.vocab_size:
-            raise ValueError(f"the model's vocabulary has {policy.config.vocab_size} ids but the token layout "
-                             f"needs {self.data.vocab.vocab_size} (text + specials + image codes + mask)")
+            raise UserError(f"the model's vocabulary has {policy.config.vocab_size} ids but the token layout "
+                            f"needs {self.data.vocab.vocab_size} (text + specials + image codes + mask)")
+        if plan.checkpoint is not None:
+            check_model_shapes(plan.checkpoint, {k: v.shape for k, v in policy.state_dict().items()})
+            stored = plan.checkpoint_extra.get("vocab")
+            where = plan.checkpoint / "state.json"
+            if stored is None and (self.run_dir / VOCAB_FILE).is_file():
+                stored, where = json.loads((self.run_dir / VOCAB_FILE).read_text()), self.run_dir / VOCAB_FILE
+            check_vocab(stored, where, self.data.vocab.to_dict())
+        t = cfg.train
+        n = len(self.data.pairs)
+        if n < max(1, info.world_size):
+            raise UserError(f"{n} pairs for {info.world_size} processes: each process needs at least one pair")
+        wanted = t.batch_size * t.grad_accum
+        self.batch_size = min(wanted, n)  # pairs per optimizer step, over all ranks
+        if wanted > n:
+            self.log(f"note: train.batch_size {t.batch_size} × train.grad_accum {t.grad_accum} = {wanted} pairs per "
+                     f"step, but the data holds {n}: each step takes all {n} pairs")
+        if self.batch_size < info.world_size:
+            raise UserError(f"train.batch_size {t.batch_size} × train.grad_accum {t.grad_accum} < {info.world_size} "
+                            f"processes: each process needs at least one pair per step")
+        self.steps_per_epoch = _steps_per_epoch(n, self.batch_size, info.world_size)
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        if plan.step > self.total_steps:
+            raise ResumeError(f"--resume: {plan.checkpoint} is at step {plan.step}, past this config's "
+                              f"{self.total_steps} steps (train.max_steps / train.epochs)")
         self.policy = policy.to(info.device)
         # the reference is the model the run starts from (also on resume: copied before the checkpoint loads)
         frozen = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.reference = None if cfg.train.precompute_ref_logps else frozen
+        self.reference = None if t.precompute_ref_logps else frozen
         self._configure_speed()
-        t = cfg.train
         self.objective = PairDPOObjective(self.policy, t.beta, t.loss_type, t.und_coeff, t.gen_coeff,
                                           t.label_smoothing)
         self.model = wrap_model(self.objective, info, cfg.dist.strategy)
         self.optimizer = build_optimizer(self.policy, t)
-        n = len(self.data.pairs)
-        if n < max(1, info.world_size):
-            raise ValueError(f"{n} pairs for {info.world_size} processes")
-        self.batch_size = min(t.batch_size, n)
-        if self.batch_size < info.world_size:
-            raise ValueError(f"train.batch_size {t.batch_size} < {info.world_size} processes")
-        self.steps_per_epoch = math.ceil(n / self.batch_size)
-        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = warmup_cosine(self.optimizer, resolve_warmup(t, self.total_steps), self.total_steps)
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.checkpoint.keep, rank=info.rank,
                                       world_size=info.world_size)
         if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / VOCAB_FILE).write_text(json.dumps(self.data.vocab.to_dict(), indent=1) + "\n")
-        if self.resume:
-            self.load()
-        elif self.ckpt.checkpoints():
-            raise ValueError(f"run dir {self.run_dir} already holds checkpoints; pass --resume auto to continue it or "
-                             f"choose another --run-dir (nothing was overwritten)")
+            self._write_run_dir(plan)
+        barrier()
+        if plan.checkpoint is not None:
+            self.load(plan.checkpoint)
         self.ref_cache: dict[str, dict[str, tuple[float, float]]] = {}
         if t.precompute_ref_logps:
             self._precompute_reference(frozen)
         del frozen
-        self.log(f"{self.data.summary}; {n} pairs, {self.total_steps} steps of {self.batch_size} pairs on "
+        accum = f" ({t.grad_accum} micro-steps)" if t.grad_accum > 1 else ""
+        self.log(f"{self.data.summary}; {n} pairs, {self.total_steps} steps of {self.batch_size} pairs{accum} on "
                  f"{info.world_size} process(es), device {info.device}")
         return self
+
+    def _write_run_dir(self, plan: ResumePlan) -> None:
+        """The run folder's own files, once every check has passed (main rank): metrics of an attempt that starts
+        over moved aside, config.yaml (with the changes a resume applied in its header), vocab.json."""
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = run_dir / METRICS_FILE
+        if plan.failed and plan.checkpoint is None:
+            why = "; ".join(f"{p.name}: {reason}" for p, reason in plan.failed)
+            self.log(f"--resume: no checkpoint in {run_dir / 'checkpoints'} can be used ({why}); starting again at "
+                     f"step 0")
+        elif plan.failed:
+            why = "; ".join(f"{p.name}: {reason}" for p, reason in plan.failed)
+            self.log(f"--resume: newer checkpoints failed verification ({why}); continuing from {plan.checkpoint}")
+        elif self.resume and plan.checkpoint is None:
+            self.log(f"--resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting at step 0")
+        if plan.restart and metrics.is_file():
+            n = logged_steps(metrics)
+            aside = move_aside(metrics)
+            self.log(f"run dir {run_dir}: starting at step 0; the {n} steps an earlier attempt logged are kept in "
+                     f"{aside} and {metrics.name} starts afresh")
+        if plan.changes:
+            if plan.history:
+                self.log(f"--allow-config-change: applying {describe(plan.changes)} from step {plan.step} (recorded "
+                         f"in {run_dir / CONFIG_FILE})")
+            else:
+                self.log(f"run dir {run_dir}: replacing the config of a run that never logged a step "
+                         f"({describe(plan.changes)})")
+        header = None
+        if plan.history:
+            header = changes_header(run_dir / CONFIG_FILE, plan.changes, f"on resume at step {plan.step}")
+        save_config(self.cfg, run_dir / CONFIG_FILE, header=header)
+        (run_dir / VOCAB_FILE).write_text(json.dumps(self.data.vocab.to_dict(), indent=1) + "\n")
 
     def _build_model(self, vocab: Vocabulary | None = None) -> tuple[UnifiedTransformer | None, Vocabulary | None]:
         """(policy, its stored vocabulary) from ``model.init_from``; or a fresh model sized for ``vocab``; or
@@ -163,11 +246,13 @@ class Trainer:
                         model.model.layers[i] = torch.compile(layer)
 
     # ----------------------------------------------------------------------------------------------------- data ----
-    def step_pairs(self, step: int) -> list:
-        """This rank's share of the pairs of optimizer step ``step`` (a pure function of seed, epoch and step)."""
+    def step_pairs(self, step: int) -> tuple[list, int, int]:
+        """(this rank's share of the pairs of optimizer step ``step``, the step's pairs over all ranks, epoch): a
+        pure function of seed, epoch and step. The epoch's last step takes every pair left."""
         epoch, i = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.data.pairs), generator=g)[i * self.batch_size:(i + 1) * self.batch_size]
+        end = (i + 1) * self.batch_size if i < self.steps_per_epoch - 1 else len(self.data.pairs)
+        order = torch.randperm(len(self.data.pairs), generator=g)[i * self.batch_size:end]
         share = np.array_split(order.numpy(), self.info.world_size)[self.info.rank]
         return [self.data.pairs[j] for j in share.tolist()], len(order), epoch
 
@@ -220,11 +305,14 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------------------------------------------- train ----
-    def train_step(self, step: int) -> dict:
-        """One optimizer step; returns its metrics (identical on every rank)."""
-        info, t = self.info, self.cfg.train
+    def accumulate(self, step: int) -> tuple[torch.Tensor, int, int]:
+        """Forward and backward of every pair of optimizer step ``step`` on this rank: ``train.grad_accum``
+        micro-steps, each packed into micro-batches; gradients add up in ``.grad`` (each pair weighs 1 / pairs of
+        the step). → (summed stats + token count, pairs of the step over all ranks, epoch); nothing is reduced."""
+        info = self.info
         pairs, n_step, epoch = self.step_pairs(step)
-        mbs = self._micro_batches(pairs, epoch)
+        groups = [g for g in np.array_split(np.arange(len(pairs)), self.cfg.train.grad_accum) if len(g)]
+        mbs = [mb for g in groups for mb in self._micro_batches([pairs[j] for j in g.tolist()], epoch)]
         self.policy.train()
         sums = torch.zeros(len(side_stats_names()) + 1, dtype=torch.float64, device=info.device)
         scale = info.world_size / n_step
@@ -244,6 +332,12 @@ class Trainer:
                 loss.backward()
             sums[:-1] += torch.stack([stats[k_] for k_ in side_stats_names()]).to(sums)
             sums[-1] += float(mb.input_ids.numel())
+        return sums, n_step, epoch
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step; returns its metrics (identical on every rank)."""
+        t = self.cfg.train
+        sums, n_step, epoch = self.accumulate(step)
         all_reduce_sum(sums)
         grad_norm = self._clip()
         finite = math.isfinite(grad_norm) and all(math.isfinite(float(v)) for v in sums)
@@ -386,8 +480,10 @@ class Trainer:
                               extra)
         return path
 
-    def load(self) -> None:
-        path = self.ckpt.latest()
+    def load(self, path: str | Path | None = None) -> None:
+        """Continue from checkpoint ``path`` (default: the newest that checks out): weights, optimizer, scheduler
+        position, RNG, step. The lr schedule is this config's (over its total steps), evaluated at that step."""
+        path = Path(path) if path is not None else self.ckpt.latest()
         if path is None:
             self.log(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}; starting at step 0")
             return
@@ -410,16 +506,39 @@ class Trainer:
             self.policy.load_state_dict(state)
             self.optimizer.load_state_dict(ck.optimizer_state)
         self.scheduler.load_state_dict(ck.scheduler_state)
+        self._rebase_schedule()
         self.step = int(ck.extra["step"])
         self.skipped = int(ck.extra.get("skipped_steps", 0))
         self.ckpt.restore_rng(path)
-        metrics = self.run_dir / "metrics.jsonl"
+        metrics = self.run_dir / METRICS_FILE
         if self.info.is_main and metrics.is_file():  # steps logged after the checkpoint are run again
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            keep = []
+            for ln in metrics.read_text().splitlines():
+                try:
+                    if ln.strip() and json.loads(ln)["step"] <= self.step:
+                        keep.append(ln)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill mid-write
+                    continue
             tmp = metrics.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             tmp.replace(metrics)
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _rebase_schedule(self) -> None:
+        """Set every param group's lr to this scheduler's value at its loaded position: the optimizer state holds the
+        lr the checkpoint's own schedule gave, which differs when the total steps changed on resume."""
+        s = self.scheduler
+        lrs = [base * fn(s.last_epoch) for base, fn in zip(s.base_lrs, s.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        s._last_lr = lrs
+
+
+def _steps_per_epoch(n: int, per_step: int, world_size: int) -> int:
+    """Optimizer steps of one pass over ``n`` pairs at ``per_step`` pairs a step. A remainder smaller than the world
+    joins the last step (a process without a pair would leave the others waiting in the gradient all-reduce)."""
+    full, rest = divmod(n, per_step)
+    return max(1, full + (1 if rest >= world_size else 0))
 
 
 def _peak_flops(device: torch.device) -> float | None:

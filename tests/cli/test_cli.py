@@ -1,4 +1,4 @@
-"""The `hermesflow` console script: env report and the bench wrapper."""
+"""The `hermesflow` console script: env report, the bench wrapper, tokenize, and the selfplay launcher's checks."""
 
 import csv
 import subprocess
@@ -60,3 +60,26 @@ def test_tokenize_command_builds_a_resumable_cache(tmp_path):
     assert len(cache) == 3
     expect = tok.encode(load_image(src / "img1.png", 16).unsqueeze(0))[0]
     assert torch.equal(cache["img1"], expect)
+
+
+def test_selfplay_nproc_into_a_used_run_dir_is_one_line_before_torchrun(tmp_path, capsys, monkeypatch):
+    """`hermesflow selfplay --nproc 2` checks the config and the run folder in the launching process: the refusal is
+    the only line (no torchrun output around it), exit status 2, and the folder is left as it was."""
+    import os
+
+    import pytest
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **kw: pytest.fail("torchrun was started"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run:\n  seed: 0\n")
+    for args, said in ((["--run-dir", str(run), "--nproc", "2"], f"run dir {run} is not empty; pass --resume"),
+                       (["--run-dir", str(run), "--nproc", "2", "curation.steps=0"], "'curation.steps' = 0 must be")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            main(["selfplay", *args], standalone_mode=False)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0]
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
+    assert (run / "config.yaml").read_text() == "run:\n  seed: 0\n"

@@ -14,12 +14,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TINY = ["world.train_records=8", "world.heldout_records=6", "curation.caption_grid=[[1,0.0],[3,0.7]]",
         "curation.images_per_prompt=2", "curation.steps=3", "eval.steps=3", "train.batch_size=4", "log.progress=false",
         "curation.batch_size=4", "eval.batch_size=8"]
+IMAGES = ["curation.save_images=true"]  # the first round's run also writes PNGs (a resume keeps its settings)
 
 
 @pytest.fixture(scope="module")
 def one_round(tmp_path_factory):
     run = tmp_path_factory.mktemp("sp") / "run"
-    cfg = load_config(None, TINY + ["curation.save_images=true"], schema=SelfPlayConfig)
+    cfg = load_config(None, TINY + IMAGES, schema=SelfPlayConfig)
     res = run_selfplay(cfg, run, rounds=1, log=lambda m: None)
     return run, res
 
@@ -54,7 +55,8 @@ def test_resume_in_the_middle_of_a_stage_gives_the_same_pairs(one_round, tmp_pat
     shutil.rmtree(rd / "train")
     shutil.rmtree(rd / "model")
     (copy / "summary.json").unlink()
-    run_selfplay(load_config(None, TINY, schema=SelfPlayConfig), copy, rounds=1, resume=True, log=lambda m: None)
+    run_selfplay(load_config(None, TINY + IMAGES, schema=SelfPlayConfig), copy, rounds=1, resume=True,
+                 log=lambda m: None)
     assert (rd / "gen_scores.jsonl").read_text() == (run / "round-1" / "gen_scores.jsonl").read_text()
     assert (rd / "pairs.jsonl").read_text() == (run / "round-1" / "pairs.jsonl").read_text()
 
@@ -100,3 +102,39 @@ def test_one_stage_at_a_time_gives_the_same_round(one_round, tmp_path):
     assert [r["round"] for r in res] == [0, 1] and (out / "summary.json").is_file()
     with pytest.raises(ValueError, match="stop_after must be one of"):
         run_selfplay(cfg, out, rounds=1, resume=True, log=lambda m: None, stop_after="captions")
+
+
+def test_resume_with_other_settings_is_refused_before_anything_is_written(one_round, tmp_path, capsys):
+    """Killed in gen_candidates, resumed with another images_per_prompt: one `error:` line naming the key, exit 2,
+    every file as it was; a logging change needs --allow-config-change and is then recorded in config.yaml."""
+    from hermesflow_fast.errors import user_errors
+    from hermesflow_fast.selfplay.cli import selfplay_main
+
+    run, _ = one_round
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for stage in ("gen_candidates", "gen_scores", "pairs", "train", "eval"):
+        (copy / "round-1" / f"{stage}.done").unlink()
+    (copy / "summary.json").unlink()
+    before = {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()}
+
+    def cli(*extra: str) -> tuple[int, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop, user_errors():
+            raise SystemExit(selfplay_main(["--run-dir", str(copy), "--rounds", "1", "--resume", *TINY, *IMAGES,
+                                            *extra]))
+        return stop.value.code, capsys.readouterr().err
+
+    code, err = cli("curation.images_per_prompt=5")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --resume: ")
+    assert "curation.images_per_prompt: 2 → 5 cannot change once a run has begun" in lines[0]
+    code, err = cli("log.every=5")
+    assert code == 2 and "log.every: 1 → 5; pass --allow-config-change" in err and len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()} == before
+    code, err = cli("log.every=5", "--allow-config-change")
+    assert code == 0, err
+    assert "# changed on resume: log.every: 1 → 5" in (copy / "config.yaml").read_text()
+    for name in ("gen_candidates", "pairs"):
+        assert (copy / "round-1" / f"{name}.jsonl").read_text() == (run / "round-1" / f"{name}.jsonl").read_text()
+    assert (copy / "summary.json").is_file()

@@ -105,6 +105,26 @@ def test_generated_images_become_pngs_only_when_asked(wm, tmp_path):
         assert f.read_bytes() == (tmp_path / "again" / f.relative_to(out)).read_bytes()
 
 
+def test_a_journal_begun_with_other_settings_is_refused(wm, tmp_path):
+    """A stage killed mid-way and resumed with another images_per_prompt or caption grid would mix records of both:
+    refused, naming the journal and the record, and nothing is appended."""
+    from hermesflow_fast.errors import UserError
+
+    w, recs = wm
+    gc = gen_candidates(w, recs[:2], Journal(tmp_path / "g.jsonl"), SETTINGS, 1)  # killed after two records
+    before = gc.path.read_text()
+    five = CurationSettings(**{**SETTINGS.__dict__, "images_per_prompt": 5})
+    with pytest.raises(UserError, match=rf"g.jsonl: record '{recs[0].id}' was written with images_per_prompt=3, "
+                                        rf"but this run asks for 5"):
+        gen_candidates(w, recs, Journal(gc.path), five, 1)
+    uc = und_candidates(w, recs[:1], Journal(tmp_path / "u.jsonl"), SETTINGS, 1)
+    greedy = CurationSettings(**{**SETTINGS.__dict__, "caption_grid": ((1, 0.0),)})
+    with pytest.raises(UserError, match=r"was written with caption_grid=\[\[1, 0.0\], \[3, 1.0\]\]"):
+        und_candidates(w, recs, Journal(uc.path), greedy, 1)
+    assert gc.path.read_text() == before and len(Journal(uc.path)) == 1
+    assert len(gen_candidates(w, recs, Journal(gc.path), SETTINGS, 1)) == len(recs)  # the same settings continue
+
+
 def test_image_folders_never_escape_or_collide():
     assert image_folder("shapes-000123") == "shapes-000123"
     names = [image_folder(i) for i in ("a/../b", "a_.._b", "..", "x y", "x_y", "/etc")]

@@ -1,8 +1,10 @@
 """Checkpoints: bitwise round trip of model + AdamW + LambdaLR, RNG restore, keep-K, corrupt/partial/temporary folders
-skipped with a reason, NaN refusal, code-carrying pickles refused, run-dir guard, and a 2-rank gloo save."""
+skipped with a reason, NaN refusal, code-carrying pickles refused, a full disk named and cleaned up after, and a
+2-rank gloo save."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -20,11 +22,10 @@ from torch import nn
 from hermesflow_fast.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    check_run_dir,
     first_non_finite,
     is_nan_free,
 )
-from hermesflow_fast.train.config import TrainConfig, config_to_dict, load_config, save_config
+from hermesflow_fast.train.config import TrainConfig, config_to_dict
 from hermesflow_fast.train.optim import build_optimizer, warmup_cosine
 
 
@@ -285,22 +286,37 @@ def test_tied_weights_are_saved_once_per_name(tmp_path):
     assert torch.equal(loaded["tied"], loaded["0.weight"])
 
 
-def test_check_run_dir(tmp_path):
-    run = tmp_path / "run"
-    cfg = load_config(None, ["train.max_steps=100"])
-    assert check_run_dir(run, cfg, resume=False) == []  # nothing there yet
-    save_config(cfg, run / "config.yaml", header="hermesflow train")
-    before = (run / "config.yaml").read_text()
-    assert check_run_dir(run, config_to_dict(cfg), resume=False) == []
-    longer = load_config(None, ["train.max_steps=200", "run.run_dir=/elsewhere"])
-    assert check_run_dir(run, longer, resume=False) == []  # ignored keys
-    other = load_config(None, ["train.lr=1e-5", "train.max_steps=100"])
+def test_a_full_disk_is_named_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    """safetensors wraps the OS error in its own ('os error 28'), torch's writer in a RuntimeError; either way the
+    error names the file and says the disk is full, the temporary folder is gone and earlier checkpoints stay."""
+    import safetensors.torch
+
+    model, opt, sched = _trainer(1)
+    manager = CheckpointManager(tmp_path, keep=1)
+    good = _save(manager, 1, model, opt, sched)
+    real_save_file = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)  # a partial file is there when the error comes
+        raise RuntimeError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(CheckpointError) as err:
-        check_run_dir(run, other, resume=False)
-    assert str(err.value) == (f"run dir {run} already holds a different run (train.lr: 2e-05 → 1e-05); "
-                              f"pass --resume auto or choose another --run-dir")
-    assert (run / "config.yaml").read_text() == before
-    assert check_run_dir(run, other, resume=True) == ["train.lr: 2e-05 → 1e-05"]
+        _save(manager, 2, model, opt, sched)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("checkpoint step 2: cannot write ")
+    assert "model.safetensors: No space left on device (disk full" in msg and "was removed" in msg
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+
+    def torch_full(obj, f, *a, **kw):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", torch_full)
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: No space left on device \(disk full"):
+        _save(manager, 3, model, opt, sched)
+    assert [p.name for p in manager.root.iterdir()] == [good.name]  # no step-*.tmp-* left, step 1 kept (keep=1)
+    assert manager.latest() == good
 
 
 _WORKER = textwrap.dedent(
