@@ -101,7 +101,8 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 # ---------------------------------------------------------------------------------------------------------------------
 
 DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+    "discopop",
 )
 
 
@@ -133,6 +134,7 @@ def dpo_per_pair_losses(
         "exo_pair": lambda: torch.sigmoid(z) * (-sp(-z) - math.log1p(-eps))
         + torch.sigmoid(-z) * (-sp(z) - math.log(eps)),
         "nca_pair": lambda: sp(-beta * a) + 0.5 * sp(beta * a) + 0.5 * sp(beta * r),
+        "bco_pair": lambda: sp(-beta * a) + sp(beta * r),  # liger-kernel's (TRL's with no running-mean shift)
         "sppo_hard": lambda: (a - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2,
         "apo_zero": lambda: torch.sigmoid(-beta * a) + torch.sigmoid(beta * r),
         "apo_down": lambda: torch.sigmoid(beta * a) + torch.sigmoid(-z),
