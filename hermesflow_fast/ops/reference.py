@@ -240,19 +240,23 @@ def fused_linear_dpo(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
     average_log_prob: bool = False,
     compute_nll_loss: bool = False,
     alpha: float = 1.0,
     loss_scale: float = 1.0,
+    cdpo: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The naive twin of ``FusedLinearDPOLoss``: HermesFlow's path (materialized logits + log_softmax + gather).
 
     hidden (2B, T, H): chosen rows [0, B) over rejected rows [B, 2B); targets (2B, T). The policy logits are built
-    once, in full, and kept for backward; the reference's under no_grad.
+    once, in full, and kept for backward; the reference's under no_grad. No ``ref_hidden``: reference-free.
     Returns (loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
     chosen_rewards, rejected_rewards)), the tuple liger-kernel returns.
-    IPO uses per-token averaged log-probs (as TRL does), whatever ``average_log_prob`` says. ``loss_scale`` multiplies
-    the returned loss (the aux tuple is unscaled), as the fused op's argument of that name.
+    The losses are liger-kernel's: ``label_smoothing`` is read by robust and exo_pair only, and by sigmoid (cDPO,
+    TRL's) only with ``cdpo=True``. IPO uses per-token averaged log-probs (as TRL does), whatever
+    ``average_log_prob`` says. ``loss_scale`` multiplies the returned loss (the aux tuple is unscaled), as the fused
+    op's argument of that name.
     """
     n = hidden.shape[0] // 2
     average = average_log_prob or loss_type == "ipo"
@@ -264,7 +268,8 @@ def fused_linear_dpo(
             ref = _sequence_logps(_logits(ref_hidden, rw, ref_bias), targets, ignore_index, average)[0]
     else:
         ref = torch.zeros_like(logps)
-    loss = dpo_per_pair_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, label_smoothing).mean()
+    eps = label_smoothing if loss_type in ("robust", "exo_pair") or (loss_type == "sigmoid" and cdpo) else 0.0
+    loss = dpo_per_pair_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, eps, discopop_tau).mean()
     denom = n * hidden.shape[1] * weight.shape[0]
     nll = -tok[:n].sum() / (targets[:n] != ignore_index).sum().clamp_min(1)
     if compute_nll_loss:
