@@ -41,12 +41,13 @@ def max_chunk_bytes(device: torch.device) -> int:
 def default_chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
     """Rows of one chunk when the caller gives no budget, for a call that scores ``rows`` rows against V = ``vocab``.
 
-    clamp(ceil(rows / CHUNK_FRACTION), MIN_CHUNK_ROWS, max(MIN_CHUNK_ROWS, max_chunk_bytes / 4V)). The chunk's
-    logits are then at most 1/4 of the (rows, V) fp32 logits the naive path holds (it holds 2.9–3.6 times those at
-    2048–8192 tokens, bench/results/logprobs.csv), so the op's extra memory stays under 1/8 of the naive path's from
-    2048 tokens up whatever H and V are; a fixed byte budget (256 MiB before) held half of all rows at H=1024,
-    V=32768, 4096 tokens. The floor of 512 rows keeps the GEMMs efficient; below 2048 tokens it means one or two
-    chunks.
+    clamp(ceil(rows / CHUNK_FRACTION), MIN_CHUNK_ROWS, max(MIN_CHUNK_ROWS, max_chunk_bytes / 4V)). From 2048 tokens
+    up (rows ≥ ~1,950, so 512 rows is at most ~0.26 of them) a chunk's logits are then about 1/4 of the (rows, V) fp32
+    logits or less, which the naive path holds 3.0–3.7 times over (CPU fp32, bench/results/logprobs.csv), so the fused
+    ops' extra memory stays under 1/8 of the naive path's: measured 0.069–0.089 at H=1024/2048,
+    V=32768/58498/151936; ``python -m bench.bench_logprobs --grid --plan`` models every head of the grid. A fixed
+    byte budget (256 MiB before) held half of all rows at H=1024, V=32768, 4096 tokens. The floor of 512 rows keeps
+    the GEMMs efficient; below 2048 tokens it means one or two chunks.
     """
     cap = max(MIN_CHUNK_ROWS, max_chunk_bytes(device) // (4 * vocab))
     return max(1, min(cap, max(MIN_CHUNK_ROWS, -(-rows // CHUNK_FRACTION))))
