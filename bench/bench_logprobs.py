@@ -32,7 +32,17 @@ call is measured (see bench/utils.py). On CUDA: torch.cuda max_memory_allocated.
     python -m bench.bench_logprobs                                   # the full CPU sweep (slow: minutes per size)
     python -m bench.bench_logprobs --H 256 --V 4000 --tokens 256,512 --reps 2 --out /tmp/x.csv --check
     python -m bench.bench_logprobs --device cuda --dtype bf16 --tokens 1024,2048,4096,8192,16384 --reps 10
+    python -m bench.bench_logprobs --grid --device cuda --dtype bf16      # the chunk-budget shapes, below
+    python -m bench.bench_logprobs --grid --plan                          # their chunking, computed, nothing run
     python -m bench.plot bench/results/logprobs.csv
+
+--H and --V take comma-separated lists (every pair is swept). ``--grid`` is the set of heads the default chunk
+budget of the fused op is sized for: H ∈ {1024, 2048, 4096} × V ∈ {32768, 58498, 151936} at 2048, 4096 and 8192
+tokens, providers gemm_floor, ours and naive (targets: ours ≤ 1/8 of naive's extra memory, ≤ 1.1× the floor's
+time). ``--plan`` prints, for each point, the chunks the op will cut (whole pairs, ``default_chunk_rows``), the
+largest chunk's fp32 logits, and the model of both extras: ours ≈ the largest chunk's logits plus its (rows, H)
+gathers in fp32, naive ≥ 2.96 × the (T_policy, V) fp32 logits (the smallest multiple measured from 2048 tokens up
+in bench/results/logprobs.csv), without building a tensor.
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ import torch.nn.functional as F
 
 from bench import utils
 from hermesflow_fast.ops import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss, reference
+from hermesflow_fast.ops.fused_dpo import _pair_chunks
+from hermesflow_fast.ops.logprobs import default_chunk_rows
 
 KERNEL = "fused_linear_dpo"
 BETA = 0.1
@@ -57,6 +69,10 @@ IGNORE_INDEX = -100
 IGNORE_FRAC = 0.05
 SHOW_O_H, SHOW_O_V = 2048, 58498
 DEFAULT_TOKENS = (512, 1024, 2048, 4096, 8192)
+GRID = {"H": [1024, 2048, 4096], "V": [32768, 58498, 151936], "tokens": [2048, 4096, 8192],
+        "providers": ["gemm_floor", "ours", "naive"]}
+NAIVE_EXTRA_MIN = 2.96  # naive's extra ÷ its (T_policy, V) fp32 logits: the smallest measured from 2048 tokens up
+# (CPU fp32, bench/results/logprobs.csv: 2.96–3.72 over H 1024/2048, V 32768/58498/151936, 2048–8192 tokens)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # problem and inputs
@@ -126,6 +142,35 @@ def build_inputs(p: Problem) -> Inputs:
     y = torch.randint(0, p.V, (s, t), generator=g, device=dev)
     y[torch.rand(s, t, generator=g, device=dev) < IGNORE_FRAC] = IGNORE_INDEX
     return Inputs(x=x, w=w, b=b, y=y, xr=xr)
+
+
+def planned_chunks(p: Problem, seed: int = 0) -> tuple[int, list[int]]:
+    """(scored rows, rows of each chunk of ours' default chunking) for a problem, from a draw of its target mask
+    alone (the same ~5% ignored as build_inputs, not the same draw): the op's own chunker on the op's own budget."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(2 * p.pairs, p.seq, generator=g) >= IGNORE_FRAC
+    counts = keep.sum(1).tolist()
+    rows = sum(counts)
+    chunks = _pair_chunks(counts, p.pairs, default_chunk_rows(rows, p.V, torch.device(p.device)), None)
+    n = p.pairs
+    return rows, [sum(counts[p0:p1]) + sum(counts[n + p0 : n + p1]) for p0, p1 in chunks]
+
+
+def plan_table(problems: list[Problem]) -> str:
+    """The chunking ours will use at each point and the modelled extras (see the module docstring)."""
+    cols = (f"{'H':>5} {'V':>7} {'tokens':>6} {'rows':>6} {'chunks':>6} {'largest':>7} {'chunk MB':>9} "
+            f"{'ours MB':>8} {'naive MB':>9} {'ours÷naive':>10}")
+    lines = ["ours' default chunking (whole pairs, default_chunk_rows) and modelled extras, fp32 logits:", cols,
+             "-" * len(cols)]
+    for p in problems:
+        rows, chunks = planned_chunks(p)
+        big = max(chunks)
+        chunk_mb = big * p.V * 4 / utils.MB
+        ours = chunk_mb + 2 * big * p.H * 4 / utils.MB
+        naive = NAIVE_EXTRA_MIN * p.tokens * p.V * 4 / utils.MB
+        lines.append(f"{p.H:>5} {p.V:>7} {p.tokens:>6} {rows:>6} {len(chunks):>6} {big:>7} {chunk_mb:>9,.0f} "
+                     f"{ours:>8,.0f} {naive:>9,.0f} {ours / naive:>10.3f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,7 +310,7 @@ def estimate_bytes(name: str, p: Problem) -> int:
     inputs = 2 * n * h * elt + v * h * elt + v * elt
     grads = n * h * elt + v * h * elt + v * elt
     logits = n * v * 4
-    chunk = (512 if p.device == "cuda" else 64) * utils.MB
+    chunk = max(planned_chunks(p)[1]) * v * 4
     held = {
         "gemm_floor": 3 * n * v * elt,
         "naive": 4 * logits,
@@ -377,14 +422,17 @@ def gemm_flops(r: dict) -> float:
 
 
 def run_sweep(cfg: argparse.Namespace, on_result: Callable[[dict], object] | None = None) -> list[dict]:
-    """Every (tokens, provider) point, smallest size first; ``on_result`` sees each measurement as it lands."""
+    """Every (H, V, tokens, provider) point, smallest size first for each head; ``on_result`` sees each
+    measurement as it lands. A provider that fails or is skipped at a size is skipped at the larger sizes of that
+    head."""
     subprocs = cfg.device == "cpu" and not cfg.inprocess
     results, dropped = [], set()
-    for tokens in sorted(cfg.tokens):
-        p = Problem.make(tokens, cfg.seq, cfg.H, cfg.V, dtype=cfg.dtype, device=cfg.device)
+    for h, v, tokens in ((h, v, t) for h in cfg.H for v in cfg.V for t in sorted(cfg.tokens)):
+        p = Problem.make(tokens, cfg.seq, h, v, dtype=cfg.dtype, device=cfg.device)
         for name in sorted(cfg.providers, key=RUN_ORDER.index):
-            if name in dropped:
-                print(f"  skip {name} at {tokens} tokens: it failed or was skipped at a smaller size", flush=True)
+            if (name, h, v) in dropped:
+                print(f"  skip {name} at H={h} V={v} {tokens} tokens: it failed or was skipped at a smaller size",
+                      flush=True)
                 continue
             need, avail = estimate_bytes(name, p), utils.available_bytes(cfg.device)
             if need > cfg.mem_fraction * avail:
@@ -393,7 +441,7 @@ def run_sweep(cfg: argparse.Namespace, on_result: Callable[[dict], object] | Non
                     f"{cfg.mem_fraction:.0%} of available is {cfg.mem_fraction * avail / utils.MB:,.0f} MB",
                     flush=True,
                 )
-                dropped.add(name)
+                dropped.add((name, h, v))
                 continue
             t0 = time.perf_counter()
             try:
@@ -402,8 +450,8 @@ def run_sweep(cfg: argparse.Namespace, on_result: Callable[[dict], object] | Non
                 else:
                     r = measure(p, name, cfg.reps, cfg.warmup)
             except (RuntimeError, subprocess.TimeoutExpired) as e:  # torch OOM errors are RuntimeErrors
-                print(f"  FAILED {name} at {tokens} tokens: {e}", flush=True)
-                dropped.add(name)
+                print(f"  FAILED {name} at H={h} V={v} {tokens} tokens: {e}", flush=True)
+                dropped.add((name, h, v))
                 continue
             finally:  # in process: free this point's inputs and cached blocks before the next one
                 gc.collect()
@@ -411,13 +459,14 @@ def run_sweep(cfg: argparse.Namespace, on_result: Callable[[dict], object] | Non
                     torch.cuda.empty_cache()
             mem = "" if r["mem_extra"] is None else f", extra {r['mem_extra'] / utils.MB:,.1f} MB"
             print(
-                f"  {tokens:>6} tokens  {name:<14} {r['time'][0]:.4g} s{mem}  ({time.perf_counter() - t0:.0f} s wall)",
+                f"  H={h} V={v} {tokens:>6} tokens  {name:<14} {r['time'][0]:.4g} s{mem}  "
+                f"({time.perf_counter() - t0:.0f} s wall)",
                 flush=True,
             )
             results.append(r)
             if on_result is not None:
                 on_result(r)
-        _report_agreement([r for r in results if r["problem"]["tokens"] == tokens], cfg)
+        _report_agreement([r for r in results if r["problem"] == asdict(p)], cfg)
     return results
 
 
@@ -440,6 +489,7 @@ def config_of(r: dict, cfg: argparse.Namespace) -> dict:
         "device": p["device"], "beta": BETA, "loss_type": "sigmoid", "ignore_frac": IGNORE_FRAC,
         "valid_tokens": r["valid_rows"], "reps": cfg.reps, "warmup": cfg.warmup, "peak_reset": r["peak_reset"],
         "memory": "peak - inputs - grads(hidden, weight, bias)",
+        "chunk_rows": default_chunk_rows(r["valid_rows"], p["V"], torch.device(p["device"])),  # ours' budget
     }
 
 
@@ -463,17 +513,19 @@ def _ratio(value: float | None, base: float | None, fmt: str = ".2f") -> str:
 
 def format_table(results: list[dict], cfg: argparse.Namespace) -> str:
     head = (
-        f"{KERNEL} fwd+bwd, policy + reference head, DPO sigmoid β={BETA}: H={cfg.H} V={cfg.V} {cfg.dtype} on "
+        f"{KERNEL} fwd+bwd, policy + reference head, DPO sigmoid β={BETA}: {cfg.dtype} on "
         f"{utils.device_name(cfg.device)} ({cfg.device}, {torch.get_num_threads()} threads), "
         f"median of {cfg.reps} reps\n"
         "extra MB = peak − inputs − grads(hidden, weight, bias); TFLOP/s = the 4 floor GEMMs (8·R·V·H) / time\n"
     )
-    cols = f"{'tokens':>6} {'pairs':>5}  {'provider':<14} {'time s':>9} {'[q20, q80]':>19} {'×floor':>7} " \
-           f"{'×naive':>7} {'TFLOP/s':>8} {'extra MB':>10} {'÷naive':>7} {'loss':>10}"
+    cols = f"{'H':>5} {'V':>7} {'tokens':>6} {'pairs':>5}  {'provider':<14} {'time s':>9} {'[q20, q80]':>19} " \
+           f"{'×floor':>7} {'×naive':>7} {'TFLOP/s':>8} {'extra MB':>10} {'÷naive':>7} {'loss':>10}"
     lines = [head, cols, "-" * len(cols)]
     order = {n: i for i, n in enumerate(PROVIDERS)}
-    for tokens in sorted({r["problem"]["tokens"] for r in results}):
-        rs = sorted((r for r in results if r["problem"]["tokens"] == tokens), key=lambda r: order[r["provider"]])
+    points = sorted({(r["problem"]["H"], r["problem"]["V"], r["problem"]["tokens"]) for r in results})
+    for h, v, tokens in points:
+        rs = sorted((r for r in results if (r["problem"]["H"], r["problem"]["V"], r["problem"]["tokens"]) ==
+                     (h, v, tokens)), key=lambda r: order[r["provider"]])
         by = {r["provider"]: r for r in rs}
         floor, naive = by.get("gemm_floor"), by.get("naive")
         for r in rs:
@@ -481,9 +533,10 @@ def format_table(results: list[dict], cfg: argparse.Namespace) -> str:
             mem = "n/a" if r["mem_extra"] is None else f"{r['mem_extra'] / utils.MB:,.1f}"
             loss = "" if r["loss"] is None else f"{r['loss']:.6f}"
             lines.append(
-                f"{tokens:>6} {r['problem']['tokens'] // (2 * r['problem']['seq']):>5}  {r['provider']:<14} "
-                f"{t[0]:>9.4f} {f'[{t[1]:.4f}, {t[2]:.4f}]':>19} {_ratio(t[0], floor and floor['time'][0]):>7} "
-                f"{_ratio(t[0], naive and naive['time'][0]):>7} {gemm_flops(r) / t[0] / 1e12:>8.3f} {mem:>10} "
+                f"{h:>5} {v:>7} {tokens:>6} {r['problem']['tokens'] // (2 * r['problem']['seq']):>5}  "
+                f"{r['provider']:<14} {t[0]:>9.4f} {f'[{t[1]:.4f}, {t[2]:.4f}]':>19} "
+                f"{_ratio(t[0], floor and floor['time'][0]):>7} {_ratio(t[0], naive and naive['time'][0]):>7} "
+                f"{gemm_flops(r) / t[0] / 1e12:>8.3f} {mem:>10} "
                 f"{_ratio(r['mem_extra'], naive and naive['mem_extra'], '.3f'):>7} {loss:>10}"
             )
         lines.append("")
@@ -508,8 +561,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"T_policy values, comma separated (default {','.join(map(str, DEFAULT_TOKENS))})")
     ap.add_argument("--providers", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                     help=f"comma separated, from {','.join(PROVIDERS)} (default {','.join(DEFAULT_PROVIDERS)})")
-    ap.add_argument("--H", type=int, default=None, help=f"hidden size (default {SHOW_O_H}, Show-o)")
-    ap.add_argument("--V", type=int, default=None, help=f"vocabulary (default {SHOW_O_V}, Show-o)")
+    ap.add_argument("--H", type=_ints, default=None, help=f"hidden sizes, comma separated (default {SHOW_O_H}, Show-o)")
+    ap.add_argument("--V", type=_ints, default=None, help=f"vocabularies, comma separated (default {SHOW_O_V}, Show-o)")
+    ap.add_argument("--grid", action="store_true",
+                    help="the chunk-budget shapes: H 1024,2048,4096 × V 32768,58498,151936 × tokens 2048,4096,8192, "
+                         "providers gemm_floor,ours,naive (each unless given)")
+    ap.add_argument("--plan", action="store_true",
+                    help="print ours' chunking and the modelled extra memory of each point, run nothing")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     ap.add_argument("--dtype", choices=tuple(utils.DTYPES), default="fp32")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -532,13 +590,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return cfg
     if cfg.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
-    quick = {"tokens": [512, 1024], "H": 512, "V": 8192, "reps": 2} if cfg.quick else {}
-    cfg.tokens = cfg.tokens or quick.get("tokens", list(DEFAULT_TOKENS))
-    cfg.H = cfg.H or quick.get("H", SHOW_O_H)
-    cfg.V = cfg.V or quick.get("V", SHOW_O_V)
-    cfg.reps = cfg.reps or quick.get("reps", 10 if cfg.device == "cuda" else 3)
+    quick = {"tokens": [512, 1024], "H": [512], "V": [8192], "reps": 2} if cfg.quick else {}
+    preset = GRID if cfg.grid else quick
+    cfg.tokens = cfg.tokens or preset.get("tokens", list(DEFAULT_TOKENS))
+    cfg.H = cfg.H or preset.get("H", [SHOW_O_H])
+    cfg.V = cfg.V or preset.get("V", [SHOW_O_V])
+    cfg.reps = cfg.reps or preset.get("reps", 10 if cfg.device == "cuda" else 3)
     cfg.warmup = cfg.warmup if cfg.warmup is not None else (3 if cfg.device == "cuda" else 1)
-    providers = cfg.providers or list(DEFAULT_PROVIDERS)
+    providers = cfg.providers or preset.get("providers", list(DEFAULT_PROVIDERS))
     unknown = [n for n in providers if n not in PROVIDERS]
     if unknown:
         ap.error(f"unknown providers {unknown}; choose from {','.join(PROVIDERS)}")
@@ -551,7 +610,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             print(f"note: skipping provider {name}: {why}")
     for tokens in cfg.tokens:
         try:
-            Problem.make(tokens, cfg.seq, cfg.H, cfg.V)
+            Problem.make(tokens, cfg.seq, cfg.H[0], cfg.V[0])
         except ValueError as e:
             ap.error(str(e))
     return cfg
@@ -562,6 +621,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_args(argv)
     if cfg.worker is not None:
         utils.worker_main(cfg.worker, measure, Problem)
+        return []
+    if cfg.plan:
+        print(plan_table([Problem.make(t, cfg.seq, h, v, dtype=cfg.dtype, device=cfg.device)
+                          for h in cfg.H for v in cfg.V for t in sorted(cfg.tokens)]))
         return []
     cfg.threads = cfg.threads or None
     utils.set_threads(cfg.threads)

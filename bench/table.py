@@ -2,13 +2,15 @@
 
     python -m bench.table bench/results/logprobs.csv [--commit SHA] [--providers ours,naive,...]
 
-Ratios are only formed between rows of the same commit, device, dtype and x (one sweep), never across runs.
+Ratios are only formed between rows of the same commit, device, dtype, head (H, V) and x (one sweep), never across
+runs; when the rows hold more than one head, the tokens cell names it (H × V).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,7 +26,8 @@ def table(rows: list[dict[str, str]], providers: list[str] | None = None) -> str
     cell: dict[tuple, dict[str, dict[str, str]]] = defaultdict(dict)
     order: list[str] = []
     for r in rows:
-        key = (r["commit"], r["device_name"], r["dtype"], int(r["x_value"]))
+        cfg = json.loads(r["extra_benchmark_config_str"] or "{}")
+        key = (r["commit"], r["device_name"], r["dtype"], int(r["x_value"]), cfg.get("H"), cfg.get("V"))
         cell[key].setdefault(r["kernel_provider"], {})[r["metric_name"]] = r
         if r["kernel_provider"] not in order:
             order.append(r["kernel_provider"])
@@ -34,7 +37,8 @@ def table(rows: list[dict[str, str]], providers: list[str] | None = None) -> str
         "| extra memory, MB | ÷ naive's extra |",
         "|---|---:|---|---|---:|---:|---:|",
     ]
-    for key in sorted(cell, key=lambda k: (k[0], k[3])):
+    heads = {k[4:] for k in cell}
+    for key in sorted(cell, key=lambda k: (k[0], k[4] or 0, k[5] or 0, k[3])):
         got = cell[key]
         floor = got.get("gemm_floor", {}).get("time")
         naive_mem = got.get("naive", {}).get("memory_extra")
@@ -48,7 +52,8 @@ def table(rows: list[dict[str, str]], providers: list[str] | None = None) -> str
             mem = f"{float(m['y_value_50']):,.0f}" if m else "n/a"
             ratio = f"{float(m['y_value_50']) / float(naive_mem['y_value_50']):.3f}" if m and naive_mem else "n/a"
             time_s = f"{med:.2f} [{q20:.2f}, {q80:.2f}]"
-            out.append(f"| {key[0]} | {key[3]} | {p} | {time_s} | {x_floor} | {mem} | {ratio} |")
+            tokens = f"{key[4]} × {key[5]}, {key[3]}" if len(heads) > 1 else f"{key[3]}"
+            out.append(f"| {key[0]} | {tokens} | {p} | {time_s} | {x_floor} | {mem} | {ratio} |")
     return "\n".join(out)
 
 

@@ -10,6 +10,8 @@
 #   pytest     python -m pytest -q -m gpu tests
 #   bench_bf16 bench_logprobs --device cuda --dtype bf16, 1k..16k tokens, 10 reps   -> $OUT/logprobs_gpu.csv
 #   bench_fp32 the same in fp32 at 2k and 8k tokens                                 -> $OUT/logprobs_gpu.csv
+#   bench_grid bench_logprobs --grid --device cuda --dtype bf16: the chunk budget's heads, H 1024..4096 × V 32k..152k
+#              × 2k..8k tokens, gemm_floor / ours (chunked) / naive, 5 reps         -> $OUT/logprobs_gpu.csv
 #   bench_dpo  bench_dpo --device cuda                                               -> $OUT/dpo_gpu.csv
 #   bench_nc   bench_nearest_code --device cuda, N=16384, K 512..16384, D 8/13/256   -> $OUT/nearest_code_gpu.csv
 #   bench_gen  bench_generate all --device cuda at Show-o-512's backbone (random weights): caption decoding
@@ -118,6 +120,8 @@ step bench_step 200 25 "$PY" -m bench.bench_step --device cuda --dtype bf16 --pr
     --no-compile --reps 3 --out "$OUT/step_gpu.csv" --plot "$OUT/plots/step_gpu.png"
 step bench_cur 150 10 "$PY" -m bench.bench_curation --device cuda --dtype bf16 --preset show_o_512 --records 4 \
     --images 8 --out "$OUT/curation_gpu.csv"
+step bench_grid 150 40 "$PY" -m bench.bench_logprobs --grid --device cuda --dtype bf16 --reps 5 \
+    --out "$OUT/logprobs_gpu.csv"
 step pytest 150 25 "$PY" -m pytest -q -m gpu tests
 step bench_bm 60 12 "$PY" -m bench.bench_block_mask --device cuda --tokens 4096,8192,16384 --reps 10 \
     --out "$OUT/block_mask_gpu.csv"

@@ -6,6 +6,8 @@
     ipo (arXiv 2310.12036):           ℓ = (a − r − 1/(2β))²
     robust (rDPO):                    ℓ = (−(1−ε)·logσ(z) + ε·logσ(−z)) / (1 − 2ε)
     exo_pair, nca_pair, sppo_hard, apo_zero, apo_down, discopop: as in TRL's DPOTrainer.
+    bco_pair:                         ℓ = −logσ(β a) − logσ(−β r)   (liger-kernel's; TRL's also shifts β a and β r
+                                      by a running mean of the rewards, which a stateless loss cannot hold)
 
     Pair-DPO (HermesFlow, arXiv 2502.12148), for pair b with an understanding (caption) side and a generation
     (image) side:   L = mean_b [ c_und · ℓ(z_und,b) + c_gen · ℓ(z_gen,b) ]
@@ -59,6 +61,10 @@ def _nca_pair(a, r, beta, eps, tau):
     return -F.logsigmoid(beta * a) - 0.5 * F.logsigmoid(-beta * a) - 0.5 * F.logsigmoid(-beta * r)
 
 
+def _bco_pair(a, r, beta, eps, tau):
+    return -F.logsigmoid(beta * a) - F.logsigmoid(-beta * r)
+
+
 def _sppo_hard(a, r, beta, eps, tau):
     return (a - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
 
@@ -84,6 +90,7 @@ _LOSSES: dict[str, _LossFn] = {
     "robust": _robust,
     "exo_pair": _exo_pair,
     "nca_pair": _nca_pair,
+    "bco_pair": _bco_pair,
     "sppo_hard": _sppo_hard,
     "apo_zero": _apo_zero,
     "apo_down": _apo_down,

@@ -5,7 +5,8 @@
 
 Paths (``backend=``):
   "triton"  CUDA: kernels/linear_logprobs.py, tiles of z in SRAM, online logsumexp, recompute in backward.
-  "torch"   any device: rows chunked so a chunk of logits stays under ``chunk_bytes``; forward keeps only the
+  "torch"   any device: rows chunked (``chunk_bytes`` of fp32 logits per chunk, or by default a quarter of the rows,
+            512 rows at least, see :func:`default_chunk_rows`), one chunk of logits alive; forward keeps only the
             logsumexp (N floats); backward recomputes each chunk's logits (the two-pass design of CCE / torch's
             ``reduction='none'``): 4 GEMMs for forward + backward. Ignored rows never reach a GEMM.
   "auto"    triton on CUDA when Triton imports, else torch (said once).
@@ -23,22 +24,45 @@ import torch
 from hermesflow_fast._notice import say_once
 from hermesflow_fast.ops._checks import autocast_cast, autocast_off, check_linear_head
 
-__all__ = ["linear_logprobs", "LinearLogprobs", "default_chunk_bytes"]
+__all__ = ["linear_logprobs", "LinearLogprobs", "default_chunk_rows", "max_chunk_bytes"]
 
 
-def default_chunk_bytes(device: torch.device) -> int:
-    """Bytes of fp32 logits one chunk may hold: 256 MiB on CPU, 512 MiB on GPUs.
+# Default chunking of the torch paths, in rows of fp32 logits (a chunk of r rows holds r × V × 4 bytes):
+CHUNK_FRACTION = 4  # a chunk holds at most 1/4 of the rows scored in one call ...
+MIN_CHUNK_ROWS = 512  # ... but never fewer than this many (smaller GEMMs lose efficiency) ...
 
-    On 2 CPU cores at Show-o's head (V=58498), 1024-row chunks (240 MB) ran the fused DPO op 9% faster than 512-row
-    ones (GEMMs with more rows are more efficient), at 9% of the naive path's extra memory for 4096 tokens.
-    """
+
+def max_chunk_bytes(device: torch.device) -> int:
+    """... and at most this many bytes of fp32 logits (unless that is below MIN_CHUNK_ROWS rows): 256 MiB on CPU,
+    512 MiB on GPUs. Past a few hundred rows a larger chunk buys no GEMM efficiency, only memory."""
     return (512 if device.type == "cuda" else 256) * 2**20
+
+
+def default_chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
+    """Rows of one chunk when the caller gives no budget, for a call that scores ``rows`` rows against V = ``vocab``.
+
+    clamp(ceil(rows / CHUNK_FRACTION), MIN_CHUNK_ROWS, max(MIN_CHUNK_ROWS, max_chunk_bytes / 4V)). From 2048 tokens
+    up (rows ≥ ~1,950, so 512 rows is at most ~0.26 of them) a chunk's logits are then about 1/4 of the (rows, V) fp32
+    logits or less, which the naive path holds 3.0–3.7 times over (CPU fp32, bench/results/logprobs.csv), so the fused
+    ops' extra memory stays under 1/8 of the naive path's: measured 0.069–0.089 at H=1024/2048,
+    V=32768/58498/151936; ``python -m bench.bench_logprobs --grid --plan`` models every head of the grid. A fixed
+    byte budget (256 MiB before) held half of all rows at H=1024, V=32768, 4096 tokens. The floor of 512 rows keeps
+    the GEMMs efficient; below 2048 tokens it means one or two chunks.
+    """
+    cap = max(MIN_CHUNK_ROWS, max_chunk_bytes(device) // (4 * vocab))
+    return max(1, min(cap, max(MIN_CHUNK_ROWS, -(-rows // CHUNK_FRACTION))))
+
+
+def chunk_rows_for(rows: int, vocab: int, device: torch.device, chunk_bytes: int | None) -> int:
+    """Rows per chunk: from an explicit ``chunk_bytes`` budget, else :func:`default_chunk_rows`."""
+    return rows_per_chunk(vocab, chunk_bytes) if chunk_bytes is not None else default_chunk_rows(rows, vocab, device)
 
 
 def logits_buffer(rows: int, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """One (rows, V) buffer that every chunk's logits are written into: one allocation (and one round of page
     faults on CPU, where each fresh 100+ MB block is a new mmap) instead of one per chunk. None on CUDA for 16-bit
-    inputs (their fp32 logits come from cuBLAS's out_dtype, and the caching allocator already reuses blocks)."""
+    inputs (their fp32 logits come from cuBLAS's out_dtype, and the caching allocator already reuses blocks); on CPU
+    16-bit logits are upcast into it."""
     if x.is_cuda and x.dtype in _HALF:
         return None
     return torch.empty((rows, weight.shape[0]), dtype=acc_dtype(x), device=x.device)
@@ -72,9 +96,12 @@ def chunk_logits(
     if x.is_cuda and x.dtype in _HALF:
         z = torch.mm(x, weight.t(), out_dtype=torch.float32)
         return z if bias is None else z.add_(bias)
-    if buf is not None and buf.dtype == x.dtype:  # written in place into the first R rows of the shared buffer
+    if buf is not None:  # written in place into the first R rows of the shared buffer
         out = buf[: x.shape[0]]
-        return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
+        if buf.dtype == x.dtype:
+            return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
+        z = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())  # 16-bit on CPU: upcast into buf
+        return out.copy_(z)
     z = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     return z.to(acc_dtype(z))
 
@@ -200,10 +227,10 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     """Two-pass chunked path: forward saves the logsumexp, backward recomputes each chunk of logits."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, y, ignore_index: int, chunk_bytes: int):
+    def forward(ctx, x, weight, bias, y, ignore_index: int, chunk_bytes: int | None):
         keep = (y != ignore_index).nonzero().squeeze(1)  # (R,) rows that count
         yk = y.index_select(0, keep).long()
-        rows = rows_per_chunk(weight.shape[0], chunk_bytes)
+        rows = chunk_rows_for(keep.numel(), weight.shape[0], x.device, chunk_bytes)
         logp_k, lse_k = chunked_token_logprobs(x, weight, bias, yk, rows, keep)
         out = torch.zeros(x.shape[0], dtype=logp_k.dtype, device=x.device)
         out.index_copy_(0, keep, logp_k)
@@ -281,7 +308,8 @@ def linear_logprobs(
         hidden: (N, H) or (B, T, H) hidden states (any float dtype; fp32 accumulation).
         weight: (V, H) LM-head weight. bias: optional (V,).
         targets: (N,) or (B, T) integer ids in [0, V), or ``ignore_index``.
-        backend: "auto" | "torch" | "triton" (see module docstring). chunk_bytes: logits budget of the torch path.
+        backend: "auto" | "torch" | "triton" (see module docstring). chunk_bytes: logits budget of the torch path
+            (None: :func:`default_chunk_rows`).
     Returns:
         float32 (float64 for float64 inputs), (N,) or (B, T): log p(target), 0 at ``ignore_index``.
         Differentiable in hidden, weight and bias.
@@ -303,8 +331,7 @@ def _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk
         xc, wc, yc = x.contiguous(), weight.contiguous(), y.long().contiguous()
         out = LinearLogprobsFunction.apply(xc, wc, yc, bias, ignore_index)
     else:
-        budget = chunk_bytes if chunk_bytes is not None else default_chunk_bytes(x.device)
-        out = _ChunkedLinearLogprobs.apply(x, weight, bias, y, ignore_index, budget)
+        out = _ChunkedLinearLogprobs.apply(x, weight, bias, y, ignore_index, chunk_bytes)
     return out.reshape(lead)
 
 

@@ -101,7 +101,8 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 # ---------------------------------------------------------------------------------------------------------------------
 
 DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+    "discopop",
 )
 
 
@@ -133,6 +134,7 @@ def dpo_per_pair_losses(
         "exo_pair": lambda: torch.sigmoid(z) * (-sp(-z) - math.log1p(-eps))
         + torch.sigmoid(-z) * (-sp(z) - math.log(eps)),
         "nca_pair": lambda: sp(-beta * a) + 0.5 * sp(beta * a) + 0.5 * sp(beta * r),
+        "bco_pair": lambda: sp(-beta * a) + sp(beta * r),  # liger-kernel's (TRL's with no running-mean shift)
         "sppo_hard": lambda: (a - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2,
         "apo_zero": lambda: torch.sigmoid(-beta * a) + torch.sigmoid(beta * r),
         "apo_down": lambda: torch.sigmoid(beta * a) + torch.sigmoid(-z),
@@ -238,19 +240,23 @@ def fused_linear_dpo(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
     average_log_prob: bool = False,
     compute_nll_loss: bool = False,
     alpha: float = 1.0,
     loss_scale: float = 1.0,
+    cdpo: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The naive twin of ``FusedLinearDPOLoss``: HermesFlow's path (materialized logits + log_softmax + gather).
 
     hidden (2B, T, H): chosen rows [0, B) over rejected rows [B, 2B); targets (2B, T). The policy logits are built
-    once, in full, and kept for backward; the reference's under no_grad.
+    once, in full, and kept for backward; the reference's under no_grad. No ``ref_hidden``: reference-free.
     Returns (loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
     chosen_rewards, rejected_rewards)), the tuple liger-kernel returns.
-    IPO uses per-token averaged log-probs (as TRL does), whatever ``average_log_prob`` says. ``loss_scale`` multiplies
-    the returned loss (the aux tuple is unscaled), as the fused op's argument of that name.
+    The losses are liger-kernel's: ``label_smoothing`` is read by robust and exo_pair only, and by sigmoid (cDPO,
+    TRL's) only with ``cdpo=True``. IPO uses per-token averaged log-probs (as TRL does), whatever
+    ``average_log_prob`` says. ``loss_scale`` multiplies the returned loss (the aux tuple is unscaled), as the fused
+    op's argument of that name.
     """
     n = hidden.shape[0] // 2
     average = average_log_prob or loss_type == "ipo"
@@ -262,7 +268,8 @@ def fused_linear_dpo(
             ref = _sequence_logps(_logits(ref_hidden, rw, ref_bias), targets, ignore_index, average)[0]
     else:
         ref = torch.zeros_like(logps)
-    loss = dpo_per_pair_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, label_smoothing).mean()
+    eps = label_smoothing if loss_type in ("robust", "exo_pair") or (loss_type == "sigmoid" and cdpo) else 0.0
+    loss = dpo_per_pair_losses(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, eps, discopop_tau).mean()
     denom = n * hidden.shape[1] * weight.shape[0]
     nll = -tok[:n].sum() / (targets[:n] != ignore_index).sum().clamp_min(1)
     if compute_nll_loss:

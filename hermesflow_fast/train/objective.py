@@ -117,7 +117,7 @@ class PairDPOObjective(nn.Module):
             weight = self.coeff[side] * Q * scale
             fold = weight != 0
             scaled, aux = fused_linear_dpo_loss(x, W, y, b, beta=self.beta, loss_type=self.loss_type,
-                                                label_smoothing=self.label_smoothing,
+                                                label_smoothing=self.label_smoothing, cdpo=True,
                                                 loss_scale=weight if fold else 1.0, **kw)
             total = total + (scaled if fold else 0.0 * scaled)
             loss = scaled / weight if fold else scaled

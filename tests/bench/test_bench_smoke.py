@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import bench_dpo, plot, utils  # noqa: E402
+from bench import bench_dpo, plot, table, utils  # noqa: E402
 from bench import bench_logprobs as bl  # noqa: E402
 
 
@@ -100,3 +100,23 @@ def test_bench_dpo_and_plots(sweep, tmp_path):
     assert sorted(p.name for p in written) == ["logprobs_memory.png", "logprobs_time.png"]
     assert all(p.stat().st_size > 0 for p in written)
     assert [p.name for p in plot.main([str(out), "--outdir", str(tmp_path / "plots")])] == ["dpo_time.png"]
+
+
+def test_grid_plan_keeps_ours_under_an_eighth_of_naive(capsys):
+    """--grid --plan runs nothing and prints ours' chunking at every budget-grid point: the modelled extra (largest
+    chunk's logits + its gathers) is under 1/8 of naive's modelled extra from 2048 tokens up."""
+    assert bl.main(["--grid", "--plan"]) == []
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln[:1] == " " and ln.split()[0].isdigit()]
+    assert len(lines) == 27  # 3 H × 3 V × 3 token counts
+    assert all(int(ln[2]) >= 2048 and float(ln[-1]) <= 1 / 8 for ln in lines)
+
+
+def test_sweep_over_several_heads(tmp_path):
+    """--H and --V take lists: one row set per head, ratios within a head only (bench.table names the head)."""
+    out = tmp_path / "heads.csv"
+    argv = ["--H", "16,32", "--V", "100", "--tokens", "128", "--providers", "gemm_floor,ours", "--reps", "1",
+            "--inprocess", "--out", str(out)]
+    results = bl.main(argv)
+    assert sorted({r["problem"]["H"] for r in results}) == [16, 32] and len(results) == 4
+    md = table.table(table.load(out, None))
+    assert "| 16 × 100, 128 | ours |" in md and "| 32 × 100, 128 | ours |" in md

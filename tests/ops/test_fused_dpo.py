@@ -1,13 +1,24 @@
-"""FusedLinearDPOLoss against the materialized oracle and liger-kernel: loss, aux tuple, gradients of every input."""
+"""FusedLinearDPOLoss against the materialized oracle: loss, aux tuple, gradients of every input, chunking, budget.
 
-import importlib.util
+The drop-in matrix against liger-kernel itself is tests/ops/test_fused_dpo_liger.py.
+"""
+
+import warnings
 
 import pytest
 import torch
 
-from hermesflow_fast.ops import FusedLinearDPOLoss, fused_linear_dpo_loss, reference
+import hermesflow_fast.ops.fused_dpo as fused_dpo
+from hermesflow_fast.ops import (
+    DPO_LOSS_TYPES,
+    FusedLinearDPOFunction,
+    FusedLinearDPOLoss,
+    fused_linear_dpo_loss,
+    reference,
+)
+from hermesflow_fast.ops.logprobs import MIN_CHUNK_ROWS, default_chunk_rows
 
-HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(pairs=3, t=13, h=31, v=123, bias=True, dtype=torch.float32, ignore_index=-100):
@@ -30,17 +41,24 @@ def _double(ts):
 
 
 LOSS_CASES = [
-    ("sigmoid", 0.0), ("sigmoid", 0.1), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2), ("exo_pair", 1e-3),
-    ("nca_pair", 0.0), ("sppo_hard", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0), ("discopop", 0.0),
+    ("sigmoid", 0.0, False), ("sigmoid", 0.2, True), ("hinge", 0.0, False), ("ipo", 0.0, False),
+    ("robust", 0.2, False), ("exo_pair", 1e-3, False), ("nca_pair", 0.0, False), ("bco_pair", 0.0, False),
+    ("sppo_hard", 0.0, False), ("apo_zero", 0.0, False), ("apo_down", 0.0, False), ("discopop", 0.0, False),
 ]
 
 
-@pytest.mark.parametrize("loss_type,ls", LOSS_CASES)
+def test_loss_cases_cover_every_type():
+    assert {c[0] for c in LOSS_CASES} == set(DPO_LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type,ls,cdpo", LOSS_CASES)
 @pytest.mark.parametrize("backend", ["chunked", "twopass"])
-def test_loss_types_match_oracle(loss_type, ls, backend):
+def test_loss_types_match_oracle(loss_type, ls, cdpo, backend):
     x, w, b, y, rx = _batch()
-    kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=ls)
-    loss, aux = fused_linear_dpo_loss(x, w, y, b, rx, w, b, backend=backend, **kw)
+    kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=ls, cdpo=cdpo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cdpo=True says once that it departs from liger
+        loss, aux = fused_linear_dpo_loss(x, w, y, b, rx, w, b, backend=backend, **kw)
     xd, wd, bd, rxd = _double([x, w, b, rx])
     ref_loss, ref_aux = reference.fused_linear_dpo(wd, xd, y, bd, rxd, wd, bd, **kw)
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
@@ -52,7 +70,7 @@ def test_loss_types_match_oracle(loss_type, ls, backend):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("average,nll", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("chunking", [{}, {"pairs_per_chunk": 1}, {"chunk_bytes": 4 * 123 * 5}])
+@pytest.mark.parametrize("chunking", [{}, {"chunk_size": 1}, {"chunk_bytes": 4 * 123 * 5}])
 def test_options_and_chunkings_in_float64(bias, average, nll, chunking):
     """float64 inputs run the whole op in float64: agreement to 1e-10 shows the math is the same, not just close."""
     x, w, b, y, rx = _batch(pairs=4, bias=bias, dtype=torch.float64)
@@ -154,6 +172,10 @@ def test_module_validates_eagerly_and_inputs():
         FusedLinearDPOLoss(loss_type="nope")
     with pytest.raises(ValueError, match="robust"):
         FusedLinearDPOLoss(loss_type="robust", label_smoothing=0.6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        FusedLinearDPOLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        FusedLinearDPOLoss(loss_type="sigmoid", label_smoothing=0.7, cdpo=True)  # cDPO needs ε in [0, 0.5]
     x, w, b, y, rx = _batch()
     mod = FusedLinearDPOLoss()
     with pytest.raises(ValueError, match=r"\(2B, T, H\)"):
@@ -162,23 +184,84 @@ def test_module_validates_eagerly_and_inputs():
         mod(w, x, y, b, rx[:, :5])
     with pytest.raises(ValueError, match="ref_bias"):
         mod(w, x, y, b, rx, w, torch.randn(7))
+    with pytest.raises(ValueError, match="use_ref_model=False"):
+        fused_linear_dpo_loss(x, w, y, b, use_ref_model=False, ref_chosen_logps=torch.zeros(3),
+                              ref_rejected_logps=torch.zeros(3))
 
 
-@pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel not installed")
-@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("hinge", 0.0), ("robust", 0.1), ("apo_zero", 0.0)])
-@pytest.mark.parametrize("average,nll", [(False, False), (True, True)])
-def test_drop_in_for_liger(loss_type, ls, average, nll):
-    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+# ---------------------------------------------------------------------------------------------------------------------
+# label_smoothing with sigmoid: liger's definition by default, TRL's conservative DPO with cdpo=True, each said once
+# ---------------------------------------------------------------------------------------------------------------------
 
-    x, w, b, y, rx = _batch(pairs=2, t=16, h=32, v=200)
-    kw = dict(beta=0.1, loss_type=loss_type, label_smoothing=ls, average_log_prob=average, compute_nll_loss=nll)
-    liger = LigerFusedLinearDPOLoss(compiled=False, **kw)
-    ours = FusedLinearDPOLoss(**kw)
-    l_loss, l_aux = liger(w, x, y, b, rx, w.detach(), b.detach())
-    o_loss, o_aux = ours(w, x, y, b, rx, w.detach(), b.detach())
-    torch.testing.assert_close(o_loss, l_loss, atol=1e-5, rtol=1e-5)
-    assert len(o_aux) == len(l_aux)
-    for got, want in zip(o_aux, l_aux):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for got, want in zip(torch.autograd.grad(o_loss, [x, w, b]), torch.autograd.grad(l_loss, [x, w, b])):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+@pytest.fixture
+def fresh_notices(monkeypatch):
+    monkeypatch.setattr(fused_dpo, "_said", set())
+
+
+def test_sigmoid_ignores_label_smoothing_unless_cdpo(fresh_notices):
+    x, w, b, y, rx = _batch(dtype=torch.float64)
+    plain, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b, beta=0.1)
+    with pytest.warns(UserWarning, match="no effect with loss_type='sigmoid'.*cdpo=True"):
+        smoothed, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b, beta=0.1, label_smoothing=0.2)
+    torch.testing.assert_close(smoothed, plain, rtol=0, atol=0)  # liger's definition: ε is not read
+    with pytest.warns(UserWarning, match="conservative DPO.*differs from liger"):
+        cdpo, _ = fused_linear_dpo_loss(x, w, y, b, rx, w, b, beta=0.1, label_smoothing=0.2, cdpo=True)
+    want, _ = reference.fused_linear_dpo(w, x, y, b, rx, w, b, beta=0.1, label_smoothing=0.2, cdpo=True)
+    torch.testing.assert_close(cdpo, want, atol=1e-10, rtol=1e-10)
+    assert abs(cdpo.item() - plain.item()) > 1e-3  # the two definitions do differ on this batch
+
+
+def test_notices_are_said_once_per_process_at_construction(fresh_notices):
+    with pytest.warns(UserWarning, match="differs from liger") as first:
+        FusedLinearDPOLoss(label_smoothing=0.1, cdpo=True)
+    assert len(first) == 1 and first[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FusedLinearDPOLoss(label_smoothing=0.3, cdpo=True)  # said already
+        FusedLinearDPOLoss(loss_type="robust", label_smoothing=0.1)  # robust reads ε: nothing to say
+        FusedLinearDPOLoss(label_smoothing=0.0)  # no ε, nothing to say
+    with pytest.warns(UserWarning, match="no effect with loss_type='hinge'"):
+        FusedLinearDPOLoss(loss_type="hinge", label_smoothing=0.9)  # accepted (liger accepts it) and said
+    x, w, b, y, _ = _batch()
+    with pytest.warns(UserWarning, match="no effect with loss_type='apo_zero'") as rec:  # Function: at the caller too
+        FusedLinearDPOFunction.apply(x, w, y, b, None, None, None, -100, 0.1, False, True, False, False, None,
+                                     "apo_zero", 0.1, 0.05, 1.0)
+    assert rec[0].filename == __file__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# chunk budget
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v", [32768, 58498, 151936])
+@pytest.mark.parametrize("tokens", [2048, 4096, 8192, 16384])
+def test_default_chunk_is_about_a_quarter_of_the_rows_from_2048_tokens(v, tokens):
+    """The default budget is ceil(rows/4) rows, at least MIN_CHUNK_ROWS; with 256-token sequences (the benchmark's),
+    the largest chunk of whole pairs holds at most 0.3 of the tokens' rows, so its logits are under 1/8 of what the
+    naive path holds (≥ 2.96 times the (T, V) fp32 logits from 2048 tokens up, bench/results/logprobs.csv)."""
+    rows = int(tokens * 0.95)  # 5% of targets ignored, as in the benchmark
+    r = default_chunk_rows(rows, v, torch.device("cpu"))
+    assert MIN_CHUNK_ROWS <= r <= max(MIN_CHUNK_ROWS, -(-rows // 4))
+    g = torch.Generator().manual_seed(0)
+    counts = ((torch.rand(tokens // 256, 256, generator=g) >= 0.05).sum(1)).tolist()  # ragged sequences
+    chunks = fused_dpo._pair_chunks(counts, len(counts) // 2, r, None)
+    n = len(counts) // 2
+    biggest = max(sum(counts[p0:p1]) + sum(counts[n + p0 : n + p1]) for p0, p1 in chunks)
+    assert biggest <= 0.3 * tokens and 0.3 / 2.96 < 1 / 8
+
+
+def test_default_budget_makes_several_chunks_and_matches_oracle(logits_rows):
+    """A problem of ~1,900 scored rows: the default budget cuts it into chunks of whole pairs (each at most
+    max(512, rows / 4) rows) and the result equals the oracle's."""
+    x, w, b, y, rx = _batch(pairs=8, t=128, h=8, v=64, dtype=torch.float64)
+    loss, aux = fused_linear_dpo_loss(x, w, y, b, rx, w, b, beta=0.1, backend="chunked")
+    grads = torch.autograd.grad(loss, [x, w, b])
+    scored = int((y != -100).sum())
+    assert len(logits_rows) >= 2 * 3  # reference and policy, three chunks or more each
+    assert max(logits_rows) <= max(MIN_CHUNK_ROWS, scored // 4 + 1)
+    ref_loss, ref_aux = reference.fused_linear_dpo(w, x, y, b, rx, w, b, beta=0.1)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-10, rtol=1e-10)
+    for got, want in zip(grads, torch.autograd.grad(ref_loss, [x, w, b])):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

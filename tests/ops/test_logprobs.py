@@ -77,6 +77,18 @@ def test_never_materializes_more_than_one_chunk(logits_rows):
     assert sum(seen) == 2 * int((y != -100).sum())  # ignored rows never reach a GEMM; backward recomputes once
 
 
+def test_default_chunks_are_a_quarter_of_the_rows_at_least_512(logits_rows):
+    """Without a budget: chunks of ceil(R/4) rows when that is over MIN_CHUNK_ROWS (R = 3,000 scored rows here),
+    one chunk of everything when R is small."""
+    x, w, b, y = _inputs((4000,), 4, 32, True)  # y: every 4th row ignored, R = 3000
+    linear_logprobs(x.requires_grad_(), w, y, b).sum().backward()
+    assert max(logits_rows) == 750 and sum(logits_rows) == 2 * 3000
+    logits_rows.clear()
+    x, w, b, y = _inputs((600,), 4, 32, True)  # R = 450 < 512
+    linear_logprobs(x, w, y, b)
+    assert logits_rows == [450]
+
+
 def test_nan_row_stays_local():
     x, w, b, y = _inputs((10,), 8, 50, True)
     y[:] = 3
