@@ -108,7 +108,8 @@ class DataSection:
 class TrainSection:
     beta: float = _field(0.2, "DPO β (KL strength)", gt=0.0)
     loss_type: Literal[
-        "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop"
+        "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+        "discopop",
     ] = _field("sigmoid", "DPO loss (ops.dpo.DPO_LOSS_TYPES)")
     label_smoothing: float = _field(0.0, "ε for cDPO / robust / exo_pair", ge=0.0, lt=1.0)
     und_coeff: float = _field(1.0, "weight of the understanding (caption) DPO term", ge=0.0)

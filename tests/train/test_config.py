@@ -231,3 +231,11 @@ def test_custom_schema():
     assert cfg == Outer(Inner(5, "b"), ["x", "y"])
     with pytest.raises(ConfigError, match="did you mean 'inner.mode'"):
         load_config(None, ["inner.mod=a"], schema=Outer)
+
+
+def test_every_dpo_loss_type_of_the_ops_is_a_train_loss_type():
+    from hermesflow_fast.ops.dpo import DPO_LOSS_TYPES
+    from hermesflow_fast.train.config import TrainSection
+
+    allowed = typing.get_args(typing.get_type_hints(TrainSection)["loss_type"])
+    assert set(allowed) == set(DPO_LOSS_TYPES)
