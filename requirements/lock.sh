@@ -34,7 +34,7 @@ PY
     echo "# Exact versions \`make\` installs (as pip constraints; torch itself by the Makefile, CPU build)."
     echo "# Resolved and tested by \`make lock\` (requirements/lock.sh: pip-compile, then \`make test\` on a copy of the"
     echo "# tree) on $(date -u +%Y-%m-%d), Python $("$PYTHON" -c 'import platform; print(platform.python_version(), platform.machine())')."
-    sed -e 's/^torch==\([0-9.]*\)+cpu/torch==\1/' "$TMP/lock.raw"
+    sed -e 's/^torch==\([0-9.]*\)+cpu/torch==\1/' -e 's/-r lock\.in/pyproject.toml/' "$TMP/lock.raw"
 } > "$TMP/lock.txt"
 
 echo "lock: testing it: make test on a copy of the working tree ($TMP/tree, log $TMP/test.log)"
