@@ -13,6 +13,7 @@
     hermesflow eval --checkpoint P ...   understanding / generation / gap on held-out world records (Table 4)
     hermesflow selfplay --run-dir D ...  self-play rounds on the shapes world (curate → pairs → train → evaluate)
     hermesflow images ROUND_DIR          a round's generated candidates as PNGs (ROUND_DIR/images/<id>/<k>.png)
+    hermesflow diagnose ROUND_DIR        why a round helped or not: pass@k by judge and self-VQA, agreement, pairs
     hermesflow bench curation [ARGS...]  one curation pass: ours vs a HermesFlow-style pass (bench_curation.py)
 """
 
@@ -310,6 +311,28 @@ def images_command(round_dir: str, model: str | None, out_dir: str | None) -> No
     out = Path(out_dir) if out_dir else rd / "images"
     n = export_candidate_images(wm.image_tokenizer, Journal(cands), out)
     click.echo(f"wrote {n} images under {out}")
+
+
+@main.command("diagnose")
+@click.argument("round_dir", type=click.Path())
+@click.option("--model", default=None, type=click.Path(),
+              help="the world model whose image tokenizer (vq/) decodes the grids for the judge  [default: the run's "
+                   "world.base from ROUND_DIR/../config.yaml, else the shipped base]")
+@click.option("--world-seed", type=int, default=None,
+              help="world.seed of the run  [default: from ROUND_DIR/../config.yaml, else 0]")
+@click.option("--out", "out_file", default=None, type=click.Path(),
+              help="also write the diagnostics to FILE: FILE.json as JSON, any other name as the markdown printed")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="candidate grids per decode")
+def diagnose_command(round_dir: str, model: str | None, world_seed: int | None, out_file: str | None,
+                     batch_size: int) -> None:
+    """Diagnostics of a self-play round: pass@1 / pass@M per category by the judge and by self-VQA, their agreement
+    and correlation, the judge on self-VQA's winners vs losers, pairs kept / dropped. Reads ROUND_DIR only; on real
+    data (no judge) reports what self-VQA gives and says what it cannot."""
+    from hermesflow_fast.selfplay.diagnose import diagnose_command as run
+
+    click.echo(run(round_dir, model=model, world_seed=world_seed, out=out_file, batch_size=batch_size), nl=False)
+    if out_file:
+        click.echo(f"wrote {out_file}", err=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ evaluate on held-out records.
                     pairs.jsonl, stats.json    the round's pairs (Eq. 10 from round 2) and why others were dropped
                     train/                     the trainer's run dir (metrics.jsonl, checkpoints)
                     model/                     M_r (a WorldModel folder)
-                    eval.json, samples.png     held-out und / gen / gap, per category; sample generations
+                    eval.json, samples.png     held-out und / gen / gap, per category; sample generations;
+                                               eval.json's "diagnostics": the round's candidates read by the judge
+                                               and by self-VQA, and its pairs (selfplay/diagnose.py)
     run_dir/summary.json, report.md, gap.png   every round's scores
 
 Each stage leaves ``<stage>.done`` when complete; ``resume`` continues at the first unfinished stage of the first
@@ -151,7 +153,23 @@ def _mark(rd: Path, stage: str, info: DistInfo) -> None:
     barrier()
 
 
-def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -> dict:
+def _diagnostics(rd: Path, wm, cfg: SelfPlayConfig) -> dict:
+    """The round's diagnostics (selfplay/diagnose.py) for its eval.json; a round whose files cannot be read says why
+    instead of failing the run."""
+    from hermesflow_fast.errors import UserError
+    from hermesflow_fast.selfplay.diagnose import RoundSource, diagnose_round
+
+    if cfg.data.records is None:
+        src = RoundSource(True, cfg.world.seed, "world.seed")
+    else:
+        src = RoundSource(False, real_reason=f"real data (data.records={cfg.data.records})")
+    try:
+        return diagnose_round(rd, wm.image_tokenizer, source=src, batch_size=cfg.eval.batch_size * 8)
+    except UserError as exc:
+        return {"unavailable": [str(exc)]}
+
+
+def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo, diagnose: bool = False) -> dict:
     from hermesflow_fast.selfplay.evaluate import evaluate, save_grid
 
     if _done_everywhere(rd, "eval"):
@@ -162,6 +180,8 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -
                        guidance_scale=e.guidance_scale, seed=cfg.run.seed, batch_size=e.batch_size)
         out = {"und": res.und, "gen": res.gen, "gap": res.gap, "gen_by_category": res.gen_by_category,
                "caption_agreement": res.caption_agreement, "records": len(heldout)}
+        if diagnose:
+            out["diagnostics"] = _diagnostics(rd, wm, cfg)
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "eval.json").write_text(json.dumps(out, indent=1) + "\n")
         save_grid(wm, res, rd / "samples.png")
@@ -169,12 +189,15 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo) -
     return out if info.is_main else json.loads((rd / "eval.json").read_text())
 
 
-def _skip_eval_into(rd: Path, info: DistInfo) -> dict:
-    """Real data: no judge; eval.json holds null scores and the reason (the stage is still marked done)."""
+def _skip_eval_into(rd: Path, info: DistInfo, diagnostics: Callable[[], dict] | None = None) -> dict:
+    """Real data: no judge; eval.json holds null scores and the reason (the stage is still marked done), and
+    the diagnostics self-VQA gives alone."""
     if _done_everywhere(rd, "eval"):
         return json.loads((rd / "eval.json").read_text())
     out = {"und": None, "gen": None, "gap": None, "records": 0, "skipped": EVAL_SKIPPED}
     if info.is_main:
+        if diagnostics is not None:
+            out["diagnostics"] = diagnostics()
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "eval.json").write_text(json.dumps(out, indent=1) + "\n")
     _mark(rd, "eval", info)
@@ -275,8 +298,10 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
     mine = train_recs[info.rank::info.world_size]
     order = [r.id for r in train_recs]
 
-    def evaluate_into(wm, rd: Path) -> dict:
-        return _skip_eval_into(rd, info) if heldout is None else _evaluate_into(wm, heldout, cfg, rd, info)
+    def evaluate_into(wm, rd: Path, diagnose: bool = False) -> dict:
+        if heldout is None:
+            return _skip_eval_into(rd, info, (lambda: _diagnostics(rd, wm, cfg)) if diagnose else None)
+        return _evaluate_into(wm, heldout, cfg, rd, info, diagnose)
 
     results = [dict(round=0, **evaluate_into(wm, run_dir / "round-0"))]
     say(f"round 0 (base): {_scores(results[0])}")
@@ -371,7 +396,7 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
         prev_model = model_dir
         if not _done(rd, "eval"):
             ran.add("eval")
-        res = dict(round=r, **evaluate_into(wm, rd))
+        res = dict(round=r, **evaluate_into(wm, rd, diagnose=True))
         results.append(res)
         say(f"round {r}: {_scores(res)}")
         if stopped(r):

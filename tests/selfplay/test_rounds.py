@@ -41,6 +41,14 @@ def test_one_round_writes_every_stage_and_the_report(one_round):
     for r in summary:
         assert 0 <= r["und"] <= 1 and 0 <= r["gen"] <= 1 and r["gap"] == pytest.approx(r["und"] - r["gen"])
     assert (run / "report.md").is_file() and (run / "gap.png").is_file()
+    # the round's diagnostics: its 8 records × 2 candidates judged, its pairs counted as stats.json has them
+    diag = summary[1]["diagnostics"]
+    assert "diagnostics" not in summary[0] and diag["unavailable"] == []
+    assert diag["categories"]["all"]["candidates"] == 16
+    assert 0 <= diag["categories"]["all"]["judge"]["pass_at_1"] <= diag["categories"]["all"]["judge"]["pass_at_m"]
+    assert diag["pairs"]["gen"]["kept"] == stats["gen"]["kept"] and diag["pairs"]["und"]["dropped"] == \
+        stats["und"]["dropped"]
+    assert "## Diagnostics of round 1" in (run / "report.md").read_text()
 
 
 def test_resume_in_the_middle_of_a_stage_gives_the_same_pairs(one_round, tmp_path):

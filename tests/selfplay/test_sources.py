@@ -234,3 +234,6 @@ def test_real_round_trains_and_reports_without_scores(curated):
     assert "| 1 | n/a | n/a | n/a | n/a |" in format_table(res)
     report = (root / "run" / "report.md").read_text()
     assert "Held-out evaluation skipped" in report and not (root / "run" / "gap.png").exists()
+    diag = res[1]["diagnostics"]  # no judge: self-VQA's figures, and what is missing said
+    assert diag["categories"]["all"]["judge"] is None and diag["categories"]["all"]["self_vqa"]["pass_at_m"] is not None
+    assert "no judge, real data (data.records=" in diag["unavailable"][0] and "Self-consistency" in report
