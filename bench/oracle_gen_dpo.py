@@ -31,11 +31,11 @@ from bench import utils
 from bench.selfvqa_vs_judge import round_records
 from hermesflow_fast.data.text import prompt_ids
 from hermesflow_fast.ops.dpo import dpo_losses
+from hermesflow_fast.selfplay.diagnose import judge_grids
 from hermesflow_fast.selfplay.evaluate import evaluate
 from hermesflow_fast.selfplay.pairs import self_play_pair
 from hermesflow_fast.world import make_records
 from hermesflow_fast.world.base import load_base
-from hermesflow_fast.world.judge import JUDGE
 from hermesflow_fast.world.pretrain import mask_slots, target_logprobs
 
 
@@ -44,13 +44,14 @@ def judged_candidates(wm, round_dir: Path, seed: int) -> list[dict]:
     cands = [json.loads(x) for x in (round_dir / "gen_candidates.jsonl").read_text().splitlines()]
     selfs = {d["id"]: d["accuracy"] for d in map(json.loads, (round_dir / "gen_scores.jsonl").read_text().splitlines())}
     recs = round_records(cands, seed)
-    out = []
+    right = judge_grids(wm.image_tokenizer, torch.tensor([g for c in cands for g in c["images"]]),
+                        [recs[c["id"]].questions for c in cands for _ in c["images"]])  # batched decode
+    out, k = [], 0
     for c in cands:
-        r = recs[c["id"]]
-        with torch.no_grad():
-            pixels = wm.image_tokenizer.decode(torch.tensor(c["images"]))
+        r, m = recs[c["id"]], len(c["images"])
         out.append({"id": r.id, "prompt": r.prompt, "images": c["images"], "self": selfs[r.id],
-                    "judge": [JUDGE.score(p, r.questions) for p in pixels]})
+                    "judge": [sum(x) / len(x) for x in right[k:k + m]]})
+        k += m
     return out
 
 

@@ -23,7 +23,7 @@ import torch
 from bench import utils
 from hermesflow_fast.data.text import und_prompt_ids
 from hermesflow_fast.model.generate import generate_text
-from hermesflow_fast.world import make_records
+from hermesflow_fast.selfplay.diagnose import world_records
 from hermesflow_fast.world.base import load_base
 from hermesflow_fast.world.judge import JUDGE
 from hermesflow_fast.world.scoring import answer_match
@@ -31,8 +31,7 @@ from hermesflow_fast.world.scoring import answer_match
 
 def round_records(cands: list[dict], seed: int) -> dict:
     """The world's train records a round's candidates name ("train-000123"), by id."""
-    n = max(int(c["id"].rsplit("-", 1)[1]) for c in cands) + 1
-    return {r.id: r for r in make_records(n, seed, "train")}
+    return world_records([c["id"] for c in cands], seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
