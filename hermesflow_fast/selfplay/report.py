@@ -123,9 +123,12 @@ def _reading(d: dict) -> list[str]:
     gen = (d.get("pairs") or {}).get("gen") or {}
     out = []
     if j:
-        out.append(f"Headroom: by the judge, one sample is fully right for {_f(j['pass_at_1'])} of prompts and the "
-                   f"best of M for {_f(j['pass_at_m'])}; the image self-VQA ranks first is fully right for "
-                   f"{_f(j['self_vqa_pick'])}.")
+        pick, p1 = j["self_vqa_pick"], j["pass_at_1"]
+        than = "" if pick is None or p1 is None else (
+            " (better than a random sample)" if pick > p1 else " (worse than a random sample)" if pick < p1 else
+            " (no better than a random sample)")
+        out.append(f"Headroom: by the judge, one sample is fully right for {_f(p1)} of prompts and the best of M for "
+                   f"{_f(j['pass_at_m'])}; the image self-VQA ranks first is fully right for {_f(pick)}{than}.")
     if j and s:
         out.append(f"Recognition: self-VQA and the judge agree on fully right for {_f(a['agreement'])} of candidates "
                    f"(Pearson r of their scores {_f(a['pearson'])}); self-VQA calls {_f(s['pass_at_1'])} of images "

@@ -177,6 +177,7 @@ def test_round_diagnostics_are_exact_and_read_only(round_dir):
     assert any("checked against 2 prompt(s)" in n for n in d["notes"])
     md = format_diagnostics(d)
     assert "| **all** | 6 | 0.444 | 0.833 |" in md and "| gen | 2 | tie 3, winner not better 1 |" in md
+    assert "ranks first is fully right for 0.500 (better than a random sample)" in md
     json.dumps(d)  # what summary.json and --out hold
 
 
