@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,7 +75,11 @@ from hermesflow_fast.model.transformer import UnifiedTransformer
 from hermesflow_fast.ops import linear_logprobs
 from hermesflow_fast.train.optim import param_groups, warmup_cosine
 from hermesflow_fast.world.base import BASE_DIR, WORLD_LAYOUT, WorldModel
+from hermesflow_fast.world.judge import JUDGE
+from hermesflow_fast.world.noise import noisy_prompts, perturb, probe_questions
+from hermesflow_fast.world.questions import question_prompt
 from hermesflow_fast.world.records import WorldRecord, make_records
+from hermesflow_fast.world.scene import render_objects
 from hermesflow_fast.world.vocabulary import world_words
 
 __all__ = ["WORLDS", "PretrainConfig", "WorldData", "build_batch", "mask_slots", "packed_mmu", "prepare_world",
@@ -90,8 +95,8 @@ class PretrainConfig:
     steps: int = 850  # optimizer steps
     seed: int = 0
     # image tokenizer
-    patch_size: int = 4  # 32 px / 4 = an 8×8 grid, N = 64
-    num_codes: int = 512
+    patch_size: int = 8  # 32 px / 8 = a 4×4 grid, N = 16: one token per grid cell, i.e. per object
+    num_codes: int = 16  # the world draws 13 distinct cells (12 glyphs + empty): lossless
     vq_images: int = 1000  # k-means on the first vq_images train images
     vq_iters: int = 10
     # model (Phi): d, layers, heads, MLP
@@ -103,6 +108,9 @@ class PretrainConfig:
     batch_t2i: int = 32
     batch_und: int = 16  # images per step whose caption and every question ride in one packed row
     cond_dropout: float = 0.1  # t2i prompt dropout (classifier-free guidance)
+    caption_noise: float = 0.4  # t2i prompts that are a near miss of their image's caption (world/noise.py)
+    vqa_perturb: float = 0.5  # understanding images that miss their caption, answered as the judge reads them
+    probe_questions: bool = True  # every understanding image also gets a count and a where-is question (judge)
     sot_prob: float = 0.5  # mmu rows with <|sot|> before the prompt
     coeffs: tuple[float, float, float] = (1.0, 1.0, 1.0)  # t2i, caption, vqa
     # optimisation
@@ -130,6 +138,9 @@ class PretrainConfig:
         if not 0.0 <= self.cond_dropout < 1.0 or not 0.0 <= self.sot_prob <= 1.0:
             raise ValueError(f"pretrain: cond_dropout={self.cond_dropout} must lie in [0, 1) and sot_prob="
                              f"{self.sot_prob} in [0, 1]")
+        for name in ("caption_noise", "vqa_perturb"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"pretrain: {name} must lie in [0, 1], got {getattr(self, name)}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
@@ -144,10 +155,12 @@ class WorldData:
 
     records: list[WorldRecord]
     codes: Tensor  # (R, N) int64
-    prompts: list[list[int]]  # t2i prompt ids per record
-    captions: list[list[int]]  # caption ids per record (the answer of the caption rows)
+    prompts: list[list[int]]  # t2i prompt ids per record: its caption, or a near miss of it (caption_noise)
+    captions: list[list[int]]  # caption ids per record (the answer of the caption rows): always the true one
     caption_prompt: list[int]  # und_prompt_ids(DEFAULT_QUESTION)
     vqa: list[list[tuple[list[int], list[int]]]]  # per record: (question prompt ids, answer ids) per question
+    noisy: list[bool] = field(default_factory=list)  # per record: its t2i prompt is a near miss
+    tokenize: Callable[[Callable[[Any, str], list[int]], str], list[int]] | None = None  # (ids fn, text) → ids, cached
 
 
 def render_batch(records: Sequence[WorldRecord]) -> Tensor:
@@ -179,8 +192,10 @@ def prepare_world(cfg: PretrainConfig, tokenizer_dir: str | os.PathLike) -> tupl
         return cache[key]
 
     vqa = [[(ids(und_prompt_ids, q.prompt), ids(caption_ids, q.answer)) for q in r.questions] for r in records]
-    data = WorldData(records, codes, [ids(prompt_ids, r.prompt) for r in records],
-                     [ids(caption_ids, r.caption) for r in records], und_prompt_ids(tok, DEFAULT_QUESTION), vqa)
+    t2i_prompts, noisy = noisy_prompts([r.scene for r in records], cfg.caption_noise, cfg.seed)
+    data = WorldData(records, codes, [ids(prompt_ids, p) for p in t2i_prompts],
+                     [ids(caption_ids, r.caption) for r in records], und_prompt_ids(tok, DEFAULT_QUESTION), vqa,
+                     noisy, ids)
     return WorldModel(model, vocab, layout, tok, vq), data
 
 
@@ -274,19 +289,38 @@ def build_batch(wm: WorldModel, data: WorldData, cfg: PretrainConfig, g: torch.G
     t2i = wm.layout.t2i(texts, data.codes[ti], masked)
 
     ui = torch.randint(R, (cfg.batch_und,), generator=g).tolist()
+    perturbed = (torch.rand(cfg.batch_und, generator=g) < cfg.vqa_perturb).tolist()
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
+    recs = [data.records[i] for i in ui]
+    objects = [perturb(r.scene, rng) if p else list(r.scene.objects) for r, p in zip(recs, perturbed)]
+    codes = data.codes[ui].clone()  # (B_u, N)
+    moved = [k for k, p in enumerate(perturbed) if p]
+    images = {k: render_objects(objects[k]) for k in range(len(ui)) if perturbed[k] or cfg.probe_questions}
+    if moved:  # images that miss their caption
+        codes[moved] = wm.image_tokenizer.encode(torch.stack([image_to_tensor(images[k]) for k in moved]))
     branches = []
-    for i in ui:
-        items = [(data.caption_prompt, data.captions[i], "caption")] + [(p, a, "vqa") for p, a in data.vqa[i]]
+    for k, (i, r) in enumerate(zip(ui, recs)):
+        probes = probe_questions(objects[k], rng) if cfg.probe_questions else []
+        asked = ([q.text for q in r.questions] if perturbed[k] else []) + [t for t, _ in probes]
+        read = JUDGE.answers(images[k], asked) if asked else []  # what the judge reads off this image
+        if perturbed[k]:  # no caption row: the record's caption does not describe this image
+            items = [(p, data.tokenize(caption_ids, a), "vqa") for (p, _), a in zip(data.vqa[i], read)]
+        else:
+            items = [(data.caption_prompt, data.captions[i], "caption")] + [(p, a, "vqa") for p, a in data.vqa[i]]
+        for (text, choices), a in zip(probes, read[len(asked) - len(probes):]):
+            items.append((data.tokenize(und_prompt_ids, question_prompt(text, choices)),
+                          data.tokenize(caption_ids, a), "vqa"))
         sot = (torch.rand(len(items), generator=g) < cfg.sot_prob).tolist()
         branches.append([(([v.bos] if s else []) + p, a, name) for (p, a, name), s in zip(items, sot)])
-    return {"t2i": t2i, "und": packed_mmu(v, data.codes[ui], branches)}
+    return {"t2i": t2i, "und": packed_mmu(v, codes, branches)}
 
 
 def pretrain_losses(model: UnifiedTransformer, batch: dict[str, Any]) -> dict[str, Tensor]:
     """Mean CE per task: "t2i" over masked slots, "caption" and "vqa" over answer tokens + eos."""
     res = {**target_logprobs(model, batch["t2i"]), **target_logprobs(model, batch["und"])}
-    return {"t2i" if name == "image" else name: -(lp.sum() / ok.sum().clamp_min(1))
-            for name, (lp, ok) in res.items()}
+    out = {"t2i" if name == "image" else name: -(lp.sum() / ok.sum().clamp_min(1)) for name, (lp, ok) in res.items()}
+    zero = next(iter(out.values())) * 0.0
+    return {name: out.get(name, zero) for name in ("t2i", "caption", "vqa")}  # a step may hold no caption row
 
 
 def _command(cfg: PretrainConfig, out: Path) -> str:

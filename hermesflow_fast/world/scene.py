@@ -5,17 +5,22 @@ A ``Scene`` is one of three kinds, all on a 32×32 canvas (``CANVAS``; coordinat
 the right, y = row downwards, an object's (x, y) is the centre of its ``size``×``size`` box):
 
     single   one object                                     "a red circle"
-    pair     two objects of different shapes, side by side  "a blue square to the left of a green triangle"
-             (left/right) or stacked (above/below)          "a blue square and a green triangle"
-    count    2–3 identical objects in 2–3 of the quadrants  "three yellow circles"
+    pair     two objects of different shapes                "a blue square to the left of a green triangle"
+                                                            "a blue square and a green triangle"
+    count    2–3 identical objects                          "three yellow circles"
+
+The canvas is a 4×4 grid of 8-px cells (``GRID``, ``CELL``) and every object fills one cell (``OBJECT_SIZE`` = 8),
+so an image tokenizer with 8-px patches sees one object per token: the world asks a model to put the right glyphs in
+the right cells, and what it gets wrong is *which* glyphs and cells (a colour, a count, an extra object), the kind of
+miss prompt alignment fixes, not blurred or fragmented drawing. Objects never share a cell, and identical objects
+never sit in cells that share an edge (they would draw as one blob).
 
 ``relation`` is the relation of ``objects[0]`` to ``objects[1]`` that the caption states ("left", "right", "above",
-"below"), or None when the caption states none; the geometry always has one (``relation_of``).
-
-Objects are 8, 10 or 12 px, inside their half or quadrant of the canvas with a margin of at least 1 px, so two
-objects never touch (≥ 2 px apart). ``render`` draws on black with no anti-aliasing (a pixel is the object's colour
-iff its centre lies inside the shape), which keeps edges crisp for the judge; ``size`` is 32 or a multiple of it (the
-canvas scaled by a whole number, so shapes keep their pixel-exact form).
+"below"), or None when the caption states none; a stated relation holds along the axis on which the two cells are
+strictly farther apart (never a diagonal tie), so ``relation_of`` of the geometry always gives it back.
+``render`` draws on black with no anti-aliasing (a pixel is the object's colour iff its centre lies inside the
+shape), which keeps edges crisp for the judge; ``size`` is 32 or a multiple of it (the canvas scaled by a whole
+number, so shapes keep their pixel-exact form); ``render_objects`` draws any list of objects the same way.
 The palette is four saturated, well-separated colours. Triangles point up (apex at the top centre of the box).
 
 ``sample_scene(rng, category)`` draws a scene for one of GenEval's six categories (``CATEGORIES``): single_object
@@ -38,15 +43,20 @@ __all__ = [
     "CANVAS",
     "CATEGORIES",
     "COLOURS",
-    "OBJECT_SIZES",
+    "CELL",
+    "GRID",
+    "OBJECT_SIZE",
     "PALETTE",
     "RELATIONS",
     "SHAPES",
     "Scene",
     "SceneObject",
+    "cell_centre",
+    "cell_of",
     "compose",
     "relation_of",
     "render",
+    "render_objects",
     "sample_scene",
 ]
 
@@ -63,9 +73,9 @@ BACKGROUND = (0, 0, 0)
 RELATIONS = ("left", "right", "above", "below")
 INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-OBJECT_SIZES = (8, 10, 12)
-_CANONICAL_SIZE = 10
-_QUADRANTS = ((0, 0), (16, 0), (0, 16), (16, 16))  # (x0, y0) of each 16×16 cell, reading order
+GRID = 4  # the canvas is a GRID × GRID grid of cells
+CELL = CANVAS // GRID  # 8 px: one object fills one cell, one image token (8 px patches) holds one object
+OBJECT_SIZE = CELL
 
 
 @dataclass(frozen=True)
@@ -141,60 +151,77 @@ def relation_of(a: SceneObject, b: SceneObject) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _centre(rng: np.random.Generator | None, lo: float, hi: float, size: int) -> float:
-    """A centre for an object of ``size`` inside [lo, hi) with ≥ 1 px margin: uniform integer, or the middle."""
-    a, b = lo + 1 + size / 2, hi - 1 - size / 2
-    if rng is None:
-        return (lo + hi) / 2
-    return float(rng.integers(int(np.ceil(a)), int(np.floor(b)) + 1))
+def cell_centre(col: int, row: int) -> tuple[float, float]:
+    """The canvas (x, y) of the centre of grid cell (col, row)."""
+    return CELL * col + CELL / 2, CELL * row + CELL / 2
 
 
-def _size(rng: np.random.Generator | None) -> int:
-    return _CANONICAL_SIZE if rng is None else int(rng.choice(OBJECT_SIZES))
+def cell_of(o: SceneObject) -> tuple[int, int]:
+    """The grid cell (col, row) an object's centre lies in."""
+    return min(GRID - 1, max(0, int(o.x // CELL))), min(GRID - 1, max(0, int(o.y // CELL)))
+
+
+_CELLS = tuple((c, r) for r in range(GRID) for c in range(GRID))  # reading order
+
+
+def _strict_relation(a: tuple[int, int], b: tuple[int, int]) -> str | None:
+    """The relation of cell a to cell b when one axis is strictly farther apart than the other, else None."""
+    dx, dy = a[0] - b[0], a[1] - b[1]
+    if abs(dx) > abs(dy):
+        return "left" if dx < 0 else "right"
+    if abs(dy) > abs(dx):
+        return "above" if dy < 0 else "below"
+    return None
+
+
+def _touching(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Cells sharing an edge: identical objects there would draw as one 4-connected blob."""
+    return abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1
+
+
+def _object(shape: str, colour: str, cell: tuple[int, int]) -> SceneObject:
+    x, y = cell_centre(*cell)
+    return SceneObject(shape, colour, x, y, OBJECT_SIZE)
 
 
 def compose(items: Sequence[tuple[str, str]], relation: str | None = None, *, vertical: bool | None = None,
             rng: np.random.Generator | None = None) -> Scene:
-    """A scene of ``items`` = [(shape, colour), …] placed on the canvas: jittered sizes and positions drawn from
-    ``rng``, or a canonical layout (size 10, centred in its cell) when ``rng`` is None.
+    """A scene of ``items`` = [(shape, colour), …], one object per grid cell: cells drawn from ``rng``, or a
+    canonical layout when ``rng`` is None.
 
-    One item: near the centre. Two different shapes: a pair in the left/right halves (or top/bottom when
-    ``vertical``, or when ``relation`` is above/below), ``items[0]`` on the side ``relation`` says (first side when
-    None). 2–3 identical items: a count, in 2–3 of the four quadrants (the first ones when ``rng`` is None)."""
+    One item: any cell (canonical: (1, 1)). Two different shapes: any two cells, ``items[0]`` on the side
+    ``relation`` says, along the axis on which the cells are strictly farther apart (canonical: side by side, or
+    stacked when ``vertical`` or the relation is above/below). 2–3 identical items: a count, in cells that share no
+    edge (canonical: (0, 0), (2, 0), (0, 2))."""
     items = [(str(s), str(c)) for s, c in items]
     if len(items) == 1:
-        (shape, colour), size = items[0], _size(rng)
-        jitter = (0.0, 0.0) if rng is None else tuple(float(v) for v in rng.integers(-4, 5, size=2))
-        return Scene((SceneObject(shape, colour, CANVAS / 2 + jitter[0], CANVAS / 2 + jitter[1], size),))
+        cell = (1, 1) if rng is None else _CELLS[int(rng.integers(len(_CELLS)))]
+        return Scene((_object(*items[0], cell),))
     if len(items) == 2 and items[0][0] != items[1][0]:
-        if relation is not None:
-            vertical = relation in ("above", "below")
-        elif vertical is None:
-            vertical = bool(rng.integers(2)) if rng is not None else False
-        first_at_start = relation in (None, "left", "above")
-        half = CANVAS / 2
-        objects = []
-        for k, (shape, colour) in enumerate(items):
-            size = _size(rng)
-            lo = 0.0 if (k == 0) == first_at_start else half
-            along = _centre(rng, lo, lo + half, size)
-            across = CANVAS / 2 if rng is None else CANVAS / 2 + float(rng.integers(-4, 5))
-            x, y = (across, along) if vertical else (along, across)
-            objects.append(SceneObject(shape, colour, x, y, size))
-        return Scene(tuple(objects), relation)
+        if rng is None:
+            if relation is not None:
+                vertical = relation in ("above", "below")
+            a, b = ((1, 1), (1, 2)) if vertical else ((1, 1), (2, 1))
+            if relation in ("right", "below"):
+                a, b = b, a
+        else:
+            choices = [(a, b) for a in _CELLS for b in _CELLS if a != b
+                       and (relation is None or _strict_relation(a, b) == relation)]
+            a, b = choices[int(rng.integers(len(choices)))]
+        return Scene((_object(*items[0], a), _object(*items[1], b)), relation)
     if 2 <= len(items) <= 3 and len(set(items)) == 1:
         if relation is not None:
             raise ValueError(f"compose: a count of identical objects has no relation, got {relation!r}")
         n = len(items)
-        cells = list(range(n)) if rng is None else sorted(int(i) for i in rng.choice(4, size=n, replace=False))
-        size = _size(rng)  # identical objects: one size
-        shape, colour = items[0]
-        objects = []
-        for c in cells:
-            x0, y0 = _QUADRANTS[c]
-            objects.append(SceneObject(shape, colour, _centre(rng, x0, x0 + 16, size), _centre(rng, y0, y0 + 16, size),
-                                       size))
-        return Scene(tuple(objects))
+        if rng is None:
+            cells = [(0, 0), (2, 0), (0, 2)][:n]
+        else:
+            while True:  # rejection: n cells, no two sharing an edge (about 3 draws on average for 3 cells)
+                idx = sorted(int(i) for i in rng.choice(len(_CELLS), size=n, replace=False))
+                cells = [_CELLS[i] for i in idx]
+                if not any(_touching(p, q) for k, p in enumerate(cells) for q in cells[k + 1:]):
+                    break
+        return Scene(tuple(_object(*items[0], c) for c in cells))
     raise ValueError(f"compose: {items} is not a scene of this world (one object, two different shapes, or 2–3 "
                      f"identical objects)")
 
@@ -234,6 +261,11 @@ def _mask(o: SceneObject, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def render(scene: Scene, size: int = CANVAS) -> np.ndarray:
     """The scene as a uint8 RGB image (size, size, 3): black background, palette colours, no anti-aliasing; ``size``
     a multiple of 32."""
+    return render_objects(scene.objects, size)
+
+
+def render_objects(objects: Sequence[SceneObject], size: int = CANVAS) -> np.ndarray:
+    """Any objects (not only a world scene: an image that misses its caption) drawn as ``render`` draws a scene."""
     if not isinstance(size, (int, np.integer)) or size < CANVAS or size % CANVAS:
         raise ValueError(f"render: size must be a positive multiple of {CANVAS} (pixel-exact shapes), got {size!r}")
     scale = size / CANVAS
@@ -241,6 +273,6 @@ def render(scene: Scene, size: int = CANVAS) -> np.ndarray:
     u, v = np.meshgrid(centres, centres)  # (size, size): u = column centre, v = row centre
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = BACKGROUND
-    for o in scene.objects:
+    for o in objects:
         image[_mask(o, u, v)] = PALETTE[o.colour]
     return image

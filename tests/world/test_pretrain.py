@@ -116,7 +116,8 @@ def test_shipped_base_loads_and_generates():
     wm = load_base()
     assert isinstance(wm, WorldModel) and wm.path == BASE_DIR
     assert not wm.model.training
-    assert wm.num_image_tokens == 64 and wm.vocab.num_image_codes == wm.image_tokenizer.num_codes
+    cfg = PretrainConfig()
+    assert wm.num_image_tokens == (32 // cfg.patch_size) ** 2 and wm.vocab.num_image_codes == cfg.num_codes
     summary = json.loads((BASE_DIR / "pretrain.json").read_text())
     assert summary["eval"]["und"] > summary["eval"]["gen"] > 0.2
     tok = wm.text_tokenizer
@@ -124,7 +125,7 @@ def test_shipped_base_loads_and_generates():
     texts = [tok(r.prompt, add_special_tokens=False)["input_ids"] for r in recs]
     codes = generate_images(wm.model, wm.layout, texts, wm.num_image_tokens, images_per_prompt=2, steps=4,
                             guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
-    assert codes.shape == (4, 64) and codes.dtype == torch.int64
+    assert codes.shape == (4, wm.num_image_tokens) and codes.dtype == torch.int64
     assert int(codes.min()) >= 0 and int(codes.max()) < wm.vocab.num_image_codes
     assert wm.image_tokenizer.decode(codes).shape == (4, 3, 32, 32)
     prompt = tok("USER: Give a detailed caption for this image. ASSISTANT:", add_special_tokens=False)["input_ids"]
@@ -141,5 +142,5 @@ def test_pretrain_command_writes_a_loadable_folder(tmp_path):
     assert summary["command"].startswith("hermesflow pretrain --world shapes") and summary["config"]["seed"] == 3
     assert 0.0 <= summary["eval"]["und"] <= 1.0 and "train" in summary["wall_time_s"]
     wm = load_base(tmp_path / "b")
-    assert wm.vocab.num_image_codes == 512
+    assert wm.vocab.num_image_codes == PretrainConfig().num_codes
     shutil.rmtree(tmp_path / "b")

@@ -1,5 +1,5 @@
-"""Scenes of the shapes world: seeded sampling identical across calls and processes, layouts that fit the canvas
-without touching, stated relations that match the geometry, crisp palette-only rendering, clear errors."""
+"""Scenes of the shapes world: seeded sampling identical across calls and processes, one object per grid cell with
+identical objects never sharing an edge, stated relations that match the geometry, crisp palette-only rendering, clear errors."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from hermesflow_fast.world.scene import (
     BACKGROUND,
     CANVAS,
     CATEGORIES,
-    OBJECT_SIZES,
+    CELL,
+    OBJECT_SIZE,
     PALETTE,
     Scene,
     SceneObject,
+    cell_of,
     compose,
     relation_of,
     render,
@@ -74,21 +76,19 @@ def _masks(scene: Scene) -> list[np.ndarray]:
     return [render(Scene((o,))).any(axis=-1) for o in scene.objects]
 
 
-def test_objects_fit_the_canvas_and_never_touch():
+def test_one_object_per_cell_and_identical_objects_never_touch():
     for s in _scenes(1, 600):
-        masks = _masks(s)
-        for o, m in zip(s.objects, masks):
-            assert o.size in OBJECT_SIZES
-            rows, cols = np.nonzero(m)
-            assert rows.min() >= 1 and cols.min() >= 1 and rows.max() <= CANVAS - 2 and cols.max() <= CANVAS - 2
-        for i in range(len(masks)):
-            grown = masks[i].copy()  # dilated twice (8-neighbourhood): no overlap ⇔ a gap of ≥ 2 px
-            for _ in range(2):
-                p = np.pad(grown, 1)
-                grown = np.max([p[1 + dr:CANVAS + 1 + dr, 1 + dc:CANVAS + 1 + dc]
-                                for dr in (-1, 0, 1) for dc in (-1, 0, 1)], axis=0)
-            for j in range(i + 1, len(masks)):
-                assert not (grown & masks[j]).any(), s
+        cells = [cell_of(o) for o in s.objects]
+        assert len(set(cells)) == len(cells), s
+        for o, m, (c, r) in zip(s.objects, _masks(s), cells):
+            assert o.size == OBJECT_SIZE and (o.x, o.y) == (CELL * c + CELL / 2, CELL * r + CELL / 2)
+            rows, cols = np.nonzero(m)  # drawn inside its own cell
+            assert rows.min() >= CELL * r and rows.max() < CELL * (r + 1)
+            assert cols.min() >= CELL * c and cols.max() < CELL * (c + 1)
+        if s.kind == "count":  # same colour: cells sharing an edge would draw one blob
+            for i, a in enumerate(cells):
+                for b in cells[i + 1:]:
+                    assert abs(a[0] - b[0]) + abs(a[1] - b[1]) > 1, s
 
 
 def test_stated_relation_matches_the_geometry():
@@ -115,7 +115,7 @@ def test_render_is_crisp_and_palette_only():
 
 def test_shapes_render_with_their_areas():
     areas = {shape: render(compose([(shape, "red")])).any(-1).sum() for shape in ("circle", "square", "triangle")}
-    assert areas["square"] == 100 and 70 <= areas["circle"] <= 85 and 40 <= areas["triangle"] <= 60
+    assert areas["square"] == 64 and 44 <= areas["circle"] <= 56 and 24 <= areas["triangle"] <= 40
 
 
 def test_clear_errors():
