@@ -42,3 +42,33 @@ def test_tiny_run_writes_one_row_per_arm(tmp_path):
     cfg = json.loads(rows[2]["extra_benchmark_config_str"])
     assert cfg["pairs"] == 6 and cfg["beta"] == 0.01 and cfg["rpo_alpha"] == 1.0 and cfg["heldout"] == 3
     assert cfg["nll_first"] > 0 and cfg["image_tokens"] > 0 and cfg["eval_seeds"] == [0]
+
+
+def test_judge_pairs_of_a_round_train_through_the_trainer(tmp_path):
+    """--pairs judge: the judge's best (here the render itself) vs worst (random codes) candidate of each record."""
+    from hermesflow_fast.selfplay.evaluate import encode_records
+    from hermesflow_fast.world import make_records
+    from hermesflow_fast.world.base import load_base
+
+    wm = load_base()
+    recs = make_records(3, 0, "train")
+    real = encode_records(wm, recs)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, wm.vocab.num_image_codes, real.shape, generator=g)
+    rd = tmp_path / "round-1"
+    rd.mkdir()
+    (rd / "gen_candidates.jsonl").write_text("".join(
+        json.dumps({"id": r.id, "images": [real[i].tolist(), noise[i].tolist()]}) + "\n" for i, r in enumerate(recs)))
+    (rd / "gen_scores.jsonl").write_text("".join(
+        json.dumps({"id": r.id, "accuracy": [1.0, 0.0]}) + "\n" for r in recs))
+    pairs, info = oracle_trainer.judge_pairs(wm, rd, 0, 0.6)
+    assert len(pairs) == 3 and info["judge_chosen"] > info["judge_rejected"]
+    assert all(torch.equal(p.image_chosen_codes, real[i]) for i, p in enumerate(pairs))
+    threads = torch.get_num_threads()
+    try:
+        res = oracle_trainer.main(["--pairs", "judge", "--round-dir", str(rd), "--arms", "trainer", "--steps", "1",
+                                   "--batch", "3", "--heldout", "2", "--eval-seeds", "0", "--sample-steps", "2",
+                                   "--token-budget", "512", "--out", ""])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(res) == ["base", "trainer 1:sum"] and res["trainer 1:sum"]["pairs"] == 3
