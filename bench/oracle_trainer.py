@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                 wm = copy.copy(base)
                 wm.model = tr.policy.eval().requires_grad_(False)
             name = f"trainer {est}"
-            results[name] = {"gen": gen_scores(wm), "steps": len(hist), "pairs": len(pairs),
+            results[name] = {"gen": gen_scores(wm), "steps": len(hist), "n_pairs": len(pairs),
                              "nll_first": hist[0]["gen/nll"], "nll_last": _tail(hist, "gen/nll"),
                              "margin_last": hist[-1]["gen/rewards/margins"], "train_s": time.perf_counter() - t1,
                              **info}

@@ -11,7 +11,8 @@ each rank takes a contiguous share):
                           pairs per row); gradients accumulate over all of them (DDP syncs on the last one only)
     per micro-batch     reference forward (no grad) or precomputed reference log-probs → policy forward → fused head
                           on target rows → Pair-DPO, scaled by world_size / pairs_of_step (each pair weighs the same
-                          however the step is split)
+                          however the step is split); the generation log-prob estimator (train.gen_masks,
+                          train.gen_logp, train.gen_mask_ratio) and the RPO term (train.rpo_alpha): objective.py
     then                clip, NaN/inf check (stop or skip), AdamW, warm-up + cosine over the actual step count
 
 Before anything in the run folder is written, ``resume.plan_run_dir`` decides whether the folder may be used as asked

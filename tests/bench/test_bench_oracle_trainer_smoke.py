@@ -40,7 +40,8 @@ def test_tiny_run_writes_one_row_per_arm(tmp_path):
     assert [int(r["x_value"]) for r in rows] == [0, 2, 2]
     assert all(0.0 <= float(r["y_value_50"]) <= 1.0 and r["metric_name"] == "gen" for r in rows)
     cfg = json.loads(rows[2]["extra_benchmark_config_str"])
-    assert cfg["pairs"] == 6 and cfg["beta"] == 0.01 and cfg["rpo_alpha"] == 1.0 and cfg["heldout"] == 3
+    assert cfg["pairs"] == "gt" and cfg["n_pairs"] == 6 and cfg["heldout"] == 3
+    assert cfg["beta"] == 0.01 and cfg["rpo_alpha"] == 1.0
     assert cfg["nll_first"] > 0 and cfg["image_tokens"] > 0 and cfg["eval_seeds"] == [0]
 
 
@@ -71,4 +72,4 @@ def test_judge_pairs_of_a_round_train_through_the_trainer(tmp_path):
                                    "--token-budget", "512", "--out", ""])
     finally:
         torch.set_num_threads(threads)
-    assert list(res) == ["base", "trainer 1:sum"] and res["trainer 1:sum"]["pairs"] == 3
+    assert list(res) == ["base", "trainer 1:sum"] and res["trainer 1:sum"]["n_pairs"] == 3
