@@ -5,7 +5,8 @@ A pair gives up to two sequences (model/layout.py, one row each):
 
     und   Layout.mmu_pair:  [mmu][soi] x [eoi] "USER: q ASSISTANT:" | y_w [eos] (branch 1) | y_l [eos] (branch 2)
     gen   Layout.t2i_pair:  [t2i][bos] y [eos] | [soi] x_w [eoi] (branch 1) | [soi] x_l [eoi] (branch 2)
-          with the pair's one mask draw (data/gen_mask.py) on both images
+          with the pair's one mask draw (data/gen_mask.py) on both images; with ``gen_masks`` = M > 1, M such
+          branch pairs behind the one prompt, mask m on branches 2m+1 and 2m+2 (still one sequence, one forward)
 
 Packing. Each sequence loses its padding (invalid tokens are never attended, and every kept token keeps its position
 id, so nothing it computes changes), then sequences are placed into rows of at most ``token_budget`` tokens by first-fit
@@ -19,7 +20,8 @@ and its hidden state, hence every log-prob, equals the unpacked one (tests/data/
 ways). The result, ``PackedBatch``, holds one target row per pair and per (side, branch):
 
     targets["und_chosen" | "und_rejected" | "gen_chosen" | "gen_rejected"] = Target(rows (P, L), labels (P, L))
-    rows index the flattened (B·T) positions: hidden.flatten(0, 1)[rows] predicts labels (−100 = none)
+    rows index the flattened (B·T) positions: hidden.flatten(0, 1)[rows] predicts labels (−100 = none); with
+    several gen masks the gen targets' ``group`` (P, L) names each label's mask (−1 = none)
 
 so ``logprob[p] = Σ_l log softmax(lm_head(h[rows[p, l]]))[labels[p, l]]`` is pair p's sequence log-prob for that
 side, ready for a per-pair DPO margin (spec B2). ``und_pairs`` / ``gen_pairs`` list the pairs that have the side.
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor
 
 from hermesflow_fast._notice import say_once
-from hermesflow_fast.data.gen_mask import pair_generator, pair_mask
+from hermesflow_fast.data.gen_mask import FULL_RATIO, pair_generator, pair_masks
 from hermesflow_fast.data.pairs import PairRecord
 from hermesflow_fast.data.text import caption_ids, prompt_ids, und_prompt_ids
 from hermesflow_fast.model.layout import IGNORE_INDEX, Layout, Sequences, Target
@@ -140,16 +142,20 @@ def tokenize_pair(record: PairRecord, text_tokenizer: Any, codes: Callable[[str]
     )
 
 
-def pair_sequences(layout: Layout, pair: TokenizedPair, epoch: int, seed: int) -> dict[str, Sequences]:
+def pair_sequences(layout: Layout, pair: TokenizedPair, epoch: int, seed: int, gen_masks: int = 1,
+                   gen_mask_ratio: Sequence[float] = FULL_RATIO) -> dict[str, Sequences]:
     """{"und": Layout.mmu_pair row, "gen": Layout.t2i_pair row with ``pair_mask(pair.id, epoch, seed, N)``}, a key
-    only for a side the pair has. Each Sequences is one row with targets "chosen" and "rejected"."""
+    only for a side the pair has. Each Sequences is one row with targets "chosen" and "rejected". ``gen_masks`` > 1:
+    the gen row holds masks 0 … gen_masks−1 (``pair_masks``) as branch pairs, its targets grouped by mask;
+    ``gen_mask_ratio``: (min, max) of every mask's ratio."""
     out: dict[str, Sequences] = {}
     if pair.has_und:
         out["und"] = layout.mmu_pair(pair.image_codes[None], [pair.und_prompt_ids], [pair.caption_chosen_ids],
                                      [pair.caption_rejected_ids])
     if pair.has_gen:
         n = pair.image_chosen_codes.numel()
-        masked = pair_mask(pair.id, epoch, seed, n)[None]  # (1, N)
+        masks = pair_masks(pair.id, epoch, seed, n, gen_masks, gen_mask_ratio)  # (M, N)
+        masked = masks[None] if gen_masks > 1 else masks  # (1, M, N) or (1, N)
         out["gen"] = layout.t2i_pair([pair.prompt_ids], pair.image_chosen_codes[None],
                                      pair.image_rejected_codes[None], masked)
     return out
@@ -264,7 +270,7 @@ class PackedBatch:
         return self.num_tokens / max(1, self.input_ids.numel())
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        t = {k: Target(v.rows.to(device), v.labels.to(device)) for k, v in self.targets.items()}
+        t = {k: v.to(device) for k, v in self.targets.items()}
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.mask.to(device), t,
                            list(self.pair_ids), list(self.und_pairs), list(self.gen_pairs), self.truncated,
                            list(self.row_lengths))
@@ -280,7 +286,8 @@ class _Piece:
     pos: Tensor  # (L,)
     block: Tensor  # (L,)
     branch: Tensor  # (L,)
-    targets: dict[str, tuple[Tensor, Tensor]]  # "chosen"/"rejected" -> rows (n,) into the piece, labels (n,)
+    targets: dict[str, tuple[Tensor, Tensor, Tensor | None]]  # "chosen"/"rejected" -> rows (n,) into the piece,
+    # labels (n,), mask index (n,) or None
 
 
 def _strip(seq: Sequences, pair: int, side: str, pair_id: str) -> _Piece:
@@ -295,7 +302,7 @@ def _strip(seq: Sequences, pair: int, side: str, pair_id: str) -> _Piece:
         rows = t.rows[0][sel]
         if not bool(keep[rows].all()):
             raise ValueError(f"pack: pair {pair_id!r} {side} target {name!r} reads a padding position")
-        targets[name] = (new[rows], t.labels[0][sel])
+        targets[name] = (new[rows], t.labels[0][sel], None if t.group is None else t.group[0][sel])
     m = seq.mask
     return _Piece(pair, side, seq.input_ids[0][keep], seq.position_ids[0][keep], m.block[0][keep],
                   m.branch[0][keep], targets)
@@ -342,24 +349,28 @@ def pack(pair_ids: Sequence[str], sequences: Sequence[dict[str, Sequences]], tok
     branch = torch.zeros(B, T, dtype=torch.int32)
     segment = torch.full((B, T), -1, dtype=torch.int32)
     seg_count = [0] * B
-    per_key: dict[str, dict[int, tuple[Tensor, Tensor]]] = {k: {} for k in TARGET_KEYS}
+    per_key: dict[str, dict[int, tuple[Tensor, Tensor, Tensor | None]]] = {k: {} for k in TARGET_KEYS}
     for pc, b, s in zip(pieces, bins, starts):
         e = s + len(pc.ids)
         ids[b, s:e], pos[b, s:e], valid[b, s:e] = pc.ids, pc.pos, True
         block[b, s:e], branch[b, s:e] = pc.block, pc.branch
         segment[b, s:e] = seg_count[b]
         seg_count[b] += 1
-        for name, (rows, labels) in pc.targets.items():
-            per_key[f"{pc.side}_{name}"][pc.pair] = (rows + (b * T + s), labels)
+        for name, (rows, labels, group) in pc.targets.items():
+            per_key[f"{pc.side}_{name}"][pc.pair] = (rows + (b * T + s), labels, group)
     P = len(pair_ids)
     targets = {}
     for key, got in per_key.items():
-        L = max((len(r) for r, _ in got.values()), default=0)
+        L = max((len(r) for r, _, _ in got.values()), default=0)
         rows = torch.zeros(P, L, dtype=torch.long)  # (P, L)
         labels = torch.full((P, L), IGNORE_INDEX, dtype=torch.long)  # (P, L)
-        for p, (r, y) in got.items():
+        grouped = any(g is not None for _, _, g in got.values())
+        group = torch.full((P, L), -1, dtype=torch.long) if grouped else None  # (P, L) mask of each label
+        for p, (r, y, g) in got.items():
             rows[p, : len(r)], labels[p, : len(y)] = r, y
-        targets[key] = Target(rows, labels)
+            if group is not None:
+                group[p, : len(y)] = 0 if g is None else g
+        targets[key] = Target(rows, labels, group)
     und = sorted({pc.pair for pc in pieces if pc.side == "und"})
     gen = sorted({pc.pair for pc in pieces if pc.side == "gen"})
     return PackedBatch(ids, pos, OmniMask(valid, block, branch, segment), targets, list(pair_ids), und, gen,
@@ -371,13 +382,15 @@ def _stripped_length(seq: Sequences) -> int:
 
 
 def micro_batches(pairs: Sequence[TokenizedPair], layout: Layout, token_budget: int, epoch: int, seed: int, *,
-                  max_rows: int = 1, shuffle: bool = True) -> list[PackedBatch]:
+                  max_rows: int = 1, shuffle: bool = True, gen_masks: int = 1,
+                  gen_mask_ratio: Sequence[float] = FULL_RATIO) -> list[PackedBatch]:
     """Split ``pairs`` into packed batches of at most ``max_rows`` rows of ≤ ``token_budget`` tokens each.
 
     Order: ``shuffle`` sorts the pairs by id and permutes them with a generator seeded by (epoch, seed), so the
     batches depend on the set of pairs, the epoch and the seed only; ``shuffle=False`` keeps the given order. Pairs
     are then taken greedily: a pair joins the current batch if first-fit decreasing still packs the batch's
     sequences into ``max_rows`` rows, else it starts the next one. A pair's sequences are always in one batch.
+    ``gen_masks``, ``gen_mask_ratio``: the gen side's masks per pair and their ratio bounds (``pair_sequences``).
     ValueError if one pair alone needs more than ``max_rows`` rows, naming it and its lengths.
     """
     if max_rows < 1:
@@ -391,7 +404,7 @@ def micro_batches(pairs: Sequence[TokenizedPair], layout: Layout, token_budget: 
         order.sort(key=lambda i: ids[i])
         perm = torch.randperm(len(order), generator=pair_generator("", epoch, seed, "batch-order")).tolist()
         order = [order[j] for j in perm]
-    seqs = {i: pair_sequences(layout, pairs[i], epoch, seed) for i in order}
+    seqs = {i: pair_sequences(layout, pairs[i], epoch, seed, gen_masks, gen_mask_ratio) for i in order}
     lens = {i: [_stripped_length(s) for s in seqs[i].values()] for i in order}
 
     def rows(lengths: list[int]) -> int:
@@ -404,8 +417,10 @@ def micro_batches(pairs: Sequence[TokenizedPair], layout: Layout, token_budget: 
         desc = ", ".join(f"{s} {n}" for s, n in zip(seqs[i], lens[i]))
         over = [(side, n) for side, n in zip(seqs[i], lens[i]) if n > token_budget]
         if over:
+            why = f"; gen_masks={gen_masks} puts {gen_masks} masked copies of each image in it" if gen_masks > 1 \
+                and over[0][0] == "gen" else ""
             raise ValueError(f"micro_batches: pair {ids[i]!r} has a {over[0][0]} sequence of {over[0][1]} tokens, "
-                             f"over the token budget {token_budget} (its sequences: {desc})")
+                             f"over the token budget {token_budget} (its sequences: {desc}){why}")
         if rows(lens[i]) > max_rows:
             raise ValueError(f"micro_batches: pair {ids[i]!r} needs more than max_rows={max_rows} row(s) of "
                              f"{token_budget} tokens (its sequences: {desc}); raise token_budget to ≥ "

@@ -19,7 +19,9 @@ Sequences (B rows, one layout per call; ``Sequences`` holds ids, positions, mask
     packed pair (one copy of the prefix, then chosen = branch 1, rejected = branch 2; each sees the prefix and
           itself only; position ids restart after the prefix so each branch sits where it would unpacked):
       t2i: text prefix | [soi] x_w [eoi] | [soi] x_l [eoi]            targets "chosen"/"rejected": masked slots,
-                                                                       one set of masked positions for both
+                                                                       one set of masked positions for both; with
+           M masks, M such (chosen, rejected) branch pairs behind the one prefix, and the targets' ``group`` names
+           the mask of each label
       mmu: [mmu][soi] image [eoi] prompt | y_w [eos] | y_l [eos]       targets: next-token rows; the first token of
                                                                        each branch is predicted by the last prefix row
 A target is (rows (B, L) int64 into the T positions, labels (B, L) int64 with −100 = none): the trainer gathers the
@@ -151,6 +153,11 @@ class Vocabulary:
 class Target:
     rows: Tensor  # (B, L) int64: positions whose hidden state predicts the label
     labels: Tensor  # (B, L) int64: vocabulary ids, IGNORE_INDEX where there is none
+    group: Tensor | None = None  # (B, L) int64: which of a row's masks scores the label (0…M−1); None = one mask
+
+    def to(self, device) -> Target:
+        return Target(self.rows.to(device), self.labels.to(device),
+                      None if self.group is None else self.group.to(device))
 
 
 @dataclass
@@ -162,7 +169,7 @@ class Sequences:
     truncated: int = 0  # rows whose text was cut to fit text_len
 
     def to(self, device) -> Sequences:
-        t = {k: Target(v.rows.to(device), v.labels.to(device)) for k, v in self.targets.items()}
+        t = {k: v.to(device) for k, v in self.targets.items()}
         return Sequences(self.input_ids.to(device), self.position_ids.to(device), self.mask.to(device), t,
                          self.truncated)
 
@@ -212,14 +219,17 @@ def _stack(rows: list[_Rows], pad: int) -> tuple[Tensor, Tensor, OmniMask]:
     return ids, pos, OmniMask(valid, block, branch)
 
 
-def _targets(per_row: list[tuple[list[int], list[int]]]) -> Target:
+def _targets(per_row: list[tuple[list[int], list[int]]], groups: list[list[int]] | None = None) -> Target:
     L = max((len(r) for r, _ in per_row), default=0)
     rows = torch.zeros(len(per_row), L, dtype=torch.long)
     labels = torch.full((len(per_row), L), IGNORE_INDEX, dtype=torch.long)
+    group = None if groups is None else torch.full((len(per_row), L), -1, dtype=torch.long)
     for b, (r, y) in enumerate(per_row):
         rows[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         labels[b, : len(y)] = torch.tensor(y, dtype=torch.long)
-    return Target(rows, labels)
+        if group is not None:
+            group[b, : len(y)] = torch.tensor(groups[b], dtype=torch.long)
+    return Target(rows, labels, group)
 
 
 def _as_list_rows(x: Sequence[Sequence[int]] | Tensor, name: str) -> list[list[int]]:
@@ -344,26 +354,42 @@ class Layout:
     def t2i_pair(self, texts: Sequence[Sequence[int]], chosen: Tensor, rejected: Tensor, masked: Tensor
                  ) -> Sequences:
         """Prompt once, then ``[soi] x_w [eoi]`` (branch 1) and ``[soi] x_l [eoi]`` (branch 2), both at the
-        positions they have unpacked; ``masked`` (B, N) is shared by both (the pair's one mask draw)."""
+        positions they have unpacked; ``masked`` (B, N) is shared by both (the pair's one mask draw).
+
+        ``masked`` (B, M, N): M masks per row, each a chosen and a rejected branch (2m + 1, 2m + 2 for mask m) behind
+        the one prompt, each exactly the unpacked single-mask row; the targets then list mask 0's slots, then mask
+        1's, … and carry ``group`` = the mask of each label."""
         v = self.vocab
         texts = _as_list_rows(texts, "texts")
         cw, cl = _check_grid(v, chosen, "chosen"), _check_grid(v, rejected, "rejected")
-        if cw.shape != cl.shape or masked.shape != cw.shape or len(texts) != cw.shape[0]:
+        several = masked.dim() == 3
+        masks = masked if several else masked.unsqueeze(1)  # (B, M, N)
+        if cw.shape != cl.shape or masks.shape[0] != cw.shape[0] or masks.shape[2:] != cw.shape[1:] \
+                or len(texts) != cw.shape[0] or masks.shape[1] < 1:
             raise ValueError(f"t2i_pair: chosen {tuple(cw.shape)}, rejected {tuple(cl.shape)}, masked "
                              f"{tuple(masked.shape)} and {len(texts)} texts must agree")
-        rows, tw, tl, cut = [], [], [], 0
+        rows, tw, tl, groups, cut = [], [], [], [], 0
         for b in range(cw.shape[0]):
             r = _Rows()
             cut += self._t2i_prefix(r, texts[b])
             p0 = len(r.ids)
-            m = masked[b].nonzero().flatten().tolist()
-            sw = self._image_block(r, torch.where(masked[b], v.mask, cw[b]).tolist(), 1, 1, p0)
-            sl = self._image_block(r, torch.where(masked[b], v.mask, cl[b]).tolist(), 2, 2, p0)
-            tw.append(([sw + i for i in m], [int(cw[b, i]) for i in m]))
-            tl.append(([sl + i for i in m], [int(cl[b, i]) for i in m]))
+            rw, yw, rl, yl, gb = [], [], [], [], []
+            for m, mask in enumerate(masks[b]):
+                slots = mask.nonzero().flatten().tolist()
+                sw = self._image_block(r, torch.where(mask, v.mask, cw[b]).tolist(), 2 * m + 1, 2 * m + 1, p0)
+                sl = self._image_block(r, torch.where(mask, v.mask, cl[b]).tolist(), 2 * m + 2, 2 * m + 2, p0)
+                rw += [sw + i for i in slots]
+                yw += [int(cw[b, i]) for i in slots]
+                rl += [sl + i for i in slots]
+                yl += [int(cl[b, i]) for i in slots]
+                gb += [m] * len(slots)
+            tw.append((rw, yw))
+            tl.append((rl, yl))
+            groups.append(gb)
             rows.append(r)
         ids, pos, mask = _stack(rows, v.pad)
-        return Sequences(ids, pos, mask, {"chosen": _targets(tw), "rejected": _targets(tl)}, cut)
+        g = groups if several else None
+        return Sequences(ids, pos, mask, {"chosen": _targets(tw, g), "rejected": _targets(tl, g)}, cut)
 
     def mmu_pair(self, codes: Tensor, prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
                  rejected: Sequence[Sequence[int]]) -> Sequences:

@@ -133,6 +133,20 @@ class TrainSection:
     nan_policy: Literal["stop", "skip"] = _field("stop", "a non-finite loss/grad: stop the run, or skip the step")
     text_dropout: float = _field(0.0, "prompt-drop probability for t2i pairs: one draw per pair (never per side)",
                                  ge=0.0, le=1.0)
+    rpo_alpha: float = _field(0.0, "α of RPO (TRL's rpo_alpha): α × the chosen sequence's NLL per token added to "
+                                   "each side's loss, per pair (TRL adds α × the batch's mean NLL over all chosen "
+                                   "tokens; here each pair's own per-token mean, averaged like the DPO term, so a "
+                                   "step's loss does not depend on how its pairs are split); 0 → plain DPO",
+                              ge=0.0)
+    gen_masks: int = _field(1, "masks per generation pair: logπ of an image is the mean over its masks, each drawn "
+                               "from (pair id, epoch, seed, mask index) and shared by policy, reference, chosen and "
+                               "rejected; the masks ride as extra branches of the pair's one sequence (M × the "
+                               "image tokens); 1 → Show-o's one draw", ge=1)
+    gen_logp: Literal["sum", "mean"] = _field("sum", "per gen mask: the sum of the masked slots' log-probs (Show-o) or "
+                                                     "their mean per masked slot (every mask weighs the same "
+                                                     "whatever its size; rescales β's effect by ~1/k)")
+    gen_mask_ratio: list[float] = _field([0.0, 1.0], "(min, max) of a gen mask's ratio: Show-o's cosine law "
+                                                     "r = cos(πt/2) restricted to min ≤ r ≤ max; [0, 1] → unchanged")
 
 
 @dataclass
@@ -446,6 +460,10 @@ def _check_extra(cfg: Any, origins: dict[str, str]) -> None:
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"{origins.get('train.adam_betas', 'the schema default')}: 'train.adam_betas' = {betas}"
                               f" must be two numbers in [0, 1)")
+        ratio = train.gen_mask_ratio
+        if len(ratio) != 2 or not (0.0 <= ratio[0] <= ratio[1] <= 1.0 and ratio[1] > 0.0):
+            raise ConfigError(f"{origins.get('train.gen_mask_ratio', 'the schema default')}: 'train.gen_mask_ratio' = "
+                              f"{ratio} must be [min, max] with 0 <= min <= max <= 1 and max > 0")
 
 
 def load_config(

@@ -11,7 +11,8 @@ each rank takes a contiguous share):
                           pairs per row); gradients accumulate over all of them (DDP syncs on the last one only)
     per micro-batch     reference forward (no grad) or precomputed reference log-probs → policy forward → fused head
                           on target rows → Pair-DPO, scaled by world_size / pairs_of_step (each pair weighs the same
-                          however the step is split)
+                          however the step is split); the generation log-prob estimator (train.gen_masks,
+                          train.gen_logp, train.gen_mask_ratio) and the RPO term (train.rpo_alpha): objective.py
     then                clip, NaN/inf check (stop or skip), AdamW, warm-up + cosine over the actual step count
 
 Before anything in the run folder is written, ``resume.plan_run_dir`` decides whether the folder may be used as asked
@@ -149,7 +150,7 @@ class Trainer:
         self.reference = None if t.precompute_ref_logps else frozen
         self._configure_speed()
         self.objective = PairDPOObjective(self.policy, t.beta, t.loss_type, t.und_coeff, t.gen_coeff,
-                                          t.label_smoothing)
+                                          t.label_smoothing, t.gen_logp, t.rpo_alpha)
         self.model = wrap_model(self.objective, info, cfg.dist.strategy)
         self.optimizer = build_optimizer(self.policy, t)
         self.scheduler = warmup_cosine(self.optimizer, resolve_warmup(t, self.total_steps), self.total_steps)
@@ -270,7 +271,9 @@ class Trainer:
 
     def _micro_batches(self, pairs: list, epoch: int, budget: int | None = None) -> list:
         pairs = self._drop_text(pairs, epoch)
-        mbs = micro_batches(pairs, self.data.layout, budget or self.cfg.data.token_budget, epoch, self.cfg.run.seed)
+        t = self.cfg.train
+        mbs = micro_batches(pairs, self.data.layout, budget or self.cfg.data.token_budget, epoch, self.cfg.run.seed,
+                            gen_masks=t.gen_masks, gen_mask_ratio=t.gen_mask_ratio)
         return [mb.to(self.info.device) if hasattr(mb, "to") else mb for mb in mbs]
 
     @torch.no_grad()
@@ -284,7 +287,7 @@ class Trainer:
         for epoch, pairs in by_epoch.items():
             for mb in self._micro_batches(list(pairs.values()), epoch, 4 * self.cfg.data.token_budget):
                 with self.autocast:
-                    out = reference_logps(reference, mb)
+                    out = reference_logps(reference, mb, self.cfg.train.gen_logp, self.cfg.train.loss_type)
                 for side, (c, r) in out.items():
                     idx = getattr(mb, f"{side}_pairs")
                     for q, j in enumerate(idx):

@@ -239,3 +239,42 @@ def test_from_records_to_batches(tmp_path):
     assert b.und_pairs == [b.pair_ids.index("r1")] and sorted(b.gen_pairs) == [0, 1] and b.truncated == 0
     with pytest.raises(KeyError, match="no image tokenizer was given"):
         codes("imgs/x.png")
+
+
+def test_several_gen_masks_ride_as_branches_and_equal_each_mask_alone(model):
+    """gen_masks = M: one sequence per pair holds M (chosen, rejected) branch pairs behind one prompt; each mask's
+    summed log-probs equal the unpacked single-mask row, the targets list the masks in order, tagged by group."""
+    pairs = [p for p in _pairs(10, seed=4) if p.has_gen]
+    epoch, seed, M = 3, 11, 3
+    batches = micro_batches(pairs, LAYOUT, token_budget=160, epoch=epoch, seed=seed, max_rows=2, gen_masks=M)
+    assert len(batches) > 1
+    seen = 0
+    with torch.no_grad():
+        for b in batches:
+            h = model(b.input_ids, b.mask, b.position_ids).flatten(0, 1)
+            for i in b.gen_pairs:
+                p = pairs[[q.id for q in pairs].index(b.pair_ids[i])]
+                for name in ("chosen", "rejected"):
+                    t = b.targets[f"gen_{name}"]
+                    keep = t.labels[i] != IGNORE_INDEX
+                    group = t.group[i][keep]
+                    assert group.tolist() == sorted(group.tolist()) and set(group.tolist()) == set(range(M))
+                    lp = torch.log_softmax(model.lm_head(h[t.rows[i][keep]]), -1)
+                    lp = lp.gather(-1, t.labels[i][keep].unsqueeze(-1)).squeeze(-1)
+                    for m in range(M):
+                        masked = pair_mask(p.id, epoch, seed, N, index=m)
+                        assert int((group == m).sum()) == int(masked.sum())
+                        s = LAYOUT.t2i_pair([p.prompt_ids], p.image_chosen_codes[None], p.image_rejected_codes[None],
+                                            masked[None])
+                        st = s.targets[name]
+                        alone = _logprob_sums(model, s.input_ids, s.mask, s.position_ids, st.rows, st.labels)[0]
+                        assert abs(float(lp[group == m].sum()) - float(alone)) < 1e-9
+                seen += 1
+            assert b.targets["und_chosen"].group is None
+    assert seen == len(pairs)
+    one = pair_sequences(LAYOUT, pairs[0], epoch, seed)["gen"]
+    three = pair_sequences(LAYOUT, pairs[0], epoch, seed, gen_masks=M)["gen"]
+    prompt = int(one.mask.valid.sum()) - 2 * (N + 2)
+    assert int(three.mask.valid.sum()) == prompt + 2 * M * (N + 2) and int(three.mask.branch.max()) == 2 * M
+    with pytest.raises(ValueError, match="gen_masks=3 puts 3 masked copies of each image in it"):
+        micro_batches(pairs, LAYOUT, token_budget=60, epoch=0, seed=0, gen_masks=3)

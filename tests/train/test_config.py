@@ -239,3 +239,27 @@ def test_every_dpo_loss_type_of_the_ops_is_a_train_loss_type():
 
     allowed = typing.get_args(typing.get_type_hints(TrainSection)["loss_type"])
     assert set(allowed) == set(DPO_LOSS_TYPES)
+
+
+def test_gen_estimator_keys_default_to_one_summed_mask_and_are_checked():
+    from hermesflow_fast.train.objective import GEN_LOGP
+    from hermesflow_fast.train.resume import config_changes
+
+    t = load_config(None, []).train
+    assert (t.rpo_alpha, t.gen_masks, t.gen_logp, t.gen_mask_ratio) == (0.0, 1, "sum", [0.0, 1.0])
+    assert set(typing.get_args(typing.get_type_hints(type(t))["gen_logp"])) == set(GEN_LOGP)
+    t = load_config(None, ["train.rpo_alpha=1", "train.gen_masks=4", "train.gen_logp=mean",
+                           "train.gen_mask_ratio=[0.1,0.9]"]).train
+    assert (t.rpo_alpha, t.gen_masks, t.gen_logp, t.gen_mask_ratio) == (1.0, 4, "mean", [0.1, 0.9])
+    for override, message in (("train.rpo_alpha=-0.5", "'train.rpo_alpha' = -0.5 must be >= 0"),
+                              ("train.gen_masks=0", "'train.gen_masks' = 0 must be >= 1"),
+                              ("train.gen_logp=avg", "expected one of 'sum', 'mean'"),
+                              ("train.gen_mask_ratio=[0.8,0.2]", "'train.gen_mask_ratio' = \\[0.8, 0.2\\] must be"),
+                              ("train.gen_mask_ratio=[0.5]", "must be \\[min, max\\]")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    # a run folder written before these keys existed resumes unchanged: a missing key reads as its default
+    old = config_to_dict(TrainConfig())
+    for key in ("rpo_alpha", "gen_masks", "gen_logp", "gen_mask_ratio"):
+        del old["train"][key]
+    assert config_changes(old, TrainConfig(), defaults=TrainConfig()) == []
