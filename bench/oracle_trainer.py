@@ -34,7 +34,7 @@ import torch
 
 from bench import utils
 from hermesflow_fast.data.batching import TokenizedPair
-from hermesflow_fast.data.text import DEFAULT_QUESTION, caption_ids, prompt_ids, und_prompt_ids
+from hermesflow_fast.data.text import prompt_ids
 from hermesflow_fast.model.generate import generate_images
 from hermesflow_fast.selfplay.evaluate import encode_records, evaluate
 from hermesflow_fast.selfplay.stages import record_generator
@@ -44,15 +44,7 @@ from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_
 from hermesflow_fast.train.trainer import Trainer
 from hermesflow_fast.world import make_records
 from hermesflow_fast.world.base import BASE_DIR, load_base
-from hermesflow_fast.world.pretrain import PretrainConfig, WorldData, build_batch, target_logprobs
-
-
-def world_data(wm, records) -> WorldData:
-    """The records tokenized as ``world.pretrain`` trains on them (codes of the renders by the base's tokenizer)."""
-    tok = wm.text_tokenizer
-    vqa = [[(und_prompt_ids(tok, q.prompt), caption_ids(tok, q.answer)) for q in r.questions] for r in records]
-    return WorldData(records, encode_records(wm, records), [prompt_ids(tok, r.prompt) for r in records],
-                     [caption_ids(tok, r.caption) for r in records], und_prompt_ids(tok, DEFAULT_QUESTION), vqa)
+from hermesflow_fast.world.pretrain import PretrainConfig, build_batch, target_logprobs, world_data
 
 
 def gt_pairs(wm, records, seed: int, sample_steps: int, guidance: float) -> list[TokenizedPair]:
@@ -96,7 +88,7 @@ def train_config(args, estimator: str, run_dir: Path, t2i_text_len: int) -> Trai
     return cfg
 
 
-def pretrain_arm(wm, data: WorldData, t: TrainConfig, steps: int, seed: int, text_dropout: float) -> list[float]:
+def pretrain_arm(wm, data, t: TrainConfig, steps: int, seed: int, text_dropout: float) -> list[float]:
     """``steps`` steps of the t2i pretraining loss in place on ``wm.model`` with the trainer's optimizer and
     schedule (same lr, batch, warm-up, cosine, clipping); returns the loss per step."""
     model = wm.model.train().requires_grad_(True)
@@ -166,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         wm = load_base(args.model)
         cfg = train_config(args, "1:sum", Path("-"), wm.layout.t2i_text_len)
         t1 = time.perf_counter()
-        losses = pretrain_arm(wm, world_data(wm, records), cfg, args.steps, args.seed, args.text_dropout)
+        data = world_data(wm.text_tokenizer, records, encode_records(wm, records))
+        losses = pretrain_arm(wm, data, cfg, args.steps, args.seed, args.text_dropout)
         results["pretrain t2i"] = {"gen": gen_scores(wm), "steps": args.steps, "loss_first": losses[0],
                                    "loss_last": sum(losses[-5:]) / len(losses[-5:]),
                                    "train_s": time.perf_counter() - t1}

@@ -83,7 +83,7 @@ from hermesflow_fast.world.scene import render_objects
 from hermesflow_fast.world.vocabulary import world_words
 
 __all__ = ["WORLDS", "PretrainConfig", "WorldData", "build_batch", "mask_slots", "packed_mmu", "prepare_world",
-           "pretrain", "pretrain_losses", "render_batch", "target_logprobs"]
+           "pretrain", "pretrain_losses", "render_batch", "target_logprobs", "world_data"]
 
 WORLDS = ("shapes",)
 
@@ -159,8 +159,8 @@ class WorldData:
     captions: list[list[int]]  # caption ids per record (the answer of the caption rows): always the true one
     caption_prompt: list[int]  # und_prompt_ids(DEFAULT_QUESTION)
     vqa: list[list[tuple[list[int], list[int]]]]  # per record: (question prompt ids, answer ids) per question
-    noisy: list[bool] = field(default_factory=list)  # per record: its t2i prompt is a near miss
-    tokenize: Callable[[Callable[[Any, str], list[int]], str], list[int]] | None = None  # (ids fn, text) → ids, cached
+    noisy: list[bool]  # per record: its t2i prompt is a near miss
+    tokenize: Callable[[Callable[[Any, str], list[int]], str], list[int]]  # (ids fn, text) → ids, cached
 
 
 def render_batch(records: Sequence[WorldRecord]) -> Tensor:
@@ -183,6 +183,15 @@ def prepare_world(cfg: PretrainConfig, tokenizer_dir: str | os.PathLike) -> tupl
         torch.manual_seed(cfg.seed)
         model = UnifiedTransformer(cfg.model_config(vocab.vocab_size))
 
+    t2i_prompts, noisy = noisy_prompts([r.scene for r in records], cfg.caption_noise, cfg.seed)
+    data = world_data(tok, records, codes, t2i_prompts, noisy)
+    return WorldModel(model, vocab, layout, tok, vq), data
+
+
+def world_data(tok: Any, records: Sequence[WorldRecord], codes: Tensor, t2i_prompts: Sequence[str] | None = None,
+               noisy: Sequence[bool] | None = None) -> WorldData:
+    """The records tokenized once (every distinct text once): ``t2i_prompts`` (default: the true captions) are what
+    the t2i rows are conditioned on, ``noisy`` which of them are near misses."""
     cache: dict[str, list[int]] = {}
 
     def ids(fn: Callable[[Any, str], list[int]], text: str) -> list[int]:
@@ -191,12 +200,11 @@ def prepare_world(cfg: PretrainConfig, tokenizer_dir: str | os.PathLike) -> tupl
             cache[key] = fn(tok, text)
         return cache[key]
 
+    prompts = [r.prompt for r in records] if t2i_prompts is None else list(t2i_prompts)
     vqa = [[(ids(und_prompt_ids, q.prompt), ids(caption_ids, q.answer)) for q in r.questions] for r in records]
-    t2i_prompts, noisy = noisy_prompts([r.scene for r in records], cfg.caption_noise, cfg.seed)
-    data = WorldData(records, codes, [ids(prompt_ids, p) for p in t2i_prompts],
-                     [ids(caption_ids, r.caption) for r in records], und_prompt_ids(tok, DEFAULT_QUESTION), vqa,
-                     noisy, ids)
-    return WorldModel(model, vocab, layout, tok, vq), data
+    return WorldData(list(records), codes, [ids(prompt_ids, p) for p in prompts],
+                     [ids(caption_ids, r.caption) for r in records], ids(und_prompt_ids, DEFAULT_QUESTION), vqa,
+                     list(noisy) if noisy is not None else [False] * len(records), ids)
 
 
 def mask_slots(batch: int, num_tokens: int, generator: torch.Generator) -> Tensor:
