@@ -47,7 +47,8 @@ from hermesflow_fast.world.base import BASE_DIR, load_base
 from hermesflow_fast.world.pretrain import PretrainConfig, build_batch, target_logprobs, world_data
 
 
-def gt_pairs(wm, records, seed: int, sample_steps: int, guidance: float) -> list[TokenizedPair]:
+def gt_pairs(wm, records, seed: int, sample_steps: int, guidance: float,
+             noise_temperature: float = 1.0) -> list[TokenizedPair]:
     """chosen = the render's codes, rejected = one sample of the model for the record's prompt (seeded per record)."""
     tok, lay, N = wm.text_tokenizer, wm.layout, wm.num_image_tokens
     real = encode_records(wm, records)
@@ -55,6 +56,7 @@ def gt_pairs(wm, records, seed: int, sample_steps: int, guidance: float) -> list
     gens = [record_generator(r.id, 0, "oracle-rejected", seed) for r in records]
     with torch.no_grad():
         own = generate_images(wm.model.eval(), lay, texts, N, steps=sample_steps, guidance_scale=guidance,
+                              noise_temperature=noise_temperature,
                               generator=gens).cpu()
     return [TokenizedPair(r.id, t, [], None, None, None, real[i], own[i])
             for i, (r, t) in enumerate(zip(records, texts))]
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-seeds", default="0,1", help="comma-separated evaluation seeds (1 image per prompt each)")
     ap.add_argument("--sample-steps", type=int, default=12, help="MaskGIT steps of the rejected samples and the eval")
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--noise-temperature", type=float, default=1.0, help="MaskGIT τ₀ of the rejected samples and "
+                                                                          "the eval (the demo's recipe: 30, g 0)")
     ap.add_argument("--seed", type=int, default=0, help="world seed (records) and training seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(utils.RESULTS_DIR / "oracle_trainer.csv"), help="CSV ('' for none)")
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.eval_seeds.split(",")]
 
     def gen_scores(wm) -> list[float]:
-        return [evaluate(wm, held, steps=args.sample_steps, guidance_scale=args.guidance, seed=s).gen for s in seeds]
+        return [evaluate(wm, held, steps=args.sample_steps, guidance_scale=args.guidance,
+                         noise_temperature=args.noise_temperature, seed=s).gen for s in seeds]
 
     records = make_records(args.records, args.seed, "train")
     results: dict[str, dict] = {"base": {"gen": gen_scores(base), "steps": 0}}
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{results['pretrain t2i']['loss_last']:.3f}")
     if "trainer" in arms:
         if args.pairs == "gt":
-            pairs, info = gt_pairs(base, records, args.seed, args.sample_steps, args.guidance), {}
+            pairs, info = gt_pairs(base, records, args.seed, args.sample_steps, args.guidance,
+                                   args.noise_temperature), {}
         else:
             pairs, info = judge_pairs(base, Path(args.round_dir), args.seed, args.threshold)
         for est in args.estimator or ["1:sum"]:
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         config = {k: getattr(args, k) for k in ("model", "pairs", "round_dir", "records", "batch", "lr", "beta",
                                                  "rpo_alpha", "text_dropout", "warmup_ratio", "heldout",
-                                                 "sample_steps", "guidance", "seed")}
+                                                 "sample_steps", "guidance", "noise_temperature", "seed")}
         config.update(model=args.model or "shipped base", eval_seeds=seeds, threads=threads,
                       image_tokens=base.num_image_tokens, codes=base.vocab.num_image_codes)
         rows = []

@@ -24,9 +24,11 @@ __all__ = ["DEMO_OVERRIDES", "STAGES", "demo", "selfplay_main"]
 
 # The demo's recipe on top of SelfPlayConfig's defaults (= configs/selfplay-shapes.yaml, a test keeps them equal):
 # sized for 2 CPU cores in under 10 minutes for two rounds (6 images per prompt: generation is most of a round).
-DEMO_OVERRIDES = ["world.train_records=256", "world.heldout_records=128", "curation.images_per_prompt=6",
-                  "train.lr=1e-4", "train.batch_size=8", "train.epochs=2", "log.progress=true", "log.every=5",
-                  "checkpoint.every=1000", "checkpoint.keep=1"]
+DEMO_OVERRIDES = ["world.train_records=1024", "world.heldout_records=1024", "curation.images_per_prompt=6",
+                  "curation.steps=16", "curation.guidance_scale=0.0", "curation.noise_temperature=30.0",
+                  "train.lr=1e-4", "train.batch_size=32", "train.epochs=1", "train.rpo_alpha=1.0", "eval.steps=16",
+                  "eval.guidance_scale=0.0", "eval.noise_temperature=30.0", "eval.seeds=3", "log.progress=true",
+                  "log.every=5", "checkpoint.every=1000", "checkpoint.keep=1"]
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

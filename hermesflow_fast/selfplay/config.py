@@ -72,6 +72,9 @@ class EvalSection:
     images_per_prompt: int = _field(1, "generated images per held-out prompt", ge=1)
     steps: int = _field(12, "MaskGIT steps", ge=1)
     guidance_scale: float = _field(3.0, "classifier-free guidance g", ge=0.0)
+    noise_temperature: float = _field(1.0, "Gumbel noise τ₀ of the confidence", ge=0.0)
+    seeds: int = _field(1, "evaluation seeds run.seed, run.seed + 1, …: und / gen / gap are their mean, "
+                           "und_std / gen_std / gap_std their standard deviation", ge=1)
     batch_size: int = _field(32, "records per generation call", ge=1)
 
 

@@ -23,11 +23,17 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _pm(r: dict, key: str, fmt: str = ".3f") -> str:
+    """The score, ± its standard deviation over evaluation seeds when the round has several."""
+    std = r.get(f"{key}_std")
+    return _num(r[key], fmt) + ("" if std is None or r[key] is None else f" ± {std:.3f}")
+
+
 def format_table(rounds: list[dict]) -> str:
     lines = ["| round | und | gen | gap = und − gen | caption agreement |", "|---|---|---|---|---|"]
     for r in rounds:
         name = "base" if r["round"] == 0 else str(r["round"])
-        lines.append(f"| {name} | {_num(r['und'])} | {_num(r['gen'])} | {_num(r['gap'], '+.3f')} | "
+        lines.append(f"| {name} | {_pm(r, 'und')} | {_pm(r, 'gen')} | {_pm(r, 'gap', '+.3f')} | "
                      f"{_num(r.get('caption_agreement', None if r.get('skipped') else float('nan')))} |")
     return "\n".join(lines)
 
@@ -66,6 +72,10 @@ def write_report(run_dir: str | Path, rounds: list[dict], config: dict | None = 
     lines = ["# Self-play report", "", "Held-out records; und = accuracy of the model's answers on the real images, "
              "gen = accuracy of the judge on the model's generated images (the paper's Table 4 protocol).", "",
              format_table(rounds), ""]
+    seeds = next((r["seeds"] for r in rounds if len(r.get("seeds", [])) > 1), None)
+    if seeds:
+        lines += [f"± = standard deviation over the {len(seeds)} evaluation seeds {seeds} (the same weights, other "
+                  "samples); it says nothing of the spread across training seeds.", ""]
     skipped = next((r["skipped"] for r in rounds if r.get("skipped")), None)
     if skipped:
         lines += [f"Held-out evaluation skipped: {skipped}.", ""]

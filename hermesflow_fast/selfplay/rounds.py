@@ -46,6 +46,7 @@ way for both sources. The held-out evaluation runs on the main rank alone; the o
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,10 +177,12 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo, d
         return json.loads((rd / "eval.json").read_text())
     if info.is_main:  # one evaluation; the other ranks wait in _mark's barrier and read its eval.json
         e = cfg.eval
-        res = evaluate(wm, heldout, images_per_prompt=e.images_per_prompt, steps=e.steps,
-                       guidance_scale=e.guidance_scale, seed=cfg.run.seed, batch_size=e.batch_size)
-        out = {"und": res.und, "gen": res.gen, "gap": res.gap, "gen_by_category": res.gen_by_category,
-               "caption_agreement": res.caption_agreement, "records": len(heldout)}
+        runs = [evaluate(wm, heldout, images_per_prompt=e.images_per_prompt, steps=e.steps,
+                         guidance_scale=e.guidance_scale, noise_temperature=e.noise_temperature,
+                         seed=cfg.run.seed + k, batch_size=e.batch_size) for k in range(e.seeds)]
+        res = runs[0]
+        out = _seed_stats(runs)
+        out.update(records=len(heldout), seeds=[cfg.run.seed + k for k in range(e.seeds)])
         if diagnose:
             out["diagnostics"] = _diagnostics(rd, wm, cfg)
         rd.mkdir(parents=True, exist_ok=True)
@@ -187,6 +190,24 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo, d
         save_grid(wm, res, rd / "samples.png")
     _mark(rd, "eval", info)
     return out if info.is_main else json.loads((rd / "eval.json").read_text())
+
+
+def _seed_stats(runs: list) -> dict:
+    """und / gen / gap (and per-category gen, caption agreement) as the mean over evaluation seeds; with more than
+    one seed also each score's standard deviation (``*_std``, ddof 1) and its values per seed (``*_seeds``)."""
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    out: dict = {}
+    for key in ("und", "gen", "gap"):
+        xs = [float(getattr(r, key)) for r in runs]
+        out[key] = mean(xs)
+        if len(runs) > 1:
+            out[f"{key}_std"] = statistics.stdev(xs)
+            out[f"{key}_seeds"] = xs
+    out["gen_by_category"] = {c: mean([r.gen_by_category[c] for r in runs]) for c in runs[0].gen_by_category}
+    out["caption_agreement"] = mean([r.caption_agreement for r in runs])
+    return out
 
 
 def _skip_eval_into(rd: Path, info: DistInfo, diagnostics: Callable[[], dict] | None = None) -> dict:
@@ -207,7 +228,8 @@ def _skip_eval_into(rd: Path, info: DistInfo, diagnostics: Callable[[], dict] | 
 def _scores(res: dict) -> str:
     if res.get("und") is None:
         return "held-out evaluation skipped (real data; eval.json has null scores)"
-    return f"und {res['und']:.3f}  gen {res['gen']:.3f}  gap {res['gap']:+.3f}"
+    pm = {k: f" ± {res[k + '_std']:.3f}" if k + "_std" in res else "" for k in ("und", "gen", "gap")}
+    return f"und {res['und']:.3f}{pm['und']}  gen {res['gen']:.3f}{pm['gen']}  gap {res['gap']:+.3f}{pm['gap']}"
 
 
 def _curation(cfg: SelfPlayConfig, wm, info: DistInfo, say: Callable[[str], None]):

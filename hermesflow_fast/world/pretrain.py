@@ -1,17 +1,23 @@
 """Pretraining the shapes world's base model from scratch: a tiny Show-o-architecture transformer learns to draw
 (t2i), caption (mmu) and answer questions (VQA) on the world, on CPU, reproducibly; self-play then starts from it.
 
-    hermesflow pretrain --world shapes [--out hermesflow_fast/world/base] [--records 4000] [--steps 850] [--seed 0]
+    hermesflow pretrain --world shapes [--out hermesflow_fast/world/base] [--records 4000] [--steps 1500] [--seed 0]
 
-Data. ``records`` train records (``make_records(n, seed, "train")``), rendered at 32×32. The image tokenizer is a
-``PatchVQTokenizer`` with 4-px patches (an 8×8 grid: N = 64 codes per image) and 512 codes, k-means on the first
-``vq_images`` train images. Why 512: the judge reads VQ-reconstructed held-out images at 91% with 128 codes,
-97.8% with 256 (squares whose corners a code rounds off read as circles) and 100% with 512, so 512 is the
-smallest of these that does not cap the generation score. The world holds only ~720 distinct 4-px patches (2,000
-train images), so 1024 codes would be lossless but ~300 of them duplicates that split one patch's training signal,
-and the tiny t2i head would tell apart twice the classes for nothing the judge sees. Every image is encoded once,
-before training. The word tokenizer is
-``build_word_tokenizer(world_words())`` with Show-o's [PAD] and specials added (``Vocabulary.from_tokenizer``).
+Data. ``records`` train records (``make_records(n, seed, "train")``), rendered at 32×32: a 4×4 grid of 8-px cells,
+at most one object per cell (world/scene.py). The image tokenizer is a ``PatchVQTokenizer`` with 8-px patches (one
+token per cell, N = 16) and 16 codes, k-means on the first ``vq_images`` train images: the world draws 13 distinct
+cells (12 glyphs and the empty cell), so the codes are lossless and the judge reads every reconstructed render right.
+Every image is encoded once, before training. The word tokenizer is ``build_word_tokenizer(world_words())`` with
+Show-o's [PAD] and specials added (``Vocabulary.from_tokenizer``).
+
+HermesFlow's premise, built in (world/noise.py): real text-to-image models are pretrained on web captions that often
+miss their image, while their understanding learns from cleaner labels, so they understand better than they draw.
+Here a seeded ``caption_noise`` fraction of the t2i rows is conditioned on a *near miss* of the image's caption (one
+colour, shape, count or relation wrong, as alt-text is); the caption rows always hold the true caption. A
+``vqa_perturb`` fraction of the understanding images are renders that miss their record (a perturbed scene) and are
+asked the record's questions, answered as the judge reads the perturbed render, and ``probe_questions`` adds a count
+and a where-is question to every understanding image: so the base can answer questions about imperfect images — its
+own generations — as the judge would, which is what self-VQA needs.
 
 Each optimizer step mixes Show-o's three losses in one batch (spec §5.5), each a mean over its scored tokens:
 
@@ -25,7 +31,7 @@ Each optimizer step mixes Show-o's three losses in one batch (spec §5.5), each 
           Layout's "answer" target). They ride packed: one row per image holds the prefix [mmu][soi] x [eoi] once
           and one branch per text (the masks' branch tags: a branch sees the prefix and itself; its positions
           restart after the prefix), exactly the unpacked rows (tests/world/test_pretrain.py checks the
-          log-probs) at a third of the tokens: an image's prefix (67 tokens) is most of a VQA row. Half of the
+          log-probs) with the image prefix (19 tokens) stored once instead of once per text. Half of the
           branches, drawn at random, put <|sot|> before the prompt (Show-o's inference form, how the curation
           decodes) and half do not (HermesFlow's training form, how Pair-DPO scores): the base answers under both
 
@@ -38,12 +44,13 @@ test_pretrain.py). At the end the base is evaluated with the Table 4 protocol (`
 ``eval_records`` held-out records and everything is written to ``out`` (the folder ``world.base.load_base``
 reads, plus ``pretrain.json``: the command, config, wall time, loss curve, final losses and the eval numbers).
 
-Shipped base (``hermesflow_fast/world/base/``): ``hermesflow pretrain --world shapes`` with the defaults below
-(d 128, 4 layers, 4 heads, MLP 512: 940,609 parameters, 3.8 MB; 850 steps of 32 t2i rows + 16 packed images).
-Measured on the 2-core CPU box with 2 threads and nothing else running: 599 s in all (prepare 6.8, train 560.8,
-held-out eval 28.7). Two threads beside another busy process are ~10× slower (OpenMP threads spinning); there use
-``--threads 1`` (~1.1 s/step). Held-out (300 records, 1 image per prompt, 12 MaskGIT steps, guidance 3): und 0.954,
-gen 0.457, gap +0.497, caption agreement 0.951 (per category in its pretrain.json).
+Shipped base (``hermesflow_fast/world/base/``): ``hermesflow pretrain --world shapes --records 4000 --steps 1500
+--seed 0 --threads 1`` (d 128, 4 layers, 4 heads, MLP 512: 813,137 parameters, 3.3 MB; 1500 steps of 32 t2i rows
++ 16 packed images). Measured on the 2-core CPU box with one thread: 1493 s in all (prepare 3.2, train 1478.7,
+held-out eval 8.7). Two threads beside another busy process are ~10× slower (OpenMP threads spinning); there use
+``--threads 1``. Its pretrain.json holds the command, config, loss curve and the end-of-training evaluation (300
+held-out records, 12 MaskGIT steps, guidance 3): und 0.980, gen 0.640. The self-play recipe evaluates it with
+its own sampler settings (configs/selfplay-shapes.yaml; docs/selfplay.md).
 
     python -m pytest -q tests/world/test_pretrain.py
 """
@@ -92,7 +99,7 @@ WORLDS = ("shapes",)
 class PretrainConfig:
     world: str = "shapes"
     records: int = 4000  # train records
-    steps: int = 850  # optimizer steps
+    steps: int = 1500  # optimizer steps
     seed: int = 0
     # image tokenizer
     patch_size: int = 8  # 32 px / 8 = a 4×4 grid, N = 16: one token per grid cell, i.e. per object

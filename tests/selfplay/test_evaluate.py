@@ -36,7 +36,7 @@ def result(wm, records):
     return ev.evaluate(wm, records, images_per_prompt=2, steps=4, seed=0, batch_size=12, num_samples=3)
 
 
-def test_scores_are_accuracies_and_gap_is_their_difference(result, records):
+def test_scores_are_accuracies_and_gap_is_their_difference(result, records, wm):
     r = result
     for x in (r.und, r.gen, r.geneval, r.caption_agreement, *r.und_by_category.values(),
               *r.gen_by_question.values(), *r.gen_by_category.values()):
@@ -44,7 +44,8 @@ def test_scores_are_accuracies_and_gap_is_their_difference(result, records):
     assert r.gap == r.und - r.gen
     assert set(r.gen_by_category) == set(CATEGORIES)
     assert r.n_records == 12 and r.n_images == 24 and r.n_questions == sum(len(x.questions) for x in records)
-    assert r.samples["codes"].shape == (3, 2, 64) and r.samples["real"].shape == (3, 64)
+    N = wm.num_image_tokens
+    assert r.samples["codes"].shape == (3, 2, N) and r.samples["real"].shape == (3, N)
     d = r.to_dict()
     assert json.loads(json.dumps(d))["gap"] == r.gap
     assert "und" in r.table() and "position" in r.table()

@@ -13,7 +13,7 @@ from hermesflow_fast.train.config import load_config
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TINY = ["world.train_records=8", "world.heldout_records=6", "curation.caption_grid=[[1,0.0],[3,0.7]]",
         "curation.images_per_prompt=2", "curation.steps=3", "eval.steps=3", "train.batch_size=4", "log.progress=false",
-        "curation.batch_size=4", "eval.batch_size=8"]
+        "curation.batch_size=4", "eval.batch_size=8", "eval.seeds=2"]
 IMAGES = ["curation.save_images=true"]  # the first round's run also writes PNGs (a resume keeps its settings)
 
 
@@ -40,6 +40,11 @@ def test_one_round_writes_every_stage_and_the_report(one_round):
     assert [r["round"] for r in summary] == [0, 1]
     for r in summary:
         assert 0 <= r["und"] <= 1 and 0 <= r["gen"] <= 1 and r["gap"] == pytest.approx(r["und"] - r["gen"])
+        # eval.seeds=2: the scores are the mean over evaluation seeds run.seed, run.seed + 1, with their spread
+        assert r["seeds"] == [0, 1] and len(r["gen_seeds"]) == 2
+        assert r["gen"] == pytest.approx(sum(r["gen_seeds"]) / 2)
+        assert r["gen_std"] == pytest.approx(abs(r["gen_seeds"][0] - r["gen_seeds"][1]) / 2 ** 0.5)
+    assert f"{summary[1]['gen']:.3f} ± {summary[1]['gen_std']:.3f}" in (run / "report.md").read_text()
     assert (run / "report.md").is_file() and (run / "gap.png").is_file()
     # the round's diagnostics: its 8 records × 2 candidates judged, its pairs counted as stats.json has them
     diag = summary[1]["diagnostics"]

@@ -1,5 +1,6 @@
 """Scenes of the shapes world: seeded sampling identical across calls and processes, one object per grid cell with
-identical objects never sharing an edge, stated relations that match the geometry, crisp palette-only rendering, clear errors."""
+identical objects never sharing an edge, stated relations that match the geometry, crisp palette-only rendering,
+clear errors."""
 
 from __future__ import annotations
 

@@ -1,0 +1,81 @@
+"""Smoke tests of the self-play benches at tiny sizes: the ablation's three arms differ only in their generation pairs
+(the understanding pairs and everything else stay), each arm trains and is evaluated through the real pipeline; the
+sampler headroom and the demo's rows land in their CSVs."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import demo_rows, sampler_headroom, selfplay_ablation, utils  # noqa: E402
+
+TINY = ["world.train_records=12", "world.heldout_records=6", "curation.images_per_prompt=3", "eval.seeds=2",
+        "eval.steps=2", "curation.steps=2", "curation.caption_grid=[[1,0.0],[2,0.7]]"]
+
+
+def _pairs(path: Path) -> dict[str, dict]:
+    return {p["id"]: p for p in map(json.loads, path.read_text().splitlines())}
+
+
+def test_ablation_arms_differ_only_in_generation_pairs(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        res = selfplay_ablation.main(["--seeds", "0", "--threads", "1", "--work", str(tmp_path / "w"),
+                                      "--out", str(tmp_path / "a.csv"), *TINY])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(res) == ["base/0", "self/0", "random/0", "judge/0"]
+    cur = _pairs(tmp_path / "w" / "seed0-curated" / "round-1" / "pairs.jsonl")
+    arms = {a: _pairs(tmp_path / "w" / f"seed0-{a}" / "round-1" / "pairs.jsonl") for a in ("self", "random", "judge")}
+    assert arms["self"] == cur  # the round's own pairs, untouched
+    for arm in ("random", "judge"):
+        for pid, p in arms[arm].items():
+            if "und" in p or pid in cur and "und" in cur[pid]:
+                assert p.get("und") == cur[pid].get("und")
+    cands = {c["id"]: c["images"] for c in map(json.loads, (tmp_path / "w" / "seed0-curated" / "round-1" /
+                                                             "gen_candidates.jsonl").read_text().splitlines())}
+    rand = [p for p in arms["random"].values() if "gen" in p]
+    assert {p["id"] for p in rand} == {p["id"] for p in cur.values() if "gen" in p}  # same records, same budget
+    assert all(p["gen"]["chosen"] in cands[p["id"]] and p["gen"]["rejected"] in cands[p["id"]] for p in rand)
+    for arm in ("self", "random", "judge"):
+        assert (tmp_path / "w" / f"seed0-{arm}" / "round-1" / "model" / "config.json").is_file()
+        assert len(res[f"{arm}/0"]["gen_seeds"]) == 2
+    rows = utils.read_rows(tmp_path / "a.csv")
+    assert [r["kernel_provider"] for r in rows] == ["base", "self", "random", "judge"]
+    cfg = json.loads(rows[3]["extra_benchmark_config_str"])
+    assert cfg["judge_chosen"] > cfg["judge_rejected"] and cfg["train_seed"] == 0
+
+
+def test_sampler_headroom_rows(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        res = sampler_headroom.main(["--records", "6", "--images", "2", "--setting", "2:0.0:30.0", "--threads", "1",
+                                     "--out", str(tmp_path / "s.csv")])
+    finally:
+        torch.set_num_threads(threads)
+    out = res["2:0.0:30.0"]
+    assert out["all"][2] == 6 and all(0 <= p1 <= pm <= 1 for p1, pm, _ in out.values())
+    rows = utils.read_rows(tmp_path / "s.csv")
+    assert {r["x_value"] for r in rows} == set(out)
+
+
+def test_demo_rows_read_a_finished_run(tmp_path):
+    from hermesflow_fast.selfplay.config import SelfPlayConfig
+    from hermesflow_fast.train.config import load_config, save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(None, [], schema=SelfPlayConfig), run / "config.yaml")
+    rounds = [{"round": 0, "und": 0.9, "gen": 0.6, "gap": 0.3, "gen_std": 0.01},
+              {"round": 1, "und": 0.9, "gen": 0.7, "gap": 0.2, "gen_std": 0.02}]
+    (run / "summary.json").write_text(json.dumps({"rounds": rounds}))
+    rows = demo_rows.main([str(run), "--out", str(tmp_path / "d.csv"), "--wall-s", "300"])
+    assert [(r["kernel_provider"], r["metric_name"]) for r in rows][:3] == [("round 0", "und"), ("round 0", "gen"),
+                                                                           ("round 0", "gap")]
+    gen1 = next(r for r in rows if r["kernel_provider"] == "round 1" and r["metric_name"] == "gen")
+    assert (gen1["y_value_50"], gen1["y_value_20"], gen1["y_value_80"]) == (0.7, 0.7 - 0.02, 0.7 + 0.02)
