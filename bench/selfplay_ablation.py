@@ -35,17 +35,21 @@ RECIPE = utils.ROOT / "configs" / "selfplay-shapes.yaml"
 ARMS = ("self", "random", "judge")
 
 
-def rewrite_pairs(round_dir: Path, arm: str, wm, seed: int, threshold: float) -> dict:
+def rewrite_pairs(round_dir: Path, arm: str, wm, world_seed: int, seed: int, threshold: float) -> dict:
     """Replace the generation side of ``round_dir/pairs.jsonl`` for ``arm`` (the file stays in the round's format);
-    returns the judge's mean score of the chosen and rejected images and the pair count."""
+    the judge reads the candidates against the records of ``world_seed`` (the run's world.seed), ``seed`` draws the
+    random arm's pairs. Returns the judge's mean score of the chosen and rejected images and the pair count."""
     from bench.oracle_gen_dpo import judged_candidates
 
-    cands = {c["id"]: c for c in judged_candidates(wm, round_dir, seed)}
+    cands = {c["id"]: c for c in judged_candidates(wm, round_dir, world_seed)}
     rng = random.Random(seed)
     lines, judged = [], []
-    for line in (round_dir / "pairs.jsonl").read_text().splitlines():
+    for n, line in enumerate((round_dir / "pairs.jsonl").read_text().splitlines(), 1):
         p = json.loads(line)
         c = cands.get(p["id"])
+        if c is not None and c["prompt"] != p["prompt"]:
+            raise SystemExit(f"{round_dir / 'pairs.jsonl'}:{n}: record {p['id']!r} is {p['prompt']!r} in the round "
+                             f"but {c['prompt']!r} in world seed {world_seed}: not the round's world")
         if arm != "self" and c is not None:
             idx = list(range(len(c["images"])))
             gen = p.pop("gen", None)
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
             run = work / f"seed{seed}-{arm}"
             shutil.rmtree(run, ignore_errors=True)
             shutil.copytree(cur, run)
-            info = rewrite_pairs(run / "round-1", arm, wm, seed, cfg.curation.vqa_threshold)
+            info = rewrite_pairs(run / "round-1", arm, wm, cfg.world.seed, seed, cfg.curation.vqa_threshold)
             t1 = time.perf_counter()
             r1 = run_selfplay(cfg, run, 1, resume=True, log=quiet)[1]
             results[f"{arm}/{seed}"] = {"arm": arm, "seed": seed, **r1, **info,
