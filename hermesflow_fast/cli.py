@@ -254,16 +254,18 @@ def pretrain(world: str, out_dir: str | None, records: int | None, steps: int | 
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
               help="a world model folder (the shipped base hermesflow_fast/world/base, or a self-play round's model/)")
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="writes eval.json and samples.png")
-@click.option("--records", type=int, default=300, show_default=True, help="held-out records")
+@click.option("--records", type=int, default=1024, show_default=True, help="held-out records")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the held-out records and the sampling")
 @click.option("--images-per-prompt", type=int, default=1, show_default=True)
-@click.option("--steps", type=int, default=12, show_default=True, help="MaskGIT steps")
-@click.option("--guidance-scale", type=float, default=3.0, show_default=True)
+@click.option("--steps", type=int, default=16, show_default=True, help="MaskGIT steps")
+@click.option("--guidance-scale", type=float, default=0.0, show_default=True)
+@click.option("--noise-temperature", type=float, default=30.0, show_default=True, help="MaskGIT Gumbel noise τ₀")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def eval_command(checkpoint: str, run_dir: str, records: int, seed: int, images_per_prompt: int, steps: int,
-                 guidance_scale: float, batch_size: int, device: str) -> None:
-    """Understanding vs generation on held-out world records: und, gen, gap, per category (the paper's Table 4)."""
+                 guidance_scale: float, noise_temperature: float, batch_size: int, device: str) -> None:
+    """Understanding vs generation on held-out world records: und, gen, gap, per category (the paper's Table 4).
+    The sampler defaults are the self-play recipe's evaluation (configs/selfplay-shapes.yaml)."""
     import json
 
     from hermesflow_fast.selfplay.evaluate import evaluate, save_grid
@@ -274,7 +276,8 @@ def eval_command(checkpoint: str, run_dir: str, records: int, seed: int, images_
         raise click.BadParameter(f"--records must be ≥ 1, got {records}")
     wm = load_base(checkpoint, device=device)
     res = evaluate(wm, make_records(records, seed, "heldout"), images_per_prompt=images_per_prompt, steps=steps,
-                   guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+                   guidance_scale=guidance_scale, noise_temperature=noise_temperature, seed=seed,
+                   batch_size=batch_size)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"checkpoint": str(checkpoint), **res.to_dict(samples=False),

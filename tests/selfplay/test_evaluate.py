@@ -128,6 +128,14 @@ def test_eval_command(tmp_path):
     out = json.loads((tmp_path / "eval.json").read_text())
     assert out["gap"] == out["und"] - out["gen"] and out["n_records"] == 4
     assert (tmp_path / "samples.png").is_file() and "gap" in res.output
+    # its sampler defaults are the self-play recipe's evaluation, so its numbers compare with the demo's
+    from hermesflow_fast.selfplay.cli import DEMO_OVERRIDES
+    from hermesflow_fast.selfplay.config import SelfPlayConfig
+    from hermesflow_fast.train.config import load_config
+
+    recipe = load_config(None, DEMO_OVERRIDES, schema=SelfPlayConfig).eval
+    assert (out["settings"]["guidance_scale"], out["settings"]["noise_temperature"]) == \
+        (recipe.guidance_scale, recipe.noise_temperature)
 
 
 def test_images_command_decodes_a_rounds_candidates(wm, tmp_path):
