@@ -36,6 +36,7 @@ from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_i
 from hermesflow_fast.errors import UserError
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
 from hermesflow_fast.model.tokenizer_vq import images_to_uint8
+from hermesflow_fast.seeding import hashed_generator
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.pairs import Choice, self_play_pair
 
@@ -73,10 +74,8 @@ class CurationSettings:
 
 
 def record_generator(record_id: str, round_: int, stage: str, seed: int, device="cpu") -> torch.Generator:
-    key = f"selfplay\x1f{stage}\x1f{record_id}\x1f{round_}\x1f{seed}".encode()
-    g = torch.Generator(device)
-    g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
-    return g
+    """The generator of one record's draws in ``stage`` of round ``round_``: seeded by sha256 of all four."""
+    return hashed_generator("selfplay", stage, record_id, round_, seed, device=device)
 
 
 def _todo(records: Sequence[CurationRecord], journal: Journal) -> list[CurationRecord]:
