@@ -15,7 +15,7 @@ image, ~11% of a DPO step). The codes of an image never change for a frozen toke
 For each record: row = tokenizer.encode(load_image(path)[None])[0], so ``TokenCache(out_dir)[id]`` equals the
 tokenizer's codes of that image (batches change nothing: both tokenizers encode each image independently).
 
-Crash safety and resume. A shard is written to ``shard-XXXXX.safetensors.tmp``, fsynced and renamed; only then are its
+Crash safety and resume. A shard is written to a temp file (``*.tmp``), fsynced and renamed; only then are its
 size and sha256 appended to shards.jsonl and its index lines to index.jsonl (one fsynced write each). A rerun reads the
 index, drops a torn last line (a kill mid-append), deletes temp files and shards no index line refers to (a kill between
 rename and append), skips the ids already indexed and appends new shards numbered after the existing ones. Before that
@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import append_synced, read_jsonl, write_atomic
 from hermesflow_fast.model.tokenizer_vq import ImageTokenizer, load_image, load_image_tokenizer
 
 __all__ = [
@@ -122,17 +123,12 @@ def list_records(source: str | os.PathLike) -> list[ImageRecord]:
 def _jsonl_records(file: Path) -> list[ImageRecord]:
     records: list[ImageRecord] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(_text_lines(file), 1):
-        if not line.strip():
-            continue
+    hint = "; expected a JSONL file of {\"id\", \"image\"} lines"
+    for lineno, obj in read_jsonl(file, error=TokenCacheError, hint=hint):
         where = f"{file}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TokenCacheError(f"{where}: not a JSON object ({exc})") from exc
         if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("image"), str):
             raise TokenCacheError(f"{where}: each line needs \"id\" (str or int) and \"image\" (a path), got "
-                                  f"{line.strip()[:120]}")
+                                  f"{json.dumps(obj, ensure_ascii=False)[:120]}")
         rid = obj["id"]
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
             raise TokenCacheError(f"{where}: \"id\" must be a non-empty string or an int, got {rid!r}")
@@ -143,17 +139,6 @@ def _jsonl_records(file: Path) -> list[ImageRecord]:
         path = Path(obj["image"])
         records.append(ImageRecord(rid, path if path.is_absolute() else file.parent / path))
     return records
-
-
-def _text_lines(file: Path) -> list[str]:
-    """The lines of a UTF-8 text file; a binary file is a TokenCacheError naming the line and byte."""
-    data = file.read_bytes()
-    try:
-        return data.decode("utf-8").replace("\r\n", "\n").split("\n")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise TokenCacheError(f"{file}:{line}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected a JSONL file "
-                              f"of {{\"id\", \"image\"}} lines") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -287,51 +272,17 @@ def _write_shard(out: Path, number: int, ids: list[str], rows: list[Tensor], sum
     from safetensors.torch import save
 
     name = _shard_name(number)
-    final, tmp = out / name, out / (name + ".tmp")
     data = save({"ids": torch.stack(rows).contiguous()}, metadata={"format": FORMAT, "record_ids": json.dumps(ids)})
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync(out)
-    _append(out / SHARDS_FILE, json.dumps(_shard_record(name, len(ids), data)) + "\n")
-    _append(out / INDEX_FILE, "".join(json.dumps({"id": rid, "shard": name, "row": r}) + "\n"
-                                      for r, rid in enumerate(ids)))
+    write_atomic(out / name, data, fsync=True)
+    append_synced(out / SHARDS_FILE, json.dumps(_shard_record(name, len(ids), data)) + "\n")
+    append_synced(out / INDEX_FILE, "".join(json.dumps({"id": rid, "shard": name, "row": r}) + "\n"
+                                            for r, rid in enumerate(ids)))
     summary.written += len(ids)
     summary.shards.append(name)
 
 
 def _shard_record(name: str, rows: int, data: bytes) -> dict[str, Any]:
     return {"shard": name, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _append(file: Path, text: str) -> None:
-    with open(file, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _rewrite(file: Path, lines: list[str]) -> None:
-    """Replace ``file`` by ``lines`` atomically (temp file, fsync, rename)."""
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-    _fsync(file.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
 
 
 def _prepare_shards(out: Path, entries: list[dict[str, Any]]) -> int:
@@ -366,12 +317,12 @@ def _check_shards(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any]
     lost = {e["id"] for e in entries if e["shard"] in damaged}
     if damaged:
         entries = [e for e in entries if e["shard"] not in damaged]
-        _rewrite(out / INDEX_FILE, [json.dumps(e) + "\n" for e in entries])
+        write_atomic(out / INDEX_FILE, "".join(json.dumps(e) + "\n" for e in entries), fsync=True)
         for name in damaged:  # kept aside, never read again; a later damage of the same name replaces it
             if (out / name).is_file():
                 os.replace(out / name, out / (name + ".damaged"))
     if sound != recorded:
-        _rewrite(out / SHARDS_FILE, [json.dumps(r) + "\n" for r in sound.values()])
+        write_atomic(out / SHARDS_FILE, "".join(json.dumps(r) + "\n" for r in sound.values()), fsync=True)
     return entries, damaged, lost
 
 
@@ -427,34 +378,24 @@ def _parse_shard(data: bytes) -> tuple[Tensor, dict[str, Any]]:
     return tensors["ids"], json.loads(data[8 : 8 + n])
 
 
-def _read_jsonl_lines(file: Path, repair: bool) -> list[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of ``file``; a torn last line (no newline: a kill mid-append) is
-    ignored, and cut off if ``repair``."""
+def _read_jsonl(file: Path, repair: bool) -> list[tuple[int, Any]]:
+    """(line number, value) of the non-blank lines of a cache's JSONL file (absent: none); a torn last line (no
+    newline: a kill mid-append) is ignored, and cut off if ``repair``."""
     if not file.is_file():
         return []
-    data = file.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(file, "r+b") as f:
-            f.truncate(end)
-    try:
-        text = data[:end].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TokenCacheError(f"{file}: not UTF-8 text (byte {exc.start}); the cache is damaged, tokenize into a "
-                              f"fresh folder") from exc
-    return [(i, line) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+    return read_jsonl(file, tail="cut" if repair else "skip", error=TokenCacheError,
+                      hint="; the cache is damaged, tokenize into a fresh folder")
 
 
 def _read_shard_records(out: Path, repair: bool) -> dict[str, dict[str, Any]]:
     """shards.jsonl as {shard: {"shard", "rows", "bytes", "sha256"}} (the last line of a shard wins; absent: {})."""
     file = out / SHARDS_FILE
     records: dict[str, dict[str, Any]] = {}
-    for lineno, line in _read_jsonl_lines(file, repair):
+    for lineno, r in _read_jsonl(file, repair):
         try:
-            r = json.loads(line)
             r = {"shard": str(r["shard"]), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
                  "sha256": str(r["sha256"])}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise TokenCacheError(f"{file}:{lineno}: not a shard line {{shard, rows, bytes, sha256}} ({exc})") from exc
         records[r["shard"]] = r
     return records
@@ -501,9 +442,7 @@ def _check_or_write_meta(out: Path, tokenizer: ImageTokenizer) -> dict[str, Any]
             raise TokenCacheError(f"{file}: this cache was written with another tokenizer ({'; '.join(diff)}); "
                                   f"tokenize into a fresh folder")
         return old
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, file)
+    write_atomic(file, json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -511,11 +450,10 @@ def _read_index(out: Path, repair: bool) -> list[dict[str, Any]]:
     """The index entries; a torn last line (no newline: a kill mid-append) is ignored, and cut off if ``repair``."""
     file = out / INDEX_FILE
     entries, seen = [], {}
-    for lineno, line in _read_jsonl_lines(file, repair):
+    for lineno, e in _read_jsonl(file, repair):
         try:
-            e = json.loads(line)
             rid, shard, row = e["id"], e["shard"], int(e["row"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise TokenCacheError(f"{file}:{lineno}: not an index line {{id, shard, row}} ({exc})") from exc
         if rid in seen:
             raise TokenCacheError(f"{file}:{lineno}: id {rid!r} is already indexed on line {seen[rid]}")

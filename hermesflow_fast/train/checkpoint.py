@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hermesflow_fast.io import fsync_path
 from hermesflow_fast.model.checkpoint import CheckpointError
 
 __all__ = [
@@ -141,16 +142,6 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- file helpers
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: Any, allow_nan: bool = False) -> None:
@@ -492,7 +483,7 @@ class CheckpointManager:
 
         with _writing(temp / MODEL_FILE):
             save_file(tensors, str(temp / MODEL_FILE), metadata={"format": "pt"})
-            _fsync(temp / MODEL_FILE)
+            fsync_path(temp / MODEL_FILE)
         tensors.clear()
         if optimizer_state is not None:
             with _writing(temp / OPTIMIZER_FILE), open(temp / OPTIMIZER_FILE, "wb") as f:
@@ -514,7 +505,7 @@ class CheckpointManager:
         tensors, meta = _rng_state()
         with _writing(temp / _rng_file(self.rank)):
             save_file(tensors, str(temp / _rng_file(self.rank)), metadata=meta)
-            _fsync(temp / _rng_file(self.rank))
+            fsync_path(temp / _rng_file(self.rank))
 
     def _finish(self, temp: Path, final: Path, step: int, rng: bool) -> None:
         if rng:
@@ -525,7 +516,7 @@ class CheckpointManager:
                  for p in sorted(temp.iterdir()) if p.is_file()}
         with _writing(temp / MANIFEST_FILE):
             _write_json(temp / MANIFEST_FILE, {"format": FORMAT, "step": step, "files": files})
-            _fsync(temp)
+            fsync_path(temp)
         with _writing(final):
             if final.exists():  # the same step saved again: move the old one aside, swap, then delete it
                 aside = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
@@ -534,7 +525,7 @@ class CheckpointManager:
                 shutil.rmtree(aside, ignore_errors=True)
             else:
                 os.replace(temp, final)
-            _fsync(self.root)
+            fsync_path(self.root)
         self._prune(final)
 
     def _prune(self, newest: Path) -> None:

@@ -41,6 +41,7 @@ import torch
 from hermesflow_fast.data.batching import micro_batches
 from hermesflow_fast.data.gen_mask import pair_generator
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import write_atomic
 from hermesflow_fast.model import ModelConfig, UnifiedTransformer, Vocabulary
 from hermesflow_fast.train.checkpoint import CheckpointManager
 from hermesflow_fast.train.config import ConfigError, TrainConfig, config_to_dict, save_config
@@ -522,9 +523,7 @@ class Trainer:
                         keep.append(ln)
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill mid-write
                     continue
-            tmp = metrics.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(metrics)
+            write_atomic(metrics, "".join(ln + "\n" for ln in keep))
         self.log(f"resumed from {path} at step {self.step}")
 
     def _rebase_schedule(self) -> None:
