@@ -90,7 +90,8 @@ PLOT = utils.PLOTS_DIR / "step.png"
 KERNEL = "pair_dpo_step"
 PROVIDERS = ("hermesflow", "+token_cache", "+packing", "+fused_head", "+compile")
 OURS = "+fused_head"
-SHOW_O_MATMUL_PARAMS = 1.328e9  # phi-1.5 blocks 1.208 B + the 58,498 × 2048 head (perf-anchors §1.1)
+# phi-1.5 blocks 1.208 B + the 58,498 × 2048 head = 1.328 B (perf-anchors §1.1): 2 forward FLOPs each per token
+SHOW_O_MATMUL_PARAMS = ModelConfig.show_o_512().forward_flops(1) / 2
 QUESTION_LEN = 13  # "USER: Give a detailed caption for this image. ASSISTANT:" in phi-1.5 tokens
 PERTURB = 0.01  # policy = reference + PERTURB · N(0, 1) per weight
 CHECK_RTOL = 1e-4
@@ -141,15 +142,16 @@ class Problem:
         return MAGVITv2Config(ch=self.vq_ch, norm_groups=self.vq_groups, z_channels=self.code_bits,
                               resolution=self.image_size)
 
-    def matmul_params(self) -> tuple[int, int]:
-        """(P_body, P_head): matmul weights of the blocks (q, k, v, dense, fc1, fc2) and of the LM head."""
-        d, f = self.d, 4 * self.d
-        return self.layers * (4 * d * d + 2 * d * f), (self.text_vocab + 10 + 2**self.code_bits + 1) * d
+    @property
+    def vocab_size(self) -> int:
+        """Text vocabulary + 10 special tokens + 2^code_bits image codes + [MASK] (``Vocabulary.build``)."""
+        return self.text_vocab + 10 + 2**self.code_bits + 1
 
 
-def scaled_vq_ch(d: int, layers: int, vocab_size: int) -> int:
-    """MAGVIT-v2 width whose encoder FLOPs keep Show-o's ratio to the backbone's: 128·√(P / P_Show-o), ×8, ≥ 8."""
-    p = layers * 12 * d * d + vocab_size * d
+def scaled_vq_ch(config: ModelConfig) -> int:
+    """MAGVIT-v2 width whose encoder FLOPs keep Show-o's ratio to the backbone's: 128·√(P / P_Show-o), ×8, ≥ 8
+    (P: matmul weights, half the forward FLOPs per token)."""
+    p = config.forward_flops(1) / 2
     return max(8, 8 * round(128 * math.sqrt(p / SHOW_O_MATMUL_PARAMS) / 8))
 
 
@@ -348,10 +350,9 @@ def step_work(w: World, provider: str, epoch: int) -> dict:
             "micro_batches": len(mbs)}
 
 
-def model_flops(p: Problem, work: dict) -> float:
-    body, head = p.matmul_params()
-    fwd = 2.0 * body * work["tokens"] + 2.0 * head * work["head_rows"]
-    return 3.0 * fwd + fwd  # policy forward + backward, reference forward
+def model_flops(config: ModelConfig, work: dict) -> float:
+    """Model FLOPs of one step: the policy's forward + backward (3 forwards) and the reference's forward."""
+    return 4.0 * config.forward_flops(work["tokens"], work["head_rows"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,7 +434,7 @@ def measure(p: Problem, provider: str, reps: int, warmup: int = 1, world: World 
         torch.cuda.empty_cache()
     works = [step_work(w, provider, k) for k in range(warmup, warmup + reps)]
     work = {k: sum(x[k] for x in works) / len(works) for k in works[0]}
-    flops = model_flops(p, work)
+    flops = model_flops(w.policy.config, work)
     peak = _peak_flops(torch.device(p.device)) if p.device == "cuda" else None
     return {
         "provider": provider,
@@ -480,7 +481,7 @@ def to_rows(results: list[dict], cfg, stamps: dict) -> list[dict]:
         p = Problem(**r["problem"])
         B = p.pairs
         t50, t20, t80 = r["time"]
-        config = {**asdict(p), "V": p.text_vocab + 10 + 2**p.code_bits + 1, "N": p.image_tokens,
+        config = {**asdict(p), "V": p.vocab_size, "N": p.image_tokens,
                   "row_len": p.row_len, "threads": cfg.threads or torch.get_num_threads(), "reps": cfg.reps,
                   "step_time_s": t50, "loss": r["loss"], "peak_reset": r["peak_reset"], **r["work"],
                   "model_tflop": r["model_flops"] / 1e12}
@@ -598,8 +599,8 @@ def parse_args(argv: list[str] | None = None):
     for k, v in preset.items():
         if k not in ("vq_ch", "vq_groups") or getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    vocab_size = cfg.text_vocab + 10 + 2**cfg.code_bits + 1
-    cfg.vq_ch = cfg.vq_ch or scaled_vq_ch(cfg.d, cfg.layers, vocab_size)
+    shape = Problem(d=cfg.d, layers=cfg.layers, heads=cfg.heads, text_vocab=cfg.text_vocab, code_bits=cfg.code_bits)
+    cfg.vq_ch = cfg.vq_ch or scaled_vq_ch(shape.model_config(shape.vocab_size))
     cfg.vq_groups = cfg.vq_groups or (32 if cfg.vq_ch % 32 == 0 and cfg.vq_ch >= 128 else 8)
     cfg.token_budget = cfg.token_budget or (8192 if cfg.device == "cuda" else 1024)
     if cfg.compile is None:
@@ -622,8 +623,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 text_len=cfg.text_len, text_vocab=cfg.text_vocab, code_bits=cfg.code_bits, vq_ch=cfg.vq_ch,
                 vq_groups=cfg.vq_groups, token_budget=cfg.token_budget, dtype=cfg.dtype, device=cfg.device,
                 seed=cfg.seed, compile="+compile" in cfg.providers)
-    body, head = p.matmul_params()
-    print(f"step: d {p.d}, {p.layers} layers, {p.heads} heads, V {head // p.d}, N {p.image_tokens}, T {p.row_len}, "
+    mc = p.model_config(p.vocab_size)
+    body, head = mc.forward_flops(1, 0) / 2, mc.forward_flops(0, 1) / 2  # matmul weights: 2 FLOPs each per row
+    print(f"step: d {p.d}, {p.layers} layers, {p.heads} heads, V {p.vocab_size}, N {p.image_tokens}, T {p.row_len}, "
           f"B {p.pairs}, {p.dtype} on {p.device}; matmul params {body / 1e6:.1f} M blocks + {head / 1e6:.1f} M head; "
           f"MAGVIT-v2 ch {p.vq_ch}; token budget {p.token_budget}", flush=True)
     inprocess = cfg.inprocess or cfg.device == "cuda" or cfg.profile

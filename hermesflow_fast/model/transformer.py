@@ -310,12 +310,6 @@ class UnifiedTransformer(nn.Module):
         p = self.lm_head.weight
         return KVCache(self.config, batch, max_len, dtype or p.dtype, p.device)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token (2·params of the matmuls + attention), for MFU."""
-        c = self.config
-        d, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-        return 2.0 * L * (4 * d * d + 2 * d * f) + 4.0 * L * seq_len * d + 2.0 * d * c.vocab_size
-
     def extra_repr(self) -> str:
         c = self.config
         return (f"d={c.hidden_size}, layers={c.num_hidden_layers}, heads={c.num_attention_heads}, "

@@ -397,7 +397,8 @@ class Trainer:
         sinks = self._extra_sinks() if info.is_main else []
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
-        flops_tok = 6.0 * self.policy.config.num_parameters()  # fwd+bwd of the policy (+2 for the reference fwd)
+        # model FLOPs per token: the policy's forward + backward (3 forwards) and the reference's forward
+        flops_tok = (3.0 + (self.reference is not None)) * self.policy.config.forward_flops(1)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             m = self.train_step(self.step)
@@ -413,9 +414,7 @@ class Trainer:
                 m["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
                 peak = _peak_flops(info.device)
                 if peak:
-                    ref_f = 2.0 if self.reference is not None else 0.0
-                    m["mfu"] = (flops_tok + ref_f * self.policy.config.num_parameters()) * m["tokens_per_s"] / (
-                        peak * info.world_size)
+                    m["mfu"] = flops_tok * m["tokens_per_s"] / (peak * info.world_size)
             self.step += 1
             history.append(m)
             if info.is_main and (self.step % cfg.log.every == 0 or self.step == self.total_steps):
