@@ -207,10 +207,6 @@ class UnifiedTransformer(nn.Module):
 
         save_pretrained(self, path)
 
-    @property
-    def lm_head_weight(self) -> Tensor:
-        return self.lm_head.weight
-
     # -- forward --------------------------------------------------------------------------------------------------
     def _check_inputs(self, input_ids: Tensor, position_ids: Tensor) -> None:
         V, P = self.config.vocab_size, self.config.max_position_embeddings
