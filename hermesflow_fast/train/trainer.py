@@ -398,7 +398,7 @@ class Trainer:
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
         # model FLOPs per token: the policy's forward + backward (3 forwards) and the reference's forward
-        flops_tok = (3.0 + (self.reference is not None)) * self.policy.config.forward_flops(1)
+        flops_tok = (4.0 if self.reference is not None else 3.0) * self.policy.config.forward_flops(1)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             m = self.train_step(self.step)

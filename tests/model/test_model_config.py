@@ -1,7 +1,7 @@
 """ModelConfig.forward_flops, the one FLOP count behind MFU (trainer and bench/bench_step.py): a hand count for a
 tiny config, the matmul FLOPs torch's FlopCounterMode sees in a real forward, and Show-o's 1.328 B matmul weights.
 
-    python -m pytest -q tests/model/test_config.py
+    python -m pytest -q tests/model/test_model_config.py
 """
 
 import pytest
