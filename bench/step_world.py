@@ -30,8 +30,7 @@ from hermesflow_fast.train.objective import SIDES, PairDPOObjective, gather_side
 from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_cosine
 from hermesflow_fast.train.trainer import Trainer
 
-# phi-1.5 blocks 1.208 B + the 58,498 × 2048 head = 1.328 B (perf-anchors §1.1): 2 forward FLOPs each per token
-SHOW_O_MATMUL_PARAMS = ModelConfig.show_o_512().forward_flops(1) / 2
+SHOW_O_MATMUL_PARAMS = 1.328e9  # phi-1.5 blocks 1.208 B + the 58,498 × 2048 head (perf-anchors §1.1)
 QUESTION_LEN = 13  # "USER: Give a detailed caption for this image. ASSISTANT:" in phi-1.5 tokens
 PERTURB = 0.01  # policy = reference + PERTURB · N(0, 1) per weight
 
