@@ -14,12 +14,13 @@ Providers (rows), each lever on top of the previous one:
                    rows of ≤ --token-budget tokens, one forward per model per micro-batch, the OmniMask on the
                    attention backend "auto" picks: SDPA with a dense boolean mask on CPU, flash-attention varlen or
                    FlexAttention on CUDA) but the naive head: full logits of every packed position, full log_softmax,
-                   gather at the target rows (NaiveHeadObjective below)
+                   gather at the target rows (NaiveHeadObjective, bench/step_world.py)
     +fused_head    = ours: Trainer.train_step as users run it (PairDPOObjective: the fused head on target rows only)
     +compile       ours with model.compile=true (torch.compile of every block); on by default on CUDA, off on CPU
                    (Inductor takes minutes on 2 cores; --compile forces it)
-Ours is built by ``make_trainer``: Trainer.setup's steps without the run folder and the file-based data loading
-(models, data, optimizer, scheduler, speed options set as setup sets them); the timed call is ``Trainer.train_step``.
+Ours is built by ``make_trainer`` (bench/step_world.py): Trainer.setup's steps without the run folder and the
+file-based data loading (models, data, optimizer, scheduler, speed options set as setup sets them); the timed call is
+``Trainer.train_step``.
 
 Before timing, a check (in fp32, whatever --dtype) builds one batch and asserts that the HermesFlow-style step, the
 +packing objective and ours give the same loss (relative 1e-4), the same mean policy log-probs and reward margins
@@ -40,14 +41,14 @@ square; 1024 was still a little faster than 4096 here (12.3 s vs 12.7 s per step
 
 Metrics per provider: pairs_per_s (B / step time; q20/q80 of the timed steps), memory_extra (MB: peak during a timed
 step above the memory held between steps: weights, reference, AdamW state), and on CUDA mfu: model FLOPs
-(3·2·P_body·T_policy + 3·2·P_head·R_policy + 2·P_body·T_ref + 2·P_head·R_ref, P_body = block matmul parameters,
-P_head = the LM head's, T = tokens through the backbone, R = rows through the head: every token for the full-logits
-rows, the target rows for the fused head; attention and the encoder not counted) / step time / the card's bf16 peak
-(989 TFLOP/s on H100). On CPU each provider runs in two fresh processes: one times the steps under glibc's default
-allocator, the other measures one step's peak RSS (MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset before the step, as
-bench_logprobs does; that setting makes every large allocation fault its pages in afresh and slows every path, so it
-is not where time is taken: the rows keep that process's step time too, as step_time_s_rss_process); on CUDA in this
-process (torch.cuda.max_memory_allocated).
+(3·2·P_body·T_policy + 3·2·P_head·R_policy + 2·P_body·T_ref + 2·P_head·R_ref, P_body = block matmul parameters, P_head
+= the LM head's, T = tokens through the backbone, R = rows through the head: every token for the full-logits rows, the
+target rows for the fused head; attention and the encoder not counted: ModelConfig.forward_flops) / step time / the
+card's bf16 peak (989 TFLOP/s on H100). On CPU each provider runs in two fresh processes: one times the steps under
+glibc's default allocator, the other measures one step's peak RSS (MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset before the
+step, as bench_logprobs does; that setting makes every large allocation fault its pages in afresh and slows every path,
+so it is not where time is taken: the rows keep that process's step time too, as step_time_s_rss_process); on CUDA in
+this process (torch.cuda.max_memory_allocated).
 
     python -m bench.bench_step                       # CPU default → bench/results/step.csv, bench/plots/step.png
     python -m bench.bench_step --profile hermesflow,+fused_head --out ''      # where the time goes, one step each
@@ -59,274 +60,36 @@ process (torch.cuda.max_memory_allocated).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import dataclasses
 import gc
-import math
-import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench import utils
-from bench.hermesflow_step import HermesFlowStep, Pixels, encode_pixels
-from hermesflow_fast.data.batching import TokenizedPair, micro_batches
-from hermesflow_fast.model import Layout, ModelConfig, UnifiedTransformer, Vocabulary
+from bench.step_world import (  # Problem, build_world: also used as bench_step.Problem / .build_world
+    PRESETS,
+    Problem,
+    World,
+    build_world,
+    exact_fp32,
+    make_hermesflow,
+    make_runner,
+    make_trainer,
+    scaled_vq_ch,
+)
+from hermesflow_fast.data.batching import micro_batches
+from hermesflow_fast.model import ModelConfig
 from hermesflow_fast.model.layout import IGNORE_INDEX
-from hermesflow_fast.model.magvit import MAGVITv2, MAGVITv2Config
-from hermesflow_fast.ops import reference as ops_reference
-from hermesflow_fast.train.config import TrainConfig, load_config
-from hermesflow_fast.train.dataset import TrainData
-from hermesflow_fast.train.distributed import DistInfo
-from hermesflow_fast.train.objective import SIDES, PairDPOObjective, gather_side, side_stats_names
-from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_cosine
-from hermesflow_fast.train.trainer import Trainer, _peak_flops
+from hermesflow_fast.train.objective import SIDES
+from hermesflow_fast.train.trainer import _peak_flops
 
 CSV = utils.RESULTS_DIR / "step.csv"
 PLOT = utils.PLOTS_DIR / "step.png"
 KERNEL = "pair_dpo_step"
 PROVIDERS = ("hermesflow", "+token_cache", "+packing", "+fused_head", "+compile")
 OURS = "+fused_head"
-SHOW_O_MATMUL_PARAMS = 1.328e9  # phi-1.5 blocks 1.208 B + the 58,498 × 2048 head (perf-anchors §1.1)
-QUESTION_LEN = 13  # "USER: Give a detailed caption for this image. ASSISTANT:" in phi-1.5 tokens
-PERTURB = 0.01  # policy = reference + PERTURB · N(0, 1) per weight
 CHECK_RTOL = 1e-4
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# problem
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Problem:
-    d: int = 384
-    layers: int = 6
-    heads: int = 6
-    pairs: int = 4
-    image_size: int = 256
-    text_len: int = 128  # mmu text budget; t2i text part = text_len + 1 (Show-o: 128 / 129)
-    text_vocab: int = 50295
-    code_bits: int = 13  # LFQ bits: 2^13 = 8192 codes
-    vq_ch: int = 24
-    vq_groups: int = 8
-    token_budget: int = 1024
-    dtype: str = "fp32"
-    device: str = "cpu"
-    seed: int = 0
-    compile: bool = False  # whether the +compile provider is part of the run (recorded in the config)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // 16  # MAGVIT-v2's stride
-
-    @property
-    def image_tokens(self) -> int:
-        return self.grid**2
-
-    @property
-    def row_len(self) -> int:
-        """HermesFlow's row length: t2i (text_len + 1) + soi + N + eoi = mmu 3 + N + text_len."""
-        return self.text_len + 3 + self.image_tokens
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, hidden_size=self.d, intermediate_size=4 * self.d,
-                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
-                           max_position_embeddings=max(2048, 2 * self.row_len), attn_backend="auto")
-
-    def vq_config(self) -> MAGVITv2Config:
-        return MAGVITv2Config(ch=self.vq_ch, norm_groups=self.vq_groups, z_channels=self.code_bits,
-                              resolution=self.image_size)
-
-    def matmul_params(self) -> tuple[int, int]:
-        """(P_body, P_head): matmul weights of the blocks (q, k, v, dense, fc1, fc2) and of the LM head."""
-        d, f = self.d, 4 * self.d
-        return self.layers * (4 * d * d + 2 * d * f), (self.text_vocab + 10 + 2**self.code_bits + 1) * d
-
-
-def scaled_vq_ch(d: int, layers: int, vocab_size: int) -> int:
-    """MAGVIT-v2 width whose encoder FLOPs keep Show-o's ratio to the backbone's: 128·√(P / P_Show-o), ×8, ≥ 8."""
-    p = layers * 12 * d * d + vocab_size * d
-    return max(8, 8 * round(128 * math.sqrt(p / SHOW_O_MATMUL_PARAMS) / 8))
-
-
-PRESETS = {
-    "show_o_512": dict(d=2048, layers=24, heads=32, vq_ch=128, vq_groups=32),
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the world of one run: models, tokenizer, pixels, pairs
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class World:
-    p: Problem
-    vocab: Vocabulary
-    layout: Layout
-    policy: UnifiedTransformer
-    reference: UnifiedTransformer
-    vq: MAGVITv2
-    pixels: Pixels
-    pairs: list[TokenizedPair]
-
-
-@contextlib.contextmanager
-def _exact_fp32(device: str):
-    """TF32 off for matmuls and convolutions on CUDA (the check compares fp32 paths at 1e-4)."""
-    if device != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _texts(g: torch.Generator, n: int, lo: int, hi: int, vocab: int) -> list[list[int]]:
-    out = []
-    for _ in range(n):
-        k = int(torch.randint(lo, hi + 1, (), generator=g))
-        out.append(torch.randint(0, min(vocab, 50000), (k,), generator=g).tolist())
-    return out
-
-
-def build_world(p: Problem) -> World:
-    """Seeded: every process that builds the world of the same Problem gets the same weights, pixels and pairs."""
-    dev = torch.device(p.device)
-    eos = 50256 if p.text_vocab > 50256 else p.text_vocab - 1
-    vocab = Vocabulary.build(text_vocab_size=p.text_vocab, eos=eos, num_image_codes=2**p.code_bits)
-    layout = Layout(vocab, t2i_text_len=p.text_len + 1, mmu_text_len=p.text_len)
-    torch.manual_seed(p.seed)
-    with dev:  # initialised on the device (a 1.4 B model initialised on the host takes long)
-        policy = UnifiedTransformer(p.model_config(vocab.vocab_size))
-        vq = MAGVITv2(p.vq_config())
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    torch.manual_seed(p.seed + 1)
-    with torch.no_grad():
-        for w in policy.parameters():
-            w.add_(PERTURB * torch.randn_like(w))
-    g = torch.Generator().manual_seed(p.seed)
-    B, S = p.pairs, p.image_size
-    pixels = Pixels(*(torch.rand(B, 3, S, S, generator=g).mul_(2).sub_(1).to(dev) for _ in range(3)))
-    with _exact_fp32(p.device):
-        real, chosen, rejected = (c.cpu() for c in encode_pixels(vq, pixels))  # the token cache
-    q = min(QUESTION_LEN, p.text_len // 4)
-    cap_hi = min(90, p.text_len - q - 1)
-    prompt_hi = min(60, p.text_len - 2)
-    prompts = _texts(g, B, min(20, prompt_hi), prompt_hi, p.text_vocab)
-    caps = _texts(g, 2 * B, min(30, cap_hi), cap_hi, p.text_vocab)
-    question = _texts(g, 1, q, q, p.text_vocab)[0]
-    pairs = [TokenizedPair(id=f"bench-{i:04d}", prompt_ids=prompts[i], und_prompt_ids=question,
-                           image_codes=real[i], caption_chosen_ids=caps[2 * i], caption_rejected_ids=caps[2 * i + 1],
-                           image_chosen_codes=chosen[i], image_rejected_codes=rejected[i]) for i in range(B)]
-    return World(p, vocab, layout, policy, reference, vq, pixels, pairs)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ours: the Trainer's step (and the +packing variant with the naive head)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class NaiveHeadObjective(PairDPOObjective):
-    """PairDPOObjective with the head done the HermesFlow way (the +packing row): the full logits of every packed
-    position for the policy and the reference, a full-vocabulary log_softmax, the target rows gathered from it."""
-
-    def forward(self, batch, ref=None, ref_logps=None, scale: float = 1.0):
-        if ref is None:
-            raise ValueError("NaiveHeadObjective needs the reference's hidden states (train.precompute_ref_logps off)")
-        policy = self.policy
-        hidden = policy(batch.input_ids, batch.mask, batch.position_ids)  # (B, T, d)
-        logp = torch.log_softmax(policy.lm_head(hidden).float(), dim=-1).flatten(0, 1)  # (B·T, V)
-        with torch.no_grad():
-            ref_logp = torch.log_softmax(F.linear(ref[0], ref[1], ref[2]).float(), dim=-1).flatten(0, 1)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        zero = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        stats = dict.fromkeys(side_stats_names(), zero)
-        for side in SIDES:
-            sr = gather_side(batch, side)
-            if sr is None:
-                continue
-            Q = sr.pairs.numel()
-            rows, y = sr.rows.to(hidden.device), sr.labels.to(hidden.device)
-            keep = y != IGNORE_INDEX
-            cols = y.clamp_min(0)
-
-            lp, rlp = ((t[rows, cols] * keep).sum(-1) for t in (logp, ref_logp))  # (2Q,) each
-            pc, pr, rc, rr = lp[:Q], lp[Q:], rlp[:Q], rlp[Q:]
-            losses = ops_reference.dpo_per_pair_losses(pc, pr, rc, rr, self.beta, self.loss_type,
-                                                       self.label_smoothing)
-            total = total + (self.coeff[side] * scale) * losses.sum()
-            ch, rj = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
-            d = lambda t: t.detach().double().sum()  # noqa: E731
-            stats.update({f"{side}/count": zero + Q, f"{side}/loss": d(losses), f"{side}/rewards/chosen": d(ch),
-                          f"{side}/rewards/rejected": d(rj), f"{side}/rewards/margins": d(ch - rj),
-                          f"{side}/rewards/accuracies": d((ch > rj).float()), f"{side}/logps/chosen": d(pc),
-                          f"{side}/logps/rejected": d(pr)})
-        return total, stats
-
-
-def train_config(p: Problem, compile_blocks: bool) -> TrainConfig:
-    return load_config(None, [
-        f"run.seed={p.seed}", f"model.dtype={'bf16' if p.dtype == 'bf16' else 'fp32'}",
-        f"model.compile={str(compile_blocks).lower()}", "model.attn_backend=auto",
-        f"data.token_budget={p.token_budget}", f"data.t2i_text_len={p.text_len + 1}", f"data.text_budget={p.text_len}",
-        f"train.batch_size={p.pairs}", "train.max_steps=1000000", "train.warmup_ratio=0.0",
-    ])
-
-
-def make_trainer(w: World, provider: str, dtype: str | None = None) -> Trainer:
-    """A Trainer set up as ``Trainer.setup`` does (same objective, optimizer, scheduler and speed options) on the
-    world's in-memory models and pairs, without a run folder; ``train_step(step)`` is then the real step."""
-    p = w.p if dtype is None else dataclasses.replace(w.p, dtype=dtype)
-    cfg = train_config(p, compile_blocks=provider == "+compile")
-    tr = Trainer(cfg, run_dir="/nonexistent-bench-run", info=DistInfo(device=torch.device(p.device)),
-                 log=lambda msg: None)
-    tr.data = TrainData(w.vocab, w.layout, w.pairs, "bench pairs", p.image_tokens)
-    tr.policy, tr.reference = w.policy, w.reference
-    tr._configure_speed()
-    t = cfg.train
-    cls = NaiveHeadObjective if provider == "+packing" else PairDPOObjective
-    tr.objective = cls(tr.policy, t.beta, t.loss_type, t.und_coeff, t.gen_coeff, t.label_smoothing)
-    tr.model = tr.objective
-    tr.optimizer = build_optimizer(tr.policy, t)
-    tr.batch_size = min(t.batch_size, len(w.pairs))
-    tr.steps_per_epoch = math.ceil(len(w.pairs) / tr.batch_size)
-    tr.total_steps = t.max_steps
-    tr.scheduler = warmup_cosine(tr.optimizer, resolve_warmup(t, tr.total_steps), tr.total_steps)
-    tr.ckpt = types.SimpleNamespace(latest=lambda: None)  # only read when a non-finite step stops the run
-    tr.ref_cache = {}
-    return tr
-
-
-def _autocast(p: Problem):
-    if p.device == "cuda" and p.dtype == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def make_hermesflow(w: World, provider: str, dtype: str | None = None) -> HermesFlowStep:
-    p = w.p if dtype is None else dataclasses.replace(w.p, dtype=dtype)
-    opt = torch.optim.AdamW(w.policy.parameters(), lr=2e-5, weight_decay=0.01)  # HermesFlow: torch AdamW, defaults
-    encode = provider == "hermesflow"
-    return HermesFlowStep(w.policy, w.reference, w.layout, opt, vq=w.vq if encode else None,
-                          pixels=w.pixels if encode else None, beta=0.2, max_grad_norm=1.0, seed=p.seed,
-                          autocast=_autocast(p))
-
-
-def make_runner(w: World, provider: str):
-    """(step(k) → loss, owner) for a provider; ``owner`` holds the optimizer (drop it to free the AdamW state)."""
-    if provider in ("hermesflow", "+token_cache"):
-        hf = make_hermesflow(w, provider)
-        return (lambda k: hf.train_step(w.pairs, epoch=k)), hf
-    tr = make_trainer(w, provider)
-    return (lambda k: tr.train_step(k)["loss"]), tr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,10 +111,9 @@ def step_work(w: World, provider: str, epoch: int) -> dict:
             "micro_batches": len(mbs)}
 
 
-def model_flops(p: Problem, work: dict) -> float:
-    body, head = p.matmul_params()
-    fwd = 2.0 * body * work["tokens"] + 2.0 * head * work["head_rows"]
-    return 3.0 * fwd + fwd  # policy forward + backward, reference forward
+def model_flops(config: ModelConfig, work: dict) -> float:
+    """Model FLOPs of one step: the policy's forward + backward (3 forwards) and the reference's forward."""
+    return 4.0 * config.forward_flops(work["tokens"], work["head_rows"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,7 +125,7 @@ def check_losses(p: Problem, rtol: float = CHECK_RTOL, world: World | None = Non
     """HermesFlow-style loss vs +packing vs ours (Trainer.train_step's reported loss) at step 0, in fp32; also the
     per-side mean policy log-probs and reward margins, and the re-encoded codes. AssertionError with the numbers."""
     w = world or build_world(p)  # the models hold fp32 weights whatever --dtype; the check runs without autocast
-    with _exact_fp32(p.device):
+    with exact_fp32(p.device):
         saved = {k: v.detach().to("cpu", copy=True) for k, v in w.policy.state_dict().items()}  # restored after
         hf = make_hermesflow(w, "hermesflow", dtype="fp32")
         codes = hf.codes(w.pairs)
@@ -433,7 +195,7 @@ def measure(p: Problem, provider: str, reps: int, warmup: int = 1, world: World 
         torch.cuda.empty_cache()
     works = [step_work(w, provider, k) for k in range(warmup, warmup + reps)]
     work = {k: sum(x[k] for x in works) / len(works) for k in works[0]}
-    flops = model_flops(p, work)
+    flops = model_flops(w.policy.config, work)
     peak = _peak_flops(torch.device(p.device)) if p.device == "cuda" else None
     return {
         "provider": provider,
@@ -480,7 +242,7 @@ def to_rows(results: list[dict], cfg, stamps: dict) -> list[dict]:
         p = Problem(**r["problem"])
         B = p.pairs
         t50, t20, t80 = r["time"]
-        config = {**asdict(p), "V": p.text_vocab + 10 + 2**p.code_bits + 1, "N": p.image_tokens,
+        config = {**asdict(p), "V": p.vocab_size, "N": p.image_tokens,
                   "row_len": p.row_len, "threads": cfg.threads or torch.get_num_threads(), "reps": cfg.reps,
                   "step_time_s": t50, "loss": r["loss"], "peak_reset": r["peak_reset"], **r["work"],
                   "model_tflop": r["model_flops"] / 1e12}
@@ -598,8 +360,8 @@ def parse_args(argv: list[str] | None = None):
     for k, v in preset.items():
         if k not in ("vq_ch", "vq_groups") or getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    vocab_size = cfg.text_vocab + 10 + 2**cfg.code_bits + 1
-    cfg.vq_ch = cfg.vq_ch or scaled_vq_ch(cfg.d, cfg.layers, vocab_size)
+    shape = Problem(d=cfg.d, layers=cfg.layers, heads=cfg.heads, text_vocab=cfg.text_vocab, code_bits=cfg.code_bits)
+    cfg.vq_ch = cfg.vq_ch or scaled_vq_ch(shape.model_config(shape.vocab_size))
     cfg.vq_groups = cfg.vq_groups or (32 if cfg.vq_ch % 32 == 0 and cfg.vq_ch >= 128 else 8)
     cfg.token_budget = cfg.token_budget or (8192 if cfg.device == "cuda" else 1024)
     if cfg.compile is None:
@@ -622,8 +384,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 text_len=cfg.text_len, text_vocab=cfg.text_vocab, code_bits=cfg.code_bits, vq_ch=cfg.vq_ch,
                 vq_groups=cfg.vq_groups, token_budget=cfg.token_budget, dtype=cfg.dtype, device=cfg.device,
                 seed=cfg.seed, compile="+compile" in cfg.providers)
-    body, head = p.matmul_params()
-    print(f"step: d {p.d}, {p.layers} layers, {p.heads} heads, V {head // p.d}, N {p.image_tokens}, T {p.row_len}, "
+    mc = p.model_config(p.vocab_size)
+    body, head = mc.forward_flops(1, 0) / 2, mc.forward_flops(0, 1) / 2  # matmul weights: 2 FLOPs each per row
+    print(f"step: d {p.d}, {p.layers} layers, {p.heads} heads, V {p.vocab_size}, N {p.image_tokens}, T {p.row_len}, "
           f"B {p.pairs}, {p.dtype} on {p.device}; matmul params {body / 1e6:.1f} M blocks + {head / 1e6:.1f} M head; "
           f"MAGVIT-v2 ch {p.vq_ch}; token budget {p.token_budget}", flush=True)
     inprocess = cfg.inprocess or cfg.device == "cuda" or cfg.profile

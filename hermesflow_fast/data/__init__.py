@@ -7,4 +7,5 @@
     gen_mask     pair_mask: the generation side's per-pair mask, a pure function of (pair id, epoch, seed)
     batching     TokenizedPair, pair_sequences, token-budget packing (PackedBatch) and micro_batches
     token_cache  pre-computed image tokens (tokenize_images, TokenCache)
+    token_cache_reader  reading a token cache, every shard and row checked (TokenCache)
 """

@@ -19,7 +19,6 @@ lo ≤ r ≤ hi, t ~ U(2/π·acos(hi), 2/π·acos(lo)); (0, 1), the default, is 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from hermesflow_fast.model.generate import cosine_schedule
+from hermesflow_fast.seeding import hashed_generator
 
 __all__ = ["FULL_RATIO", "check_ratio", "pair_generator", "pair_mask", "pair_masks"]
 
@@ -35,9 +35,7 @@ FULL_RATIO = (0.0, 1.0)
 
 def pair_generator(pair_id: str, epoch: int, seed: int, purpose: str = "gen-mask") -> torch.Generator:
     """A CPU generator seeded by a stable hash of (purpose, pair id, epoch, seed): the same in every process."""
-    key = "\x1f".join(("hermesflow", purpose, str(pair_id), str(int(epoch)), str(int(seed))))
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return hashed_generator("hermesflow", purpose, pair_id, int(epoch), int(seed))
 
 
 def check_ratio(ratio: Sequence[float]) -> tuple[float, float]:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import atomic_path, decode_text, read_jsonl
 
 __all__ = [
     "CACHE_PREFIX",
@@ -160,37 +161,32 @@ def read_pairs(path: str | os.PathLike) -> list[PairRecord]:
     Raises UserError (a ValueError) naming the file for a missing file, a folder or bytes that are not UTF-8 text,
     and file:line for a line that is not a JSON object, an unknown field or a field of the wrong type. Missing
     fields, bad images and duplicate ids are left to ``validate_pairs``."""
-    path = Path(path)
+    path = _pairs_file(path)
     records = []
-    text = _read_text(path, "utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where}: not JSON ({exc.msg} at column {exc.colno})") from exc
-        rec = _record(obj, where)
+    for lineno, obj in read_jsonl(path, invalid="not JSON", error=UserError, hint=_NOT_TEXT):
+        rec = _record(obj, f"{path}:{lineno}")
         rec.line = lineno
         records.append(rec)
     return records
 
 
-def _read_text(path: Path, encoding: str) -> str:
-    """The text of a pairs file; UserError naming it when it is missing, a folder or not UTF-8."""
+_NOT_TEXT = "; a pairs file is JSON text"
+
+
+def _pairs_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; UserError naming it when it is missing, a folder or not a regular file."""
+    path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder, expected a file of pairs (JSONL, or HermesFlow's pair_dpo_data.json)")
     if not path.is_file():
         raise UserError(f"{path} does not exist" if not path.exists() else f"{path} is not a regular file")
-    data = path.read_bytes()
-    try:
-        text = data.decode(encoding)
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {exc.start}: {exc.reason}); a pairs file is JSON "
-                        f"text") from exc
-    return text
+    return path
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    """The text of a pairs file; UserError naming it when it is missing, a folder or not UTF-8."""
+    path = _pairs_file(path)
+    return decode_text(path.read_bytes(), path, encoding=encoding, error=UserError, hint=_NOT_TEXT)
 
 
 _HERMESFLOW_ONLY = tuple(f'"{k}"' for k in HERMESFLOW_FIELDS if k not in ("id", "prompt"))
@@ -210,18 +206,9 @@ def looks_like_hermesflow(path: str | os.PathLike) -> bool:
 def write_pairs(path: str | os.PathLike, records: list[PairRecord]) -> None:
     """Write ``records`` as JSONL, atomically: a temp file in the same folder, fsynced, then renamed over ``path``
     (a reader sees the old file or the new one, never half of one)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ image, ~11% of a DPO step). The codes of an image never change for a frozen toke
 For each record: row = tokenizer.encode(load_image(path)[None])[0], so ``TokenCache(out_dir)[id]`` equals the
 tokenizer's codes of that image (batches change nothing: both tokenizers encode each image independently).
 
-Crash safety and resume. A shard is written to ``shard-XXXXX.safetensors.tmp``, fsynced and renamed; only then are its
+Crash safety and resume. A shard is written to a temp file (``*.tmp``), fsynced and renamed; only then are its
 size and sha256 appended to shards.jsonl and its index lines to index.jsonl (one fsynced write each). A rerun reads the
 index, drops a torn last line (a kill mid-append), deletes temp files and shards no index line refers to (a kill between
 rename and append), skips the ids already indexed and appends new shards numbered after the existing ones. Before that
@@ -30,10 +30,7 @@ in errors.jsonl with the reason, counted in the summary and skipped: nothing is 
 them again. A rerun with a different tokenizer (digest of its config and weights) is refused. One writer per out_dir at
 a time.
 
-Reading checks too (``TokenCache``): a shard that is missing, has another size or sha256 than shards.jsonl records,
-or is not readable is a ``TokenCacheError`` naming the file (and saying that rerunning ``hermesflow tokenize`` on the
-same folder re-encodes it), and a row whose codes are not integers in [0, num_codes) is one naming the record id and
-the shard. ``TokenCache.row_problem(id)`` reports the same for validation (data/validate.py), one scan per shard.
+Reading (``TokenCache``, data/token_cache_reader.py) checks every shard and row it serves.
 
     python -m pytest -q tests/data/test_token_cache.py
     hermesflow tokenize SOURCE --tokenizer PATH --out DIR        (the CLI calls tokenize_command)
@@ -44,12 +41,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import sys
-from collections import OrderedDict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +52,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hermesflow_fast.data.token_cache_reader import (  # TokenCache, TokenCacheError, codes_problem: re-exported
+    INDEX_FILE,
+    META_FILE,
+    SHARDS_FILE,
+    TokenCache,
+    TokenCacheError,
+    codes_problem,
+    parse_shard,
+    read_index,
+    read_meta,
+    read_shard_records,
+)
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import append_synced, read_jsonl, write_atomic
 from hermesflow_fast.model.tokenizer_vq import ImageTokenizer, load_image, load_image_tokenizer
 
 __all__ = [
@@ -75,12 +82,8 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FORMAT = "hermesflow-token-cache/1"
-META_FILE, INDEX_FILE, SHARDS_FILE, ERRORS_FILE = "cache.json", "index.jsonl", "shards.jsonl", "errors.jsonl"
+ERRORS_FILE = "errors.jsonl"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
-
-
-class TokenCacheError(UserError):
-    """A token cache (or tokenize source) that cannot be used as it is; the message names the file, id or shard."""
 
 
 def _shard_name(number: int) -> str:
@@ -122,17 +125,12 @@ def list_records(source: str | os.PathLike) -> list[ImageRecord]:
 def _jsonl_records(file: Path) -> list[ImageRecord]:
     records: list[ImageRecord] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(_text_lines(file), 1):
-        if not line.strip():
-            continue
+    hint = "; expected a JSONL file of {\"id\", \"image\"} lines"
+    for lineno, obj in read_jsonl(file, error=TokenCacheError, hint=hint):
         where = f"{file}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TokenCacheError(f"{where}: not a JSON object ({exc})") from exc
         if not isinstance(obj, dict) or "id" not in obj or not isinstance(obj.get("image"), str):
             raise TokenCacheError(f"{where}: each line needs \"id\" (str or int) and \"image\" (a path), got "
-                                  f"{line.strip()[:120]}")
+                                  f"{json.dumps(obj, ensure_ascii=False)[:120]}")
         rid = obj["id"]
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
             raise TokenCacheError(f"{where}: \"id\" must be a non-empty string or an int, got {rid!r}")
@@ -143,17 +141,6 @@ def _jsonl_records(file: Path) -> list[ImageRecord]:
         path = Path(obj["image"])
         records.append(ImageRecord(rid, path if path.is_absolute() else file.parent / path))
     return records
-
-
-def _text_lines(file: Path) -> list[str]:
-    """The lines of a UTF-8 text file; a binary file is a TokenCacheError naming the line and byte."""
-    data = file.read_bytes()
-    try:
-        return data.decode("utf-8").replace("\r\n", "\n").split("\n")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise TokenCacheError(f"{file}:{line}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected a JSONL file "
-                              f"of {{\"id\", \"image\"}} lines") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,7 +192,7 @@ def tokenize_images(source: str | os.PathLike, tokenizer: ImageTokenizer, out_di
     out.mkdir(parents=True, exist_ok=True)
     meta = _check_or_write_meta(out, tokenizer)
     tokens, dtype = int(meta["tokens_per_image"]), getattr(torch, meta["dtype"])
-    entries = _read_index(out, repair=True)
+    entries = read_index(out, repair=True)
     entries, damaged, lost = _check_shards(out, entries, meta)
     next_shard = _prepare_shards(out, entries)
     done = {e["id"] for e in entries}
@@ -287,51 +274,17 @@ def _write_shard(out: Path, number: int, ids: list[str], rows: list[Tensor], sum
     from safetensors.torch import save
 
     name = _shard_name(number)
-    final, tmp = out / name, out / (name + ".tmp")
     data = save({"ids": torch.stack(rows).contiguous()}, metadata={"format": FORMAT, "record_ids": json.dumps(ids)})
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync(out)
-    _append(out / SHARDS_FILE, json.dumps(_shard_record(name, len(ids), data)) + "\n")
-    _append(out / INDEX_FILE, "".join(json.dumps({"id": rid, "shard": name, "row": r}) + "\n"
-                                      for r, rid in enumerate(ids)))
+    write_atomic(out / name, data, fsync=True)
+    append_synced(out / SHARDS_FILE, json.dumps(_shard_record(name, len(ids), data)) + "\n")
+    append_synced(out / INDEX_FILE, "".join(json.dumps({"id": rid, "shard": name, "row": r}) + "\n"
+                                            for r, rid in enumerate(ids)))
     summary.written += len(ids)
     summary.shards.append(name)
 
 
 def _shard_record(name: str, rows: int, data: bytes) -> dict[str, Any]:
     return {"shard": name, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _append(file: Path, text: str) -> None:
-    with open(file, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _rewrite(file: Path, lines: list[str]) -> None:
-    """Replace ``file`` by ``lines`` atomically (temp file, fsync, rename)."""
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-    _fsync(file.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
 
 
 def _prepare_shards(out: Path, entries: list[dict[str, Any]]) -> int:
@@ -351,7 +304,7 @@ def _check_shards(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any]
     """Verify every indexed shard (module docstring) → (the entries of sound shards, {shard: reason} of the damaged
     ones, the ids these held). Drops the damaged shards' lines from the index and brings shards.jsonl to one line
     per sound shard (adding the lines of shards verified by re-reading)."""
-    recorded = _read_shard_records(out, repair=True)
+    recorded = read_shard_records(out, repair=True)
     rows: dict[str, dict[int, str]] = {}
     for e in entries:
         rows.setdefault(e["shard"], {})[e["row"]] = e["id"]
@@ -366,12 +319,12 @@ def _check_shards(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any]
     lost = {e["id"] for e in entries if e["shard"] in damaged}
     if damaged:
         entries = [e for e in entries if e["shard"] not in damaged]
-        _rewrite(out / INDEX_FILE, [json.dumps(e) + "\n" for e in entries])
+        write_atomic(out / INDEX_FILE, "".join(json.dumps(e) + "\n" for e in entries), fsync=True)
         for name in damaged:  # kept aside, never read again; a later damage of the same name replaces it
             if (out / name).is_file():
                 os.replace(out / name, out / (name + ".damaged"))
     if sound != recorded:
-        _rewrite(out / SHARDS_FILE, [json.dumps(r) + "\n" for r in sound.values()])
+        write_atomic(out / SHARDS_FILE, "".join(json.dumps(r) + "\n" for r in sound.values()), fsync=True)
     return entries, damaged, lost
 
 
@@ -392,7 +345,7 @@ def _shard_damage(file: Path, record: dict[str, Any] | None, rows: dict[int, str
         return None, record
     data = file.read_bytes()  # a shard written before shards.jsonl: re-read it
     try:
-        ids, header = _parse_shard(data)
+        ids, header = parse_shard(data)
     except ValueError as exc:
         return str(exc), None
     if ids.dim() != 2 or ids.shape[1] != int(meta["tokens_per_image"]) or str(ids.dtype) != f"torch.{meta['dtype']}":
@@ -411,53 +364,6 @@ def _shard_damage(file: Path, record: dict[str, Any] | None, rows: dict[int, str
             return (f"row {wrong[0]} holds record {written[wrong[0]] if wrong[0] < len(written) else None!r}, "
                     f"{INDEX_FILE} says {rows[wrong[0]]!r}"), None
     return None, _shard_record(file.name, int(ids.shape[0]), data)
-
-
-def _parse_shard(data: bytes) -> tuple[Tensor, dict[str, Any]]:
-    """A shard's bytes → (its ``ids`` tensor, its safetensors header); ValueError saying what is wrong."""
-    from safetensors.torch import load
-
-    try:
-        tensors = load(data)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad or truncated file
-        raise ValueError(f"not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
-    if "ids" not in tensors:
-        raise ValueError(f"no 'ids' tensor (has {sorted(tensors)[:5]})")
-    n = int.from_bytes(data[:8], "little")
-    return tensors["ids"], json.loads(data[8 : 8 + n])
-
-
-def _read_jsonl_lines(file: Path, repair: bool) -> list[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of ``file``; a torn last line (no newline: a kill mid-append) is
-    ignored, and cut off if ``repair``."""
-    if not file.is_file():
-        return []
-    data = file.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data) and repair:
-        with open(file, "r+b") as f:
-            f.truncate(end)
-    try:
-        text = data[:end].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TokenCacheError(f"{file}: not UTF-8 text (byte {exc.start}); the cache is damaged, tokenize into a "
-                              f"fresh folder") from exc
-    return [(i, line) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
-
-
-def _read_shard_records(out: Path, repair: bool) -> dict[str, dict[str, Any]]:
-    """shards.jsonl as {shard: {"shard", "rows", "bytes", "sha256"}} (the last line of a shard wins; absent: {})."""
-    file = out / SHARDS_FILE
-    records: dict[str, dict[str, Any]] = {}
-    for lineno, line in _read_jsonl_lines(file, repair):
-        try:
-            r = json.loads(line)
-            r = {"shard": str(r["shard"]), "rows": int(r["rows"]), "bytes": int(r["bytes"]),
-                 "sha256": str(r["sha256"])}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise TokenCacheError(f"{file}:{lineno}: not a shard line {{shard, rows, bytes, sha256}} ({exc})") from exc
-        records[r["shard"]] = r
-    return records
 
 
 def _tokenizer_meta(tokenizer: ImageTokenizer) -> dict[str, Any]:
@@ -479,196 +385,18 @@ def _tokenizer_meta(tokenizer: ImageTokenizer) -> dict[str, Any]:
     }
 
 
-def _read_meta(file: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-        for key in ("num_codes", "tokens_per_image"):
-            int(meta[key])
-        if len(meta["grid"]) != 2 or meta["dtype"] not in ("uint16", "int32"):
-            raise ValueError(f"grid {meta['grid']!r} or dtype {meta['dtype']!r}")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise TokenCacheError(f"{file}: not a token cache description ({type(exc).__name__}: {exc})") from exc
-    return meta
-
-
 def _check_or_write_meta(out: Path, tokenizer: ImageTokenizer) -> dict[str, Any]:
     meta = _tokenizer_meta(tokenizer)
     file = out / META_FILE
     if file.is_file():
-        old = _read_meta(file)
+        old = read_meta(file)
         diff = [f"{k}: cache {old.get(k)!r} vs tokenizer {v!r}" for k, v in meta.items() if old.get(k) != v]
         if diff:
             raise TokenCacheError(f"{file}: this cache was written with another tokenizer ({'; '.join(diff)}); "
                                   f"tokenize into a fresh folder")
         return old
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, file)
+    write_atomic(file, json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def _read_index(out: Path, repair: bool) -> list[dict[str, Any]]:
-    """The index entries; a torn last line (no newline: a kill mid-append) is ignored, and cut off if ``repair``."""
-    file = out / INDEX_FILE
-    entries, seen = [], {}
-    for lineno, line in _read_jsonl_lines(file, repair):
-        try:
-            e = json.loads(line)
-            rid, shard, row = e["id"], e["shard"], int(e["row"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise TokenCacheError(f"{file}:{lineno}: not an index line {{id, shard, row}} ({exc})") from exc
-        if rid in seen:
-            raise TokenCacheError(f"{file}:{lineno}: id {rid!r} is already indexed on line {seen[rid]}")
-        seen[rid] = lineno
-        entries.append({"id": rid, "shard": shard, "row": row})
-    return entries
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Codes
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _bad_rows(ids: Tensor, num_codes: int) -> dict[int, str]:
-    """{row: what is wrong} for the rows of ``ids`` (n, N) holding a NaN/inf, a non-integer or a code outside
-    [0, num_codes); each message names the first bad position and value."""
-    if ids.is_floating_point():
-        x = ids.to(torch.float64)
-        finite = torch.isfinite(x)
-        bad = ~finite | (x != x.round()) | (finite & ((x < 0) | (x >= num_codes)))
-    elif ids.dtype in (torch.bool, torch.complex64, torch.complex128):
-        return dict.fromkeys(range(ids.shape[0]), f"codes are {ids.dtype}, not integers")
-    else:
-        x = ids.to(torch.int64)
-        bad = (x < 0) | (x >= num_codes)
-    out: dict[int, str] = {}
-    for r in bad.any(dim=1).nonzero().flatten().tolist():
-        pos = int(bad[r].nonzero()[0])
-        v = x[r, pos].item()
-        n = int(bad[r].sum())
-        if isinstance(v, float) and not math.isfinite(v):
-            what = f"{v} at position {pos}"
-        elif isinstance(v, float) and v != round(v):
-            what = f"non-integer code {v} at position {pos}"
-        else:
-            what = f"code {int(v)} at position {pos} is outside the codebook [0, {num_codes})"
-        out[r] = what + (f" ({n} bad codes in the row)" if n > 1 else "")
-    return out
-
-
-def codes_problem(codes: Tensor, num_codes: int) -> str | None:
-    """None when ``codes`` (N,) are integers in [0, num_codes), else what is wrong (first bad position named)."""
-    return _bad_rows(codes.reshape(1, -1), num_codes).get(0)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class TokenCache:
-    """Read-only view of a token cache: ``cache[id]`` -> (N,) int64 codes; the last ``max_shards`` shards read stay
-    in memory. Opening checks that every indexed shard exists with the size shards.jsonl records; reading a shard
-    checks its sha256, that it parses and its shape; reading a row checks its codes. Each failure is a
-    ``TokenCacheError`` naming the shard (and the record id)."""
-
-    def __init__(self, out_dir: str | os.PathLike, max_shards: int = 8) -> None:
-        self.out_dir = Path(out_dir)
-        meta_file = self.out_dir / META_FILE
-        if not self.out_dir.is_dir():
-            raise TokenCacheError(f"token cache {self.out_dir} does not exist (make it with hermesflow tokenize)")
-        if not meta_file.is_file():
-            raise TokenCacheError(f"{self.out_dir} is not a token cache: {META_FILE} not found (make one with "
-                                  f"hermesflow tokenize)")
-        self.meta: dict[str, Any] = _read_meta(meta_file)
-        self.num_codes = int(self.meta["num_codes"])
-        self.tokens_per_image = int(self.meta["tokens_per_image"])
-        self.grid = tuple(self.meta["grid"])
-        self._where = {e["id"]: (e["shard"], e["row"]) for e in _read_index(self.out_dir, repair=False)}
-        self._records = _read_shard_records(self.out_dir, repair=False)
-        self._rows: dict[str, int] = {}
-        for shard, row in self._where.values():
-            self._rows[shard] = max(self._rows.get(shard, 0), row + 1)
-        for shard in self._rows:
-            file, rec = self.out_dir / shard, self._records.get(shard)
-            if not file.is_file():
-                raise self._damaged(shard, f"is missing ({INDEX_FILE} refers to it)")
-            if rec is not None and file.stat().st_size != rec["bytes"]:
-                raise self._damaged(shard, f"has {file.stat().st_size:,} bytes, {rec['bytes']:,} when written "
-                                           f"(truncated or overwritten)")
-        self._shards: OrderedDict[str, Tensor] = OrderedDict()
-        self._verified: set[str] = set()
-        self._bad: dict[tuple[str, int], dict[int, str]] = {}
-        self._max_shards = max(1, max_shards)
-
-    def _damaged(self, shard: str, what: str) -> TokenCacheError:
-        return TokenCacheError(f"{self.out_dir / shard} {what}; rerun hermesflow tokenize with --out {self.out_dir} "
-                               f"to re-encode its records")
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, rid: object) -> bool:
-        return rid in self._where
-
-    def ids(self) -> list[str]:
-        """Record ids in the order they were written."""
-        return list(self._where)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def shard_of(self, rid: str) -> Path:
-        """The shard file holding ``rid``."""
-        return self.out_dir / self._locate(rid)[0]
-
-    def row_problem(self, rid: str, num_codes: int | None = None) -> str | None:
-        """None when the codes of ``rid`` are integers in [0, num_codes) (default: the cache's tokenizer's), else
-        what is wrong, naming the shard file and row. Each shard is scanned once (per ``num_codes``)."""
-        shard, row = self._locate(rid)
-        bad = self._row_bad(shard, row, self.num_codes if num_codes is None else int(num_codes))
-        return None if bad is None else f"{self.out_dir / shard} row {row}: {bad}"
-
-    def __getitem__(self, rid: str) -> Tensor:
-        shard, row = self._locate(rid)
-        bad = self._row_bad(shard, row, self.num_codes)
-        if bad is not None:
-            raise TokenCacheError(f"token cache record {rid!r} ({self.out_dir / shard} row {row}): {bad}")
-        return self._shard(shard)[row].to(torch.int64)  # (N,)
-
-    def _row_bad(self, shard: str, row: int, num_codes: int) -> str | None:
-        if (shard, num_codes) not in self._bad:  # one vectorised scan per shard; the verdicts outlive the LRU
-            self._bad[(shard, num_codes)] = _bad_rows(self._shard(shard), num_codes)
-        return self._bad[(shard, num_codes)].get(row)
-
-    def _locate(self, rid: str) -> tuple[str, int]:
-        try:
-            return self._where[rid]
-        except KeyError:
-            raise KeyError(f"TokenCache: record id {rid!r} is not in {self.out_dir}") from None
-
-    def _shard(self, name: str) -> Tensor:
-        if name in self._shards:
-            self._shards.move_to_end(name)
-            return self._shards[name]
-        data = (self.out_dir / name).read_bytes()
-        rec = self._records.get(name)
-        if rec is not None and name not in self._verified:
-            if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
-                raise self._damaged(name, f"differs from what was written (sha256 in {SHARDS_FILE})")
-        try:
-            ids, _ = _parse_shard(data)  # (n, N)
-        except ValueError as exc:
-            raise self._damaged(name, f"is unusable: {exc}") from None
-        if ids.dim() != 2 or ids.shape[1] != self.tokens_per_image or ids.shape[0] < self._rows.get(name, 0):
-            raise self._damaged(name, f"has ids of shape {tuple(ids.shape)}; {META_FILE} says "
-                                      f"{self.tokens_per_image} tokens per image and {INDEX_FILE} refers to "
-                                      f"{self._rows.get(name, 0)} rows")
-        self._verified.add(name)
-        self._shards[name] = ids
-        if len(self._shards) > self._max_shards:
-            self._shards.popitem(last=False)
-        return ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import atomic_path, write_atomic
 from hermesflow_fast.model.config import ModelConfig
 
 __all__ = ["CheckpointError", "check_finite", "load_pretrained", "load_state_dict_file", "map_keys",
@@ -208,9 +209,6 @@ def save_pretrained(model, path: str | os.PathLike) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path / "model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "model.safetensors")
-    cfg_tmp = path / "config.json.tmp"
-    cfg_tmp.write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-    os.replace(cfg_tmp, path / "config.json")
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    write_atomic(path / "config.json", json.dumps(model.config.to_hf_dict(), indent=2) + "\n")

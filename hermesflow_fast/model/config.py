@@ -70,6 +70,20 @@ class ModelConfig:
             per_layer += 4 * self.head_dim
         return V * d + L * per_layer + 2 * d + V * d + V
 
+    def forward_flops(self, tokens: float, head_rows: float | None = None) -> float:
+        """Model FLOPs of one forward pass over ``tokens`` tokens, the LM head run on ``head_rows`` of them (None:
+        every token); 2 FLOPs (a multiply and an add) per matmul weight per row:
+
+            2 · L · (4·d² + 2·d·f) · tokens     q, k, v, dense (d × d each), fc1 (d × f), fc2 (f × d)
+          + 2 · V · d · head_rows              the LM head
+
+        Attention's scores and mixing (about 4·L·d·context per token, which depends on the mask), biases, norms,
+        activations and the embedding lookup are left out. A backward pass costs twice the forward, so a training
+        step of the policy is 3× this, plus 1× for a reference model's forward; MFU = that / time / peak FLOP/s."""
+        d, f, V, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        rows = tokens if head_rows is None else head_rows
+        return 2.0 * L * (4 * d * d + 2 * d * f) * tokens + 2.0 * V * d * rows
+
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json content: transformers' PhiConfig keys plus ours."""
         return {

@@ -173,9 +173,6 @@ class Sequences:
         return Sequences(self.input_ids.to(device), self.position_ids.to(device), self.mask.to(device), t,
                          self.truncated)
 
-    def dense_mask(self) -> Tensor:
-        return self.mask.dense()
-
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
 class _Rows:

@@ -15,30 +15,9 @@ conv without padding; GroupNorm has eps 1e-6. Show-o's sizes (spec §5.7), the d
 multipliers (1, 2, 2, 4, 4) with (4, 3, 4, 3, 4) res-blocks, decoder multipliers (1, 1, 2, 2, 4) with (4, 4, 3, 4, 3)
 res-blocks, C = 13 (8192 codes), stride 16: 256² → 16×16 = 256 codes, 512² → 32×32 = 1024 codes.
 
-Checkpoint layout. The module names ARE the state-dict keys, in the naming of the open-source VQGAN-style MAGVIT-v2
-encoder/decoder (the released ``showlab/magvitv2`` key list is not available here, so this is the best-known layout):
-
-    encoder.conv_in.{weight,bias}
-    encoder.down.{i}.block.{j}.{norm1,conv1,norm2,conv2,nin_shortcut}.{weight,bias}     i = level, j = res-block
-    encoder.down.{i}.downsample.conv.{weight,bias}                                       i < L−1
-    encoder.mid.block_{k}.…   (k = 1, 2, …)      encoder.mid.attn_1.{norm,q,k,v,proj_out}.…  (mid_attention only)
-    encoder.norm_out.…   encoder.conv_out.…   quant_conv.…   [post_quant_conv.…]
-    decoder.conv_in.…   decoder.mid.block_{k}.…   decoder.up.{i}.block.{j}.…   decoder.up.{i}.upsample.conv.…  (i > 0)
-    decoder.norm_out.…   decoder.conv_out.…
-
-``decoder.up.{i}`` is level i counted from the finest resolution (it runs last), as in the VQGAN decoder.
-``map_magvit_keys`` first rewrites a few known variants onto these names: a ``module.`` prefix (DDP),
-``encoder.quant_conv`` → ``quant_conv``, ``decoder.post_quant_conv`` → ``post_quant_conv``, ``{enc,dec}oder.mid.{n}`` /
-``mid_block.{n}`` → ``mid.block_{n+1}``, ``downsample.weight`` → ``downsample.conv.weight`` (and ``upsample``); it drops
-the LFQ's buffers (``quantize.*``: the quantiser has no learned parameters) and training-only modules (``loss.*``,
-``discriminator.*``, ``lpips.*``, ``perceptual_loss.*``). ``load_magvit_state_dict`` then matches by name, strictly:
-every tensor's shape is checked before anything is copied, and a mismatch raises ``CheckpointError`` (a ``ValueError``)
-naming the tensor, the checkpoint's shape and the model's shape, with the lists of missing and unexpected keys. One
-leniency: a conv whose weight is present but whose bias is absent was built ``bias=False`` in the release and gets a
-zero bias (the same function). ``.bin``/``.pt`` files go through ``torch.load(weights_only=True)``: a pickle that
-carries code is refused; an unreadable (e.g. truncated) weights file, or a tensor the model loads holding NaN or ±inf,
-is a ``CheckpointError`` naming the file (and the tensor). ``MAGVITv2.from_pretrained(path)`` takes the sizes from our
-config.json if the folder has one, else infers them from the tensors' shapes (``MAGVITv2Config.from_state_dict``).
+Checkpoints (model/magvit_checkpoint.py): the module names are the state-dict keys of the released
+VQGAN-style layout; ``MAGVITv2.from_pretrained(path)`` maps known key variants onto them and loads strictly, and
+``save_pretrained`` writes our config.json + model.safetensors in that layout.
 
     python -m pytest -q tests/model/test_magvit.py
 """
@@ -59,7 +38,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hermesflow_fast.model.checkpoint import CheckpointError, check_finite, load_state_dict_file
+from hermesflow_fast.model.checkpoint import CheckpointError, check_finite
+from hermesflow_fast.model.magvit_checkpoint import (
+    CONFIG_FILE,
+    IGNORED_PREFIXES,
+    TOKENIZER_TYPE,
+    WEIGHTS_FILE,
+    load_magvit_state_dict,
+    map_key,
+    map_magvit_keys,
+    read_magvit_config,
+    read_state_dict,
+)
 from hermesflow_fast.ops.lfq import lfq_codes, lfq_quantize
 
 __all__ = [
@@ -73,11 +63,7 @@ __all__ = [
     "read_state_dict",
 ]
 
-TOKENIZER_TYPE = "magvitv2"  # config.json "tokenizer_type" of folders written by save_pretrained
-_CONFIG_FILE = "config.json"
-_WEIGHTS_FILE = "model.safetensors"
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_IGNORED_PREFIXES = ("quantize.", "loss.", "discriminator.", "lpips.", "perceptual_loss.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -436,11 +422,11 @@ class MAGVITv2(nn.Module):
         path = Path(path)
         files: dict[str, Path] = {}
         raw = read_state_dict(path, files)
-        check_finite({k: v for k, v in raw.items() if not _map_key(k).startswith(_IGNORED_PREFIXES)}, files)
+        check_finite({k: v for k, v in raw.items() if not map_key(k).startswith(IGNORED_PREFIXES)}, files)
         sd = map_magvit_keys(raw)
         if config is None:
-            saved = _read_our_config(path)
-            config = MAGVITv2Config.from_dict(saved, str(path / _CONFIG_FILE)) if saved is not None \
+            saved = read_magvit_config(path)
+            config = MAGVITv2Config.from_dict(saved, str(path / CONFIG_FILE)) if saved is not None \
                 else MAGVITv2Config.from_state_dict(sd)
         model = cls(config)
         load_magvit_state_dict(model, sd, source=str(path))
@@ -452,9 +438,9 @@ class MAGVITv2(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / _CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(sd, str(path / _WEIGHTS_FILE), metadata={"format": "pt", "tokenizer_type": TOKENIZER_TYPE})
+        save_file(sd, str(path / WEIGHTS_FILE), metadata={"format": "pt", "tokenizer_type": TOKENIZER_TYPE})
 
     # --- checks -------------------------------------------------------------------------------------------------------
 
@@ -505,111 +491,3 @@ def images_to_uint8(images: Tensor, name: str = "images_to_uint8") -> Tensor:
         raise ValueError(f"{name}: images must be (B, 3, H, W), got shape {tuple(images.shape)}")
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading and mapping checkpoints
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _read_our_config(path: Path) -> dict[str, Any] | None:
-    """Our config.json next to the weights (``tokenizer_type: magvitv2``), or None (absent, or a release's own)."""
-    file = (path if path.is_dir() else path.parent) / _CONFIG_FILE
-    if not file.is_file():
-        return None
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
-    return d if isinstance(d, dict) and d.get("tokenizer_type") == TOKENIZER_TYPE else None
-
-
-def read_state_dict(path: str | os.PathLike, files: dict[str, Path] | None = None) -> dict[str, Tensor]:
-    """A weights file (``.safetensors``, or ``.bin``/``.pt``/``.pth``/``.ckpt`` read with ``weights_only=True``) or a
-    folder holding ``*.safetensors`` (all are merged) or else ``pytorch_model.bin`` → {name: CPU tensor}. ``files``,
-    when given, is filled with the file each tensor came from. Errors are ``CheckpointError`` naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        paths = sorted(path.glob("*.safetensors"))
-        if not paths and (path / "pytorch_model.bin").is_file():
-            paths = [path / "pytorch_model.bin"]
-        if not paths:
-            raise CheckpointError(f"{path}: no *.safetensors or pytorch_model.bin in this folder (weights are "
-                                  f"read from a local path only)")
-    elif path.is_file():
-        paths = [path]
-    else:
-        raise CheckpointError(f"{path}: no such file or folder (weights are read from a local path only)")
-    sd: dict[str, Tensor] = {}
-    for f in paths:
-        part = load_state_dict_file(f)
-        dup = sorted(set(sd) & set(part))
-        if dup:
-            raise CheckpointError(f"{f}: tensors {dup[:5]} are also in another weights file of {path}")
-        sd.update(part)
-        if files is not None:
-            files.update(dict.fromkeys(part, f))
-    return sd
-
-
-_KEY_REWRITES: tuple[tuple[re.Pattern[str], Any], ...] = (
-    (re.compile(r"^module\."), ""),
-    (re.compile(r"^encoder\.quant_conv\."), "quant_conv."),
-    (re.compile(r"^decoder\.post_quant_conv\."), "post_quant_conv."),
-    (re.compile(r"^(encoder|decoder)\.(?:mid|mid_block)\.(\d+)\."), lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
-    (re.compile(r"\.(downsample|upsample)\.(weight|bias)$"), r".\1.conv.\2"),
-)
-
-
-def _map_key(key: str) -> str:
-    for pat, repl in _KEY_REWRITES:
-        key = pat.sub(repl, key)
-    return key
-
-
-def map_magvit_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rewrite known key variants onto our layout (module docstring) and drop LFQ buffers and training-only modules.
-
-    Raises ValueError when two source keys land on the same name."""
-    out: dict[str, Tensor] = {}
-    origin: dict[str, str] = {}
-    for key, value in state_dict.items():
-        new = _map_key(key)
-        if new.startswith(_IGNORED_PREFIXES):
-            continue
-        if new in out:
-            raise CheckpointError(f"map_magvit_keys: checkpoint keys {origin[new]!r} and {key!r} both map to {new!r}")
-        out[new], origin[new] = value, key
-    return out
-
-
-def load_magvit_state_dict(model: MAGVITv2, state_dict: Mapping[str, Tensor], source: str = "state_dict") -> None:
-    """Copy a checkpoint (any known key variant) into ``model``, strictly by name.
-
-    Raises CheckpointError (a ValueError) naming ``source`` and listing every shape mismatch (tensor, checkpoint shape,
-    model shape), missing key and unexpected key; nothing is copied unless all match."""
-    sd = map_magvit_keys(state_dict)
-    own = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    zero_bias = [k for k in own if k not in sd and k.endswith(".bias") and k[: -len("bias")] + "weight" in sd
-                 and isinstance(model.get_submodule(k.rsplit(".", 1)[0]), nn.Conv2d)]
-    missing = sorted(set(own) - set(sd) - set(zero_bias))
-    unexpected = sorted(set(sd) - set(own))
-    if mismatched or missing or unexpected:
-        parts = [f"{source}: the checkpoint does not fit MAGVITv2 with {model.config}"]
-        for label, items in (("shape mismatches", mismatched), ("missing keys", missing),
-                             ("unexpected keys", unexpected)):
-            if items:
-                more = f" … (+{len(items) - 20} more)" if len(items) > 20 else ""
-                parts.append(f"{len(items)} {label}: " + "; ".join(items[:20]) + more)
-        raise CheckpointError("\n".join(parts))
-    bad_dtype = [k for k, v in sd.items() if not v.dtype.is_floating_point]
-    if bad_dtype:
-        raise CheckpointError(f"{source}: tensors {bad_dtype[:5]} are not floating point")
-    with torch.no_grad():
-        for k, p in own.items():
-            if k in zero_bias:
-                p.zero_()
-            else:
-                p.copy_(sd[k])

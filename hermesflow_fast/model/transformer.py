@@ -207,10 +207,6 @@ class UnifiedTransformer(nn.Module):
 
         save_pretrained(self, path)
 
-    @property
-    def lm_head_weight(self) -> Tensor:
-        return self.lm_head.weight
-
     # -- forward --------------------------------------------------------------------------------------------------
     def _check_inputs(self, input_ids: Tensor, position_ids: Tensor) -> None:
         V, P = self.config.vocab_size, self.config.max_position_embeddings
@@ -309,12 +305,6 @@ class UnifiedTransformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, batch, max_len, dtype or p.dtype, p.device)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token (2·params of the matmuls + attention), for MFU."""
-        c = self.config
-        d, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-        return 2.0 * L * (4 * d * d + 2 * d * f) + 4.0 * L * seq_len * d + 2.0 * d * c.vocab_size
 
     def extra_repr(self) -> str:
         c = self.config

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import read_jsonl, write_atomic
 
 __all__ = ["RecordOutcome", "RoundSource", "diagnose_command", "diagnose_round", "judge_grids", "pair_diagnostics",
            "pass_at_k", "pearson", "round_source", "summarize", "world_records"]
@@ -197,18 +198,12 @@ def pair_diagnostics(pairs: Sequence[dict], stats: dict | None,
 def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     """Every complete line of a JSONL journal; a torn last line (a stage killed mid-write) is skipped and noted,
     never cut off (``Journal`` would truncate the file)."""
-    raw = path.read_bytes()
-    good = raw[: raw.rfind(b"\n") + 1]
-    if len(good) != len(raw):
+
+    def torn() -> None:
         notes.append(f"{path}: its last line is incomplete (the stage was interrupted); it is not counted")
+
     out = []
-    for n, line in enumerate(good.decode("utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    for n, rec in read_jsonl(path, tail="skip", on_torn=torn, errors="replace", error=UserError):
         if not isinstance(rec, dict) or "id" not in rec:
             raise UserError(f"{path}:{n}: a record without an id")
         out.append(rec)
@@ -485,7 +480,5 @@ def diagnose_command(round_dir: str | os.PathLike, model: str | os.PathLike | No
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(d, indent=1) + "\n" if out.suffix == ".json" else text)
-        tmp.replace(out)
+        write_atomic(out, json.dumps(d, indent=1) + "\n" if out.suffix == ".json" else text)
     return text

@@ -26,7 +26,6 @@ not depend on the batch it is drawn in or on the other records. Greedy text deco
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import defaultdict
@@ -43,6 +42,7 @@ from torch import Tensor
 from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
 from hermesflow_fast.model.tokenizer_vq import image_to_tensor, images_to_uint8
+from hermesflow_fast.seeding import hashed_generator
 from hermesflow_fast.world.judge import JUDGE, Judge
 from hermesflow_fast.world.records import WorldRecord
 from hermesflow_fast.world.scene import CATEGORIES
@@ -94,10 +94,7 @@ class EvalResult:
 
 def record_generator(seed: int, record_id: str, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of one record's generated images: seeded by sha256(seed, id)."""
-    key = f"evaluate\x1f{seed}\x1f{record_id}".encode()
-    g = torch.Generator(device)
-    g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
-    return g
+    return hashed_generator("evaluate", seed, record_id, device=device)
 
 
 def encode_records(wm, records: Sequence[WorldRecord], batch_size: int = 256) -> Tensor:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hermesflow_fast.io import append_synced, read_jsonl, write_atomic
+
 __all__ = ["Journal", "merge_shards", "shard_path"]
 
 
@@ -30,18 +32,7 @@ class Journal:
         self.path = shard_path(Path(path), rank)
         self._records: dict[str, dict[str, Any]] = {}
         if self.path.is_file():
-            raw = self.path.read_bytes()
-            good = raw[: raw.rfind(b"\n") + 1]  # everything up to the last complete line
-            if len(good) != len(raw):
-                with self.path.open("r+b") as f:
-                    f.truncate(len(good))
-            for n, line in enumerate(good.decode("utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{self.path}:{n}: not valid JSON ({exc.msg})") from exc
+            for n, rec in read_jsonl(self.path, tail="cut"):  # a torn last line is cut off
                 if "id" not in rec:
                     raise ValueError(f"{self.path}:{n}: record without an id")
                 self._records[str(rec["id"])] = rec
@@ -63,11 +54,7 @@ class Journal:
         rid = str(record["id"])
         if rid in self._records:
             raise ValueError(f"{self.path}: record {rid!r} is already written")
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_synced(self.path, json.dumps(record, separators=(",", ":")) + "\n")
         self._records[rid] = record
 
 
@@ -82,7 +69,5 @@ def merge_shards(path: str | os.PathLike, world_size: int, order: list[str] | No
                 raise ValueError(f"record {rid!r} appears in two rank shards of {path}")
             merged[rid] = rec
     ids = [i for i in (order or sorted(merged)) if i in merged]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(merged[i], separators=(",", ":")) + "\n" for i in ids))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(merged[i], separators=(",", ":")) + "\n" for i in ids))
     return Journal(path)

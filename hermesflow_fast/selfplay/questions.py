@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from hermesflow_fast.io import read_jsonl
 from hermesflow_fast.world.questions import question_prompt
 
 __all__ = ["RealQuestion", "load_tifa_questions"]
@@ -55,15 +56,7 @@ def _items(path: Path) -> list[tuple[str, object]]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         return [(f"item {i}", x) for i, x in enumerate(data)]
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"line {n}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-    return out
+    return [(f"line {n}", x) for n, x in read_jsonl(path)]
 
 
 def load_tifa_questions(path: str | os.PathLike, record_ids: Collection[str] | None = None, strict: bool = True,

@@ -45,6 +45,7 @@ from PIL import Image
 from torch import Tensor
 
 from hermesflow_fast.data.image_ref import image_problem, resolve_path
+from hermesflow_fast.io import read_lines
 from hermesflow_fast.model.tokenizer_vq import CONVERTIBLE_MODES, image_to_tensor
 from hermesflow_fast.selfplay.questions import RealQuestion, load_tifa_questions
 from hermesflow_fast.selfplay.stages import CurationRecord
@@ -105,43 +106,40 @@ def _parse(path: Path, problems: _Problems) -> tuple[list[RealRecord], int]:
     out: list[RealRecord] = []
     seen: dict[str, int] = {}
     total = 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            total += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.add("not valid JSON", n, None, exc.msg)
-                continue
-            if not isinstance(row, dict):
-                problems.add("not an object", n, None, f"got {type(row).__name__}")
-                continue
-            rid = str(row["id"]) if "id" in row else None
-            missing = [k for k in _REQUIRED if k not in row]
-            if missing:
-                problems.add(f"missing {', '.join(missing)}", n, rid)
-                continue
-            row.setdefault("prompt", row["caption"])
-            if isinstance(row["id"], int) and not isinstance(row["id"], bool):
-                row["id"] = rid = str(row["id"])  # numeric ids (COCO's) join as strings, as the question loader's
-            bad = [k for k in ("id", "image", "caption", "prompt") if not isinstance(row[k], str) or not row[k]]
-            if bad:
-                problems.add("value not a non-empty string", n, rid, ", ".join(f"{k}={row[k]!r}" for k in bad))
-                continue
-            rid = row["id"]
-            if rid in seen:
-                problems.add("repeated id", n, rid, f"first on line {seen[rid]}")
-                continue
-            seen[rid] = n
-            image = resolve_path(row["image"], path.parent)
-            why = image_problem(image)
-            if why is not None:
-                kind, _, detail = why.partition(": ")
-                problems.add(f"{kind} image", n, rid, detail)
-                continue
-            out.append(RealRecord(rid, image, row["prompt"], row["caption"], n))
+    for n, line in read_lines(path):
+        total += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.add("not valid JSON", n, None, exc.msg)
+            continue
+        if not isinstance(row, dict):
+            problems.add("not an object", n, None, f"got {type(row).__name__}")
+            continue
+        rid = str(row["id"]) if "id" in row else None
+        missing = [k for k in _REQUIRED if k not in row]
+        if missing:
+            problems.add(f"missing {', '.join(missing)}", n, rid)
+            continue
+        row.setdefault("prompt", row["caption"])
+        if isinstance(row["id"], int) and not isinstance(row["id"], bool):
+            row["id"] = rid = str(row["id"])  # numeric ids (COCO's) join as strings, as the question loader's
+        bad = [k for k in ("id", "image", "caption", "prompt") if not isinstance(row[k], str) or not row[k]]
+        if bad:
+            problems.add("value not a non-empty string", n, rid, ", ".join(f"{k}={row[k]!r}" for k in bad))
+            continue
+        rid = row["id"]
+        if rid in seen:
+            problems.add("repeated id", n, rid, f"first on line {seen[rid]}")
+            continue
+        seen[rid] = n
+        image = resolve_path(row["image"], path.parent)
+        why = image_problem(image)
+        if why is not None:
+            kind, _, detail = why.partition(": ")
+            problems.add(f"{kind} image", n, rid, detail)
+            continue
+        out.append(RealRecord(rid, image, row["prompt"], row["caption"], n))
     return out, total
 
 

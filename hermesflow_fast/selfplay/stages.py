@@ -34,8 +34,10 @@ from torch import Tensor
 
 from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import atomic_path, write_atomic
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
 from hermesflow_fast.model.tokenizer_vq import images_to_uint8
+from hermesflow_fast.seeding import hashed_generator
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.pairs import Choice, self_play_pair
 
@@ -73,10 +75,8 @@ class CurationSettings:
 
 
 def record_generator(record_id: str, round_: int, stage: str, seed: int, device="cpu") -> torch.Generator:
-    key = f"selfplay\x1f{stage}\x1f{record_id}\x1f{round_}\x1f{seed}".encode()
-    g = torch.Generator(device)
-    g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1))
-    return g
+    """The generator of one record's draws in ``stage`` of round ``round_``: seeded by sha256 of all four."""
+    return hashed_generator("selfplay", stage, record_id, round_, seed, device=device)
 
 
 def _todo(records: Sequence[CurationRecord], journal: Journal) -> list[CurationRecord]:
@@ -160,9 +160,9 @@ def save_candidate_images(image_tokenizer, record_id: str, codes: Tensor, out_di
         arr = images_to_uint8(image_tokenizer.decode(codes.to(image_tokenizer.device))).numpy()  # (M, H, W, 3)
     paths = []
     for k, a in enumerate(arr):
-        path, tmp = folder / f"{k}.png", folder / f".{k}.png.tmp"
-        Image.fromarray(a).save(tmp, format="PNG")
-        tmp.replace(path)
+        path = folder / f"{k}.png"
+        with atomic_path(path) as tmp:
+            Image.fromarray(a).save(tmp, format="PNG")
         paths.append(path)
     return paths
 
@@ -263,9 +263,7 @@ def build_pairs(records: Sequence[CurationRecord], und_cands: Journal, und_sc: J
             score_sums[side][1] += lo.score
         if "und" in rec or "gen" in rec:
             lines.append(rec)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
-    tmp.replace(out)
+    write_atomic(out, "".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
     stats = {"records": len(records), "pairs": len(lines)}
     for side in ("und", "gen"):
         n = kept[side]

@@ -1,6 +1,6 @@
 """Training: the Pair-DPO trainer (trainer), its per-pair fused-head objective (objective), a typed config (config),
-checkpoints holding the full resumable state (checkpoint), AdamW with its no-decay groups and warm-up + cosine
-schedule (optim), what a run folder allows on start and resume (resume), torchrun/DDP/FSDP2 setup (distributed).
+checkpoints holding the full resumable state (checkpoint, rng_state), AdamW with its no-decay groups and warm-up +
+cosine schedule (optim), what a run folder allows on start and resume (resume), torchrun/DDP/FSDP2 setup (distributed).
 
     from hermesflow_fast.train import Trainer, load_config
     Trainer(load_config("configs/tiny.yaml", ["train.lr=1e-4"]), run_dir="runs/x").setup().train()

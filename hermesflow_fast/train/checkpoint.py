@@ -44,7 +44,6 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 import secrets
 import shutil
@@ -57,7 +56,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hermesflow_fast.io import fsync_path
 from hermesflow_fast.model.checkpoint import CheckpointError
+from hermesflow_fast.train.rng_state import capture_rng_state, restore_rng_state
 
 __all__ = [
     "CheckpointError",
@@ -143,16 +144,6 @@ def _check_plain(obj: Any, where: str) -> None:
 # ------------------------------------------------------------------------------------------------------- file helpers
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any, allow_nan: bool = False) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=allow_nan)
@@ -235,42 +226,6 @@ def _plain_tensors(state: Mapping[str, Tensor], where: str) -> dict[str, Tensor]
             storages.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
-
-
-# ------------------------------------------------------------------------------------------------------------- RNG
-
-
-def _rng_state() -> tuple[dict[str, Tensor], dict[str, str]]:
-    import numpy as np
-
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    meta: dict[str, str] = {}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        device = torch.cuda.current_device()
-        tensors["cuda"] = torch.cuda.get_rng_state(device)
-        meta["cuda_device"] = str(device)
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    meta["numpy"] = json.dumps({"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)})
-    version, internal, gauss_next = random.getstate()
-    meta["python"] = json.dumps({"version": version, "internal": list(internal), "gauss_next": gauss_next})
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, str], where: Path) -> None:
-    import numpy as np
-
-    try:
-        torch.set_rng_state(tensors["torch_cpu"])
-        if "cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["cuda"], torch.cuda.current_device())
-        np_meta = json.loads(meta["numpy"])
-        keys = tensors["numpy_keys"].numpy().astype(np.uint32)
-        np.random.set_state((np_meta["kind"], keys, np_meta["pos"], np_meta["has_gauss"], np_meta["cached"]))
-        py = json.loads(meta["python"])
-        random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{where}: not a valid RNG state file ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------- manager
@@ -492,7 +447,7 @@ class CheckpointManager:
 
         with _writing(temp / MODEL_FILE):
             save_file(tensors, str(temp / MODEL_FILE), metadata={"format": "pt"})
-            _fsync(temp / MODEL_FILE)
+            fsync_path(temp / MODEL_FILE)
         tensors.clear()
         if optimizer_state is not None:
             with _writing(temp / OPTIMIZER_FILE), open(temp / OPTIMIZER_FILE, "wb") as f:
@@ -511,10 +466,10 @@ class CheckpointManager:
                                   f"state into (is {self.root} on a file system every rank sees?)")
         from safetensors.torch import save_file
 
-        tensors, meta = _rng_state()
+        tensors, meta = capture_rng_state()
         with _writing(temp / _rng_file(self.rank)):
             save_file(tensors, str(temp / _rng_file(self.rank)), metadata=meta)
-            _fsync(temp / _rng_file(self.rank))
+            fsync_path(temp / _rng_file(self.rank))
 
     def _finish(self, temp: Path, final: Path, step: int, rng: bool) -> None:
         if rng:
@@ -525,7 +480,7 @@ class CheckpointManager:
                  for p in sorted(temp.iterdir()) if p.is_file()}
         with _writing(temp / MANIFEST_FILE):
             _write_json(temp / MANIFEST_FILE, {"format": FORMAT, "step": step, "files": files})
-            _fsync(temp)
+            fsync_path(temp)
         with _writing(final):
             if final.exists():  # the same step saved again: move the old one aside, swap, then delete it
                 aside = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
@@ -534,7 +489,7 @@ class CheckpointManager:
                 shutil.rmtree(aside, ignore_errors=True)
             else:
                 os.replace(temp, final)
-            _fsync(self.root)
+            fsync_path(self.root)
         self._prune(final)
 
     def _prune(self, newest: Path) -> None:
@@ -596,7 +551,7 @@ class CheckpointManager:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-        _set_rng_state(tensors, meta, file)
+        restore_rng_state(tensors, meta, file)
         return True
 
 

@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import write_atomic
 
 __all__ = [
     "CheckpointSection",
@@ -531,7 +532,4 @@ def save_config(cfg: Any, path: str | Path, header: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
     body = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + ("\n" if lines else "") + body)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, "\n".join(lines) + ("\n" if lines else "") + body)

@@ -19,7 +19,7 @@ logπ = Σ_t w_t log p_t:
 share every mask, and so do the policy and the reference. With all weights 1 and α = 0 (the defaults) a side is one
 ``fused_linear_dpo_loss`` call with the policy and the reference rows together (und = next-token caption rows, gen =
 masked image slots); otherwise ``linear_logprobs`` gives the token log-probs (the op's "twopass" path: no
-[tokens × V] logits either) and the weighted sums feed ``dpo_losses``. The reference is either the frozen model's
+[tokens × V] logits either) and the weighted sums feed ``pair_dpo_loss``. The reference is either the frozen model's
 hidden states at the same rows or log-probs precomputed once per pair (``reference_logps``, same weights).
 
     python -m pytest -q tests/train/test_objective.py
@@ -33,8 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from hermesflow_fast.model.layout import IGNORE_INDEX, Target
-from hermesflow_fast.ops import fused_linear_dpo_loss, linear_logprobs
-from hermesflow_fast.ops.dpo import dpo_losses
+from hermesflow_fast.ops import fused_linear_dpo_loss, linear_logprobs, pair_dpo_loss
 
 __all__ = ["GEN_LOGP", "SIDES", "PairDPOObjective", "SideRows", "gather_side", "label_weights", "reference_logps",
            "side_stats_names"]
@@ -214,14 +213,16 @@ class PairDPOObjective(nn.Module):
         else:
             rlp = torch.zeros_like(lp)
         eps = self.label_smoothing if self.loss_type in _READS_SMOOTHING else 0.0
-        losses = dpo_losses(lp[:Q], lp[Q:], rlp[:Q], rlp[Q:], beta=self.beta, loss_type=self.loss_type,
-                            label_smoothing=eps)  # (Q,)
+        # this side's Pair-DPO term, mean over its Q pairs (the step weight and c_side are in pair_weight)
+        logps = (lp[:Q], lp[Q:], rlp[:Q], rlp[Q:])
+        dpo, _ = pair_dpo_loss(logps if side == "und" else None, logps if side == "gen" else None, beta=self.beta,
+                               loss_type=self.loss_type, label_smoothing=eps)
         nll = -(tok[:Q] * w[:Q]).sum(-1) / w[:Q].sum(-1).clamp_min(1e-300)  # (Q,) per token
-        per_pair = losses + self.rpo_alpha * nll
-        part = (pair_weight * per_pair.sum()).float()
+        mean = dpo + self.rpo_alpha * nll.mean()
+        part = (pair_weight * Q * mean).float()
         with torch.no_grad():
             rewards = (self.beta * (lp[:Q] - rlp[:Q]), self.beta * (lp[Q:] - rlp[Q:]))
-        return per_pair.detach().mean(), (lp[:Q].detach(), lp[Q:].detach(), *rewards), nll.detach(), part
+        return mean.detach(), (lp[:Q].detach(), lp[Q:].detach(), *rewards), nll.detach(), part
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ import torch
 from hermesflow_fast.data.batching import micro_batches
 from hermesflow_fast.data.gen_mask import pair_generator
 from hermesflow_fast.errors import UserError
+from hermesflow_fast.io import write_atomic
 from hermesflow_fast.model import ModelConfig, UnifiedTransformer, Vocabulary
 from hermesflow_fast.train.checkpoint import CheckpointManager
 from hermesflow_fast.train.config import ConfigError, TrainConfig, config_to_dict, save_config
@@ -396,7 +397,8 @@ class Trainer:
         sinks = self._extra_sinks() if info.is_main else []
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
-        flops_tok = 6.0 * self.policy.config.num_parameters()  # fwd+bwd of the policy (+2 for the reference fwd)
+        # model FLOPs per token: the policy's forward + backward (3 forwards) and the reference's forward
+        flops_tok = (4.0 if self.reference is not None else 3.0) * self.policy.config.forward_flops(1)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             m = self.train_step(self.step)
@@ -412,9 +414,7 @@ class Trainer:
                 m["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
                 peak = _peak_flops(info.device)
                 if peak:
-                    ref_f = 2.0 if self.reference is not None else 0.0
-                    m["mfu"] = (flops_tok + ref_f * self.policy.config.num_parameters()) * m["tokens_per_s"] / (
-                        peak * info.world_size)
+                    m["mfu"] = flops_tok * m["tokens_per_s"] / (peak * info.world_size)
             self.step += 1
             history.append(m)
             if info.is_main and (self.step % cfg.log.every == 0 or self.step == self.total_steps):
@@ -522,9 +522,7 @@ class Trainer:
                         keep.append(ln)
                 except (ValueError, KeyError, TypeError):  # a line cut short by a kill mid-write
                     continue
-            tmp = metrics.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(metrics)
+            write_atomic(metrics, "".join(ln + "\n" for ln in keep))
         self.log(f"resumed from {path} at step {self.step}")
 
     def _rebase_schedule(self) -> None:
