@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from hermesflow_fast.cli import main
 from hermesflow_fast.world import make_records
+from hermesflow_fast.world.base import BASE_DIR, load_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +28,9 @@ def run_dir(tmp_path):
     rd = run / "round-1"
     rd.mkdir(parents=True)
     (run / "config.yaml").write_text("world:\n  seed: 0\n")
-    lines = [{"id": r.id, "images": torch.randint(0, 512, (3, 64), generator=g).tolist()} for r in recs]
+    vocab = json.loads((BASE_DIR / "vocab.json").read_text())
+    codes, tokens = vocab["num_image_codes"], load_base().num_image_tokens
+    lines = [{"id": r.id, "images": torch.randint(0, codes, (3, tokens), generator=g).tolist()} for r in recs]
     (rd / "gen_candidates.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (rd / "gen_scores.jsonl").write_text("".join(json.dumps({"id": r.id, "accuracy": [1.0, 0.5, 0.0]}) + "\n"
                                                  for r in recs))
