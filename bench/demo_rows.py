@@ -34,7 +34,13 @@ def rows_of(run_dir: Path, wall_s: float | None, note: str) -> list[dict]:
                  "candidates_judge_pass@1": judge.get("pass_at_1"), "candidates_judge_pass@M": judge.get("pass_at_m"),
                  "selfvqa_judge_pearson": allrow.get("pearson"), "gen_pairs": gen_pairs.get("kept"),
                  "gen_pairs_judge_chosen": gen_pairs.get("judge_chosen"),
-                 "gen_pairs_judge_rejected": gen_pairs.get("judge_rejected"), "wall_s": wall_s, "note": note,
+                 "gen_pairs_judge_rejected": gen_pairs.get("judge_rejected"),
+                 "gen_pairs_judge_prefers_chosen": gen_pairs.get("judge_prefers_chosen"),
+                 "selfvqa_judge_agreement": allrow.get("agreement"),
+                 "candidates_by_category": {c: {"judge_pass@1": v["judge"]["pass_at_1"],
+                                                "judge_pass@M": v["judge"]["pass_at_m"], "agreement": v["agreement"]}
+                                            for c, v in (diag.get("categories") or {}).items()},
+                 "wall_s": wall_s, "note": note,
                  **recipe}
         for key in ("und", "gen", "gap"):
             m, s = r[key], r.get(f"{key}_std", 0.0)
