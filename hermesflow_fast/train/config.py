@@ -102,7 +102,8 @@ class DataSection:
     text_budget: int = _field(128, "max caption tokens (Show-o max_seq_length)", ge=1)
     t2i_text_len: int = _field(129, "text slots of a t2i sequence (Show-o max_text_len = 128 + 1)", ge=1)
     token_budget: int = _field(4096, "tokens per micro-batch (packed sequences)", ge=1)
-    synthetic_pairs: int = _field(0, "> 0: make this many pairs from the shapes world instead of reading", ge=0)
+    synthetic_pairs: int = _field(0, "> 0: make this many pairs of random captions, prompts and image codes (seeded "
+                                     "by run.seed) instead of reading files: for smoke tests and benchmarks", ge=0)
 
 
 @dataclass
