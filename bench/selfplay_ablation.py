@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench import utils
 from hermesflow_fast.selfplay.config import SelfPlayConfig
+from hermesflow_fast.selfplay.pairs import first_round_pair
 from hermesflow_fast.selfplay.rounds import run_selfplay
 from hermesflow_fast.train.config import load_config
 
@@ -56,10 +57,8 @@ def rewrite_pairs(round_dir: Path, arm: str, wm, world_seed: int, seed: int, thr
             w = lo = None
             if arm == "random" and gen is not None:
                 w, lo = rng.sample(idx, 2)
-            elif arm == "judge":
-                w, lo = max(idx, key=lambda i: c["judge"][i]), min(idx, key=lambda i: c["judge"][i])
-                if not (c["judge"][w] > c["judge"][lo] and c["judge"][w] > threshold):
-                    w = lo = None
+            elif arm == "judge" and (pair := first_round_pair(idx, c["judge"], threshold)) is not None:
+                w, lo = pair[0].item, pair[1].item  # self-play's round-1 rule, on the judge's scores
             if w is not None:
                 p["gen"] = {"chosen": c["images"][w], "rejected": c["images"][lo],
                             "scores": [c["self"][w], c["self"][lo]]}

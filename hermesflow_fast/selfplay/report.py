@@ -16,14 +16,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFINITIONS", "format_diagnostics", "format_table", "write_report"]
+__all__ = ["DEFINITIONS", "format_diagnostics", "format_score", "format_table", "write_report"]
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def _pm(r: dict, key: str, fmt: str = ".3f") -> str:
+def format_score(r: dict, key: str, fmt: str = ".3f") -> str:
     """The score, ± its standard deviation over evaluation seeds when the round has several."""
     std = r.get(f"{key}_std")
     return _num(r[key], fmt) + ("" if std is None or r[key] is None else f" ± {std:.3f}")
@@ -33,7 +33,8 @@ def format_table(rounds: list[dict]) -> str:
     lines = ["| round | und | gen | gap = und − gen | caption agreement |", "|---|---|---|---|---|"]
     for r in rounds:
         name = "base" if r["round"] == 0 else str(r["round"])
-        lines.append(f"| {name} | {_pm(r, 'und')} | {_pm(r, 'gen')} | {_pm(r, 'gap', '+.3f')} | "
+        scores = " | ".join(format_score(r, k, f) for k, f in (("und", ".3f"), ("gen", ".3f"), ("gap", "+.3f")))
+        lines.append(f"| {name} | {scores} | "
                      f"{_num(r.get('caption_agreement', None if r.get('skipped') else float('nan')))} |")
     return "\n".join(lines)
 

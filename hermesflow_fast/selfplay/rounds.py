@@ -195,9 +195,7 @@ def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo, d
 def _seed_stats(runs: list) -> dict:
     """und / gen / gap (and per-category gen, caption agreement) as the mean over evaluation seeds; with more than
     one seed also each score's standard deviation (``*_std``, ddof 1) and its values per seed (``*_seeds``)."""
-    def mean(xs: list[float]) -> float:
-        return sum(xs) / len(xs)
-
+    mean = statistics.fmean
     out: dict = {}
     for key in ("und", "gen", "gap"):
         xs = [float(getattr(r, key)) for r in runs]
@@ -228,8 +226,9 @@ def _skip_eval_into(rd: Path, info: DistInfo, diagnostics: Callable[[], dict] | 
 def _scores(res: dict) -> str:
     if res.get("und") is None:
         return "held-out evaluation skipped (real data; eval.json has null scores)"
-    pm = {k: f" ± {res[k + '_std']:.3f}" if k + "_std" in res else "" for k in ("und", "gen", "gap")}
-    return f"und {res['und']:.3f}{pm['und']}  gen {res['gen']:.3f}{pm['gen']}  gap {res['gap']:+.3f}{pm['gap']}"
+    from hermesflow_fast.selfplay.report import format_score
+
+    return f"und {format_score(res, 'und')}  gen {format_score(res, 'gen')}  gap {format_score(res, 'gap', '+.3f')}"
 
 
 def _curation(cfg: SelfPlayConfig, wm, info: DistInfo, say: Callable[[str], None]):
