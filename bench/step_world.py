@@ -216,7 +216,7 @@ def train_config(p: Problem, compile_blocks: bool) -> TrainConfig:
     return load_config(None, [
         f"run.seed={p.seed}", f"model.dtype={'bf16' if p.dtype == 'bf16' else 'fp32'}",
         f"model.compile={str(compile_blocks).lower()}", "model.attn_backend=auto",
-        f"data.token_budget={p.token_budget}", f"data.t2i_text_len={p.text_len + 1}", f"data.text_budget={p.text_len}",
+        f"data.token_budget={p.token_budget}", f"data.t2i_text_len={p.text_len + 1}", f"data.max_caption_tokens={p.text_len}",
         f"train.batch_size={p.pairs}", "train.max_steps=1000000", "train.warmup_ratio=0.0",
     ])
 

@@ -29,7 +29,12 @@ from pathlib import Path
 
 import click
 
+from hermesflow_fast.config import knob_options, options_to_overrides
+from hermesflow_fast.selfplay.config import SelfPlayConfig
+from hermesflow_fast.world.config import PretrainConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EVAL_RECIPE = "selfplay-shapes"  # `hermesflow eval` evaluates the way this recipe's rounds do
 
 
 def _version(dist: str) -> str | None:
@@ -221,70 +226,74 @@ def demo(run_dir: str, rounds: int) -> None:
     raise SystemExit(run_demo(run_dir, rounds))
 
 
-@main.command()
-@click.option("--world", type=click.Choice(["shapes"]), default="shapes", show_default=True)
+_PRETRAIN_OPTIONS = {"--world": "world", "--records": "records", "--steps": "steps", "--seed": "seed",
+                     "--eval-records": "eval_records"}
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@knob_options(PretrainConfig, _PRETRAIN_OPTIONS)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="output folder  [default: hermesflow_fast/world/base, the shipped base]")
-@click.option("--records", type=int, default=None, help="train records  [default: PretrainConfig.records]")
-@click.option("--steps", type=int, default=None, help="optimizer steps  [default: PretrainConfig.steps]")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--eval-records", type=int, default=None,
-              help="held-out records evaluated at the end (0: none)  [default: PretrainConfig.eval_records]")
 @click.option("--threads", type=int, default=None, help="torch CPU threads  [default: torch's]")
-def pretrain(world: str, out_dir: str | None, records: int | None, steps: int | None, seed: int,
-             eval_records: int | None, threads: int | None) -> None:
-    """Pretrain the world's tiny Show-o-architecture base from scratch (t2i + captioning + VQA), seeded."""
+@click.argument("overrides", nargs=-1)
+def pretrain(out_dir: str | None, threads: int | None, overrides: tuple[str, ...], **given) -> None:
+    """Pretrain the world's tiny Show-o-architecture base from scratch (t2i + captioning + VQA), seeded.
+    OVERRIDES: any other PretrainConfig knob as key=value (world/config.py), e.g. lr=1e-3 eval.steps=16."""
     import torch
 
-    from hermesflow_fast.world.base import BASE_DIR
-    from hermesflow_fast.world.pretrain import PretrainConfig
+    from hermesflow_fast.config import load_config
     from hermesflow_fast.world.pretrain import pretrain as run_pretrain
+    from hermesflow_fast.world.shipped import BASE_DIR
 
     if threads is not None:
         torch.set_num_threads(threads)
-    kw = {k: v for k, v in (("records", records), ("steps", steps), ("eval_records", eval_records)) if v is not None}
-    try:
-        cfg = PretrainConfig(world=world, seed=seed, **kw)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    cfg = load_config(None, [*options_to_overrides(_PRETRAIN_OPTIONS, given), *overrides], schema=PretrainConfig)
     run_pretrain(cfg, Path(out_dir) if out_dir else BASE_DIR, log=click.echo)
+
+
+_EVAL_OPTIONS = {"--records": "world.heldout_records", "--seed": "run.seed",
+                 "--images-per-prompt": "eval.images_per_prompt", "--steps": "eval.steps",
+                 "--guidance-scale": "eval.guidance_scale", "--noise-temperature": "eval.noise_temperature",
+                 "--seeds": "eval.seeds", "--batch-size": "eval.batch_size"}
 
 
 @main.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, file_okay=False),
-              help="a world model folder (the shipped base hermesflow_fast/world/base, or a self-play round's model/)")
+              help="a model folder (the shipped base hermesflow_fast/world/base, or a self-play round's model/)")
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="writes eval.json and samples.png")
-@click.option("--records", type=int, default=1024, show_default=True, help="held-out records")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the held-out records and the sampling")
-@click.option("--images-per-prompt", type=int, default=1, show_default=True)
-@click.option("--steps", type=int, default=16, show_default=True, help="MaskGIT steps")
-@click.option("--guidance-scale", type=float, default=0.0, show_default=True)
-@click.option("--noise-temperature", type=float, default=30.0, show_default=True, help="MaskGIT Gumbel noise τ₀")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--config", "recipe", default=EVAL_RECIPE, show_default=True,
+              help="the recipe whose eval.* and world.* settings are the defaults (a file or a shipped recipe)")
+@knob_options(SelfPlayConfig, _EVAL_OPTIONS, defaults_from=EVAL_RECIPE)
 @click.option("--device", default="cpu", show_default=True)
-def eval_command(checkpoint: str, run_dir: str, records: int, seed: int, images_per_prompt: int, steps: int,
-                 guidance_scale: float, noise_temperature: float, batch_size: int, device: str) -> None:
-    """Understanding vs generation on held-out world records: und, gen, gap, per category (the paper's Table 4).
-    The sampler defaults are the self-play recipe's evaluation (configs/selfplay-shapes.yaml)."""
+def eval_command(checkpoint: str, run_dir: str, recipe: str, device: str, **given) -> None:
+    """Understanding vs generation on held-out world records: und, gen, gap, per category (the paper's Table 4),
+    the way a self-play round evaluates (mean ± std over eval.seeds seeds). --seed seeds the held-out records and
+    the sampling; the other defaults are the recipe's (configs/selfplay-shapes.yaml)."""
     import json
 
-    from hermesflow_fast.selfplay.evaluate import evaluate, save_grid
+    from hermesflow_fast.config import load_config
+    from hermesflow_fast.selfplay.report import format_score
     from hermesflow_fast.world import make_records
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.evaluate import evaluate_seeds, save_grid, seed_stats
+    from hermesflow_fast.world.shipped import load_base
 
-    if records < 1:
-        raise click.BadParameter(f"--records must be ≥ 1, got {records}")
+    overrides = options_to_overrides(_EVAL_OPTIONS, given)
+    cfg = load_config(recipe, overrides, schema=SelfPlayConfig)
+    seed = cfg.run.seed
     wm = load_base(checkpoint, device=device)
-    res = evaluate(wm, make_records(records, seed, "heldout"), images_per_prompt=images_per_prompt, steps=steps,
-                   guidance_scale=guidance_scale, noise_temperature=noise_temperature, seed=seed,
-                   batch_size=batch_size)
+    runs = evaluate_seeds(wm, make_records(cfg.world.heldout_records, seed, "heldout"), cfg.eval, seed=seed)
+    res = runs[0]
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"checkpoint": str(checkpoint), **res.to_dict(samples=False),
-                                               "samples": {k: res.samples[k] for k in ("prompts", "captions")}},
-                                              indent=1) + "\n")
+    # the first seed's full result, its scores replaced by the mean over seeds (and their std, per-seed values)
+    summary = {"checkpoint": str(checkpoint), **res.to_dict(samples=False), **seed_stats(runs),
+               "seeds": [r.settings["seed"] for r in runs],
+               "samples": {k: res.samples[k] for k in ("prompts", "captions")}}
+    (out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
     save_grid(wm, res, out / "samples.png")
     click.echo(res.table())
+    click.echo(f"over {len(runs)} seed(s): und {format_score(summary, 'und')}  gen {format_score(summary, 'gen')}  "
+               f"gap {format_score(summary, 'gap', '+.3f')}")
     click.echo(f"wrote {out / 'eval.json'} and {out / 'samples.png'}")
 
 
@@ -301,7 +310,7 @@ def images_command(round_dir: str, model: str | None, out_dir: str | None) -> No
     from hermesflow_fast.selfplay.journal import Journal
     from hermesflow_fast.selfplay.stages import export_candidate_images
     from hermesflow_fast.train.config import load_config
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.shipped import load_base
 
     rd = Path(round_dir)
     cands = rd / "gen_candidates.jsonl"
@@ -333,7 +342,7 @@ def diagnose_command(round_dir: str, model: str | None, world_seed: int | None, 
     data (no judge) reports what self-VQA gives and says what it cannot."""
     from hermesflow_fast.selfplay.diagnose import diagnose_command as run
 
-    click.echo(run(round_dir, model=model, world_seed=world_seed, out=out_file, batch_size=batch_size), nl=False)
+    click.echo(run(round_dir, model=model, world_seed=world_seed, out=out_file, decode_batch=batch_size), nl=False)
     if out_file:
         click.echo(f"wrote {out_file}", err=True)
 

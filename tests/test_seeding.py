@@ -12,8 +12,8 @@ import torch
 
 from hermesflow_fast.data.gen_mask import pair_generator
 from hermesflow_fast.seeding import hashed_generator, hashed_seed
-from hermesflow_fast.selfplay.evaluate import record_generator as eval_generator
-from hermesflow_fast.selfplay.stages import record_generator as stage_generator
+from hermesflow_fast.selfplay.stages import curation_generator as stage_generator
+from hermesflow_fast.world.evaluate import eval_generator
 
 
 def _by_hand(key: str) -> int:

@@ -113,9 +113,9 @@ def text_budgets(layout: Layout, und_prompt_len: int) -> tuple[int, int]:
 
 
 def tokenize_pair(record: PairRecord, text_tokenizer: Any, codes: Callable[[str], Tensor], *,
-                  text_budget: int | None = None, prompt_budget: int | None = None) -> TokenizedPair:
+                  caption_budget: int | None = None, prompt_budget: int | None = None) -> TokenizedPair:
     """A validated record as ids (data/text.py's templates); ``codes(ref)`` -> (N,) codes of an image ref (e.g.
-    ``ImageCodes``). Captions over ``text_budget`` and a prompt over ``prompt_budget`` are cut and counted."""
+    ``ImageCodes``). Captions over ``caption_budget`` and a prompt over ``prompt_budget`` are cut and counted."""
     if record.id is None or record.prompt is None:
         raise ValueError(f"tokenize_pair: record on line {record.line} lacks an id or a prompt; validate it first")
     cut = 0
@@ -134,8 +134,8 @@ def tokenize_pair(record: PairRecord, text_tokenizer: Any, codes: Callable[[str]
         prompt_ids=fit(prompt_ids(text_tokenizer, record.prompt), prompt_budget),
         und_prompt_ids=und_prompt_ids(text_tokenizer, record.question_text),
         image_codes=codes(record.image) if und else None,
-        caption_chosen_ids=fit(caption_ids(text_tokenizer, record.caption_chosen), text_budget) if und else None,
-        caption_rejected_ids=fit(caption_ids(text_tokenizer, record.caption_rejected), text_budget) if und else None,
+        caption_chosen_ids=fit(caption_ids(text_tokenizer, record.caption_chosen), caption_budget) if und else None,
+        caption_rejected_ids=fit(caption_ids(text_tokenizer, record.caption_rejected), caption_budget) if und else None,
         image_chosen_codes=codes(record.image_chosen) if gen else None,
         image_rejected_codes=codes(record.image_rejected) if gen else None,
         truncated=cut,

@@ -13,7 +13,7 @@ Checks, in order, per record (a side = understanding "und" (image, y_w, y_l) or 
     equal pair        y_w == y_l (after strip) drops the und side; x_w == x_l (same file, files with the same bytes,
                       same cache row, or equal cached codes) drops the gen side; a file is hashed only when another
                       file of its pair has its size, once
-    too long          a caption over ``text_budget`` tokens or a prompt over ``prompt_budget`` tokens: with
+    too long          a caption over ``caption_budget`` tokens or a prompt over ``prompt_budget`` tokens: with
                       ``truncate`` it is counted (batching cuts it), without, its side is dropped
     no side           neither side declared (record dropped)
 
@@ -21,7 +21,7 @@ A record that loses both sides is dropped (counted under the first problem that 
 raises one UserError listing the first 20 problems and their total (callers write nothing); ``strict=False``
 returns the kept records, with a dropped side's fields set to None, and the report.
 
-    report = validate_pairs(read_pairs(f), f, root=f.parent, text_tokenizer=tok, text_budget=100, truncate=False,
+    report = validate_pairs(read_pairs(f), f, root=f.parent, text_tokenizer=tok, caption_budget=100, truncate=False,
                             strict=False, token_cache=TokenCache(cache_dir))
     print(report.summary())   # kept 4,812 / 5,000 (und 4,790, gen 4,801); dropped: 120 equal pair, 68 missing image
 
@@ -114,22 +114,23 @@ def _blank(v: str | None) -> bool:
 
 def validate_pairs(
     records: Sequence[PairRecord], source: str | os.PathLike, *, root: str | os.PathLike, text_tokenizer: Any,
-    text_budget: int, truncate: bool, strict: bool, token_cache: Any = None,
+    caption_budget: int, truncate: bool, strict: bool, token_cache: Any = None,
     image_exists: Callable[[Path], bool | str | None] = image_problem, prompt_budget: int | None = None,
     num_codes: int | None = None,
 ) -> ValidationReport:
     """Check ``records`` read from ``source`` (named in every problem); see the module docstring.
 
-    ``root``: the folder path refs are relative to (the JSONL file's). ``text_budget``: most caption tokens
-    (``caption_ids``, eos excluded); ``prompt_budget`` (default ``text_budget``): most prompt tokens (``prompt_ids``).
+    ``root``: the folder path refs are relative to (the JSONL file's). ``caption_budget``: most caption tokens
+    (``caption_ids``, eos excluded); ``prompt_budget`` (default ``caption_budget``): most prompt tokens
+    (``prompt_ids``).
     ``token_cache``: a TokenCache (or mapping id -> codes) serving ``cache:`` refs. ``num_codes``: the codebook size
     cached codes must fall below (default the cache's ``num_codes``; the model's image-code count when smaller).
     ``image_exists(path)``: None or True if the file is usable, False if missing, or a reason string ("missing: …" /
     "unreadable: …").
     """
-    if text_budget < 1:
-        raise ValueError(f"validate_pairs: text_budget must be ≥ 1, got {text_budget}")
-    prompt_budget = text_budget if prompt_budget is None else prompt_budget
+    if caption_budget < 1:
+        raise ValueError(f"validate_pairs: caption_budget must be ≥ 1, got {caption_budget}")
+    prompt_budget = caption_budget if prompt_budget is None else prompt_budget
     source = str(source)
     report = ValidationReport(source, len(records))
     seen: dict[str, int | None] = {}
@@ -258,7 +259,7 @@ def validate_pairs(
                 if len(found) == n_before:
                     texts = ([("caption_chosen", a), ("caption_rejected", b)] if side == "und"
                              else [("prompt", rec.prompt)])
-                    budget = text_budget if side == "und" else prompt_budget
+                    budget = caption_budget if side == "und" else prompt_budget
                     for name, text in texts:
                         n = len((caption_ids if side == "und" else prompt_ids)(text_tokenizer, text))
                         if n > budget:

@@ -20,21 +20,16 @@ from pathlib import Path
 
 from hermesflow_fast.selfplay.rounds import STAGES
 
-__all__ = ["DEMO_OVERRIDES", "STAGES", "demo", "selfplay_main"]
+__all__ = ["DEMO_RECIPE", "STAGES", "demo", "selfplay_main"]
 
-# The demo's recipe on top of SelfPlayConfig's defaults (= configs/selfplay-shapes.yaml, a test keeps them equal):
-# sized for 2 CPU cores in under 10 minutes for two rounds (6 images per prompt: generation is most of a round).
-DEMO_OVERRIDES = ["world.train_records=1024", "world.heldout_records=1024", "curation.images_per_prompt=6",
-                  "curation.steps=16", "curation.guidance_scale=0.0", "curation.noise_temperature=30.0",
-                  "train.lr=1e-4", "train.batch_size=32", "train.epochs=1", "train.rpo_alpha=1.0", "eval.steps=16",
-                  "eval.guidance_scale=0.0", "eval.noise_temperature=30.0", "eval.seeds=3", "log.progress=true",
-                  "log.every=5", "checkpoint.every=1000", "checkpoint.keep=1"]
+DEMO_RECIPE = "selfplay-shapes"  # hermesflow_fast/recipes/selfplay-shapes.yaml (= configs/selfplay-shapes.yaml)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="HermesFlow self-play rounds on the shapes world, or on "
                                                      "real data with data.records=… (selfplay/sources.py).")
-    ap.add_argument("--config", default=None, help="YAML recipe (configs/selfplay-shapes.yaml); none = defaults")
+    ap.add_argument("--config", default=None, help="YAML recipe: a file, or the name of a shipped one "
+                                                   "(selfplay-shapes, selfplay-real); none = the schema's defaults")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="continue at the first unfinished stage")
@@ -107,7 +102,8 @@ def _run(args, overrides: list[str]) -> int:
 
 
 def demo(run_dir: str, rounds: int) -> int:
-    """Two self-play rounds from the shipped base (what `make demo` runs); a finished run dir is reported again."""
+    """Two self-play rounds from the shipped base with the shapes recipe (what `make demo` runs); a finished run dir
+    is reported again."""
     run = Path(run_dir)
     if (run / "summary.json").is_file():
         done = json.loads((run / "summary.json").read_text())["rounds"]
@@ -116,5 +112,6 @@ def demo(run_dir: str, rounds: int) -> int:
 
             print(format_table(done) + f"\n(already done; report: {run / 'report.md'}, plot: {run / 'gap.png'})")
             return 0
-    args = argparse.Namespace(config=None, run_dir=run_dir, rounds=rounds, resume=run.exists(), stop_after=None)
-    return _run(args, list(DEMO_OVERRIDES))
+    args = argparse.Namespace(config=DEMO_RECIPE, run_dir=run_dir, rounds=rounds, resume=run.exists(),
+                              stop_after=None)
+    return _run(args, [])

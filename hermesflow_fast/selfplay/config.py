@@ -1,4 +1,4 @@
-"""The self-play recipe's schema (YAML + dotted overrides through train/config.py's machinery).
+"""The self-play recipe's schema (YAML + dotted overrides through hermesflow_fast/config.py).
 
     hermesflow selfplay --config configs/selfplay-shapes.yaml --run-dir runs/sp --rounds 2 curation.steps=8
     hermesflow selfplay --config configs/selfplay-real.yaml --run-dir runs/real data.records=… data.questions=… \
@@ -13,69 +13,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hermesflow_fast.train.config import (
-    CheckpointSection,
-    ConfigError,
-    DistSection,
-    LogSection,
-    RunSection,
-    TrainSection,
-    _field,
-)
+from hermesflow_fast.config import ConfigError, knob
+from hermesflow_fast.train.config import CheckpointSection, DistSection, LogSection, RunSection, TrainSection
+from hermesflow_fast.world.config import EvalSection, WorldSection
 
 __all__ = ["CurationSection", "DataSection", "EvalSection", "SelfPlayConfig", "WorldSection", "check_data"]
 
 
 @dataclass
-class WorldSection:
-    base: str | None = _field(None, "base model folder; None → the shipped shapes-world base (world/base)")
-    train_records: int = _field(256, "world records curated each round", ge=1)
-    heldout_records: int = _field(64, "held-out records the evaluation uses (never curated or trained on)", ge=1)
-    seed: int = _field(0, "seed of the world's records", ge=0)
-
-
-@dataclass
 class DataSection:
-    records: str | None = _field(None, "real-data records file (JSONL: id, image, caption[, prompt]; "
+    records: str | None = knob(None, "real-data records file (JSONL: id, image, caption[, prompt]; "
                                        "selfplay/sources.py); None → the shapes world (world.*)")
-    questions: str | None = _field(None, "TIFA question file (JSON array or JSONL) joined to the records by id; "
+    questions: str | None = knob(None, "TIFA question file (JSON array or JSONL) joined to the records by id; "
                                          "required with data.records")
-    scorer_model: str | None = _field(None, "local model folder of the text embedder that scores captions and maps "
+    scorer_model: str | None = knob(None, "local model folder of the text embedder that scores captions and maps "
                                             "answers to choices; required with data.records (nothing is downloaded)")
-    scorer_kind: Literal["sbert", "bert-cls"] = _field("sbert", "sbert (sentence-transformers folder) or bert-cls "
+    scorer_kind: Literal["sbert", "bert-cls"] = knob("sbert", "sbert (sentence-transformers folder) or bert-cls "
                                                                 "(a BERT folder, [CLS] cosine as the original code)")
-    answer_min_similarity: float = _field(0.5, "a free-form self-VQA answer maps to its nearest choice only at this "
+    answer_min_similarity: float = knob(0.5, "a free-form self-VQA answer maps to its nearest choice only at this "
                                                "cosine or above (an exact match always counts)", ge=-1.0, le=1.0)
-    strict: bool = _field(True, "a bad record or question is an error naming file, line and id; false → skip it "
+    strict: bool = knob(True, "a bad record or question is an error naming file, line and id; false → skip it "
                                 "and log the count")
 
 
 @dataclass
 class CurationSection:
-    caption_grid: list[list[float]] = _field(
+    caption_grid: list[list[float]] = knob(
         [[1, 0.0], [2, 0.1], [2, 0.7], [2, 2.0], [3, 0.1], [3, 0.7], [3, 2.0], [4, 0.1], [4, 0.7], [4, 2.0]],
         "(top_k, temperature) per caption; temperature 0 = greedy (the paper's code: greedy + {2,3,4} × {0.1,0.7,2})")
-    images_per_prompt: int = _field(8, "generated images per prompt (M)", ge=2)
-    steps: int = _field(12, "MaskGIT steps", ge=1)
-    guidance_scale: float = _field(3.0, "classifier-free guidance g", ge=0.0)
-    noise_temperature: float = _field(1.0, "Gumbel noise τ₀ of the confidence", ge=0.0)
-    vqa_threshold: float = _field(0.6, "a generation pair needs its winner's self-VQA accuracy above this", ge=0.0)
-    caption_tokens: int = _field(24, "max new tokens of a caption", ge=1)
-    answer_tokens: int = _field(4, "max new tokens of a self-VQA answer", ge=1)
-    batch_size: int = _field(32, "records per generation call", ge=1)
-    save_images: bool = _field(False, "also decode each generated candidate to round-r/images/<id>/<k>.png (for "
-                                      "people and pixel-reading judges; curation itself reads the token grids)")
+    images_per_prompt: int = knob(8, "generated images per prompt (M)", ge=2)
+    steps: int = knob(12, "MaskGIT steps", ge=1)
+    guidance_scale: float = knob(3.0, "classifier-free guidance g", ge=0.0)
+    noise_temperature: float = knob(1.0, "Gumbel noise τ₀ of the confidence", ge=0.0)
+    vqa_threshold: float = knob(0.6, "a generation pair needs its winner's self-VQA accuracy above this", ge=0.0)
+    caption_tokens: int = knob(24, "max new tokens of a caption", ge=1)
+    answer_tokens: int = knob(4, "max new tokens of a self-VQA answer", ge=1)
+    batch_size: int = knob(32, "records per generation call", ge=1)
+    save_images: bool = knob(False, "also decode each generated candidate to round-r/images/<id>/<k>.png (for "
+                                     "people and pixel-reading judges; curation itself reads the token grids)")
 
+    def check(self, where) -> None:
+        for entry in self.caption_grid:
+            if len(entry) != 2 or entry[0] < 1 or entry[0] != int(entry[0]) or entry[1] < 0:
+                raise ConfigError(f"{where('caption_grid')}: 'curation.caption_grid' entry {entry} must be [top_k, "
+                                  f"temperature] with an integer top_k ≥ 1 and temperature ≥ 0")
+        if not self.caption_grid:
+            raise ConfigError(f"{where('caption_grid')}: 'curation.caption_grid' is empty")
 
-@dataclass
-class EvalSection:
-    images_per_prompt: int = _field(1, "generated images per held-out prompt", ge=1)
-    steps: int = _field(12, "MaskGIT steps", ge=1)
-    guidance_scale: float = _field(3.0, "classifier-free guidance g", ge=0.0)
-    noise_temperature: float = _field(1.0, "Gumbel noise τ₀ of the confidence", ge=0.0)
-    seeds: int = _field(1, "evaluation seeds run.seed, run.seed + 1, …: und / gen / gap are their mean, "
-                           "und_std / gen_std / gap_std their standard deviation", ge=1)
-    batch_size: int = _field(32, "records per generation call", ge=1)
+    def grid(self) -> tuple[tuple[int, float], ...]:
+        """``caption_grid`` as (top_k, temperature) pairs."""
+        return tuple((int(k), float(t)) for k, t in self.caption_grid)
 
 
 @dataclass

@@ -26,7 +26,7 @@ the run's config.yaml) has no judge: the figures self-VQA gives alone are report
 score = self-consistency, the fraction of the model's own answers about its images that match its prompt's facts;
 ties, pairs) and ``unavailable`` says what is missing and why.
 
-Candidates are decoded to pixels in batches (``batch_size`` grids per decode) and judged in memory; nothing is
+Candidates are decoded to pixels in batches (``decode_batch`` grids per decode) and judged in memory; nothing is
 written to the round folder. The self-play run keeps the result in each round's eval.json (and so summary.json)
 under "diagnostics".
 
@@ -261,17 +261,17 @@ def world_records(ids: Sequence[str], seed: int, where: str = "the round") -> di
 
 
 def judge_grids(image_tokenizer, grids: torch.Tensor, questions: Sequence[Sequence[Any]], judge=None,
-                batch_size: int = 256) -> list[list[bool]]:
-    """Decode (B, N) token grids in batches of ``batch_size`` and let the judge answer each grid's questions →
+                decode_batch: int = 256) -> list[list[bool]]:
+    """Decode (B, N) token grids in batches of ``decode_batch`` and let the judge answer each grid's questions →
     [grid][question] right or wrong. The pixels are rounded to uint8 as ``evaluate`` does (identical answers)."""
     from hermesflow_fast.model.tokenizer_vq import images_to_uint8
     from hermesflow_fast.world.judge import JUDGE
 
     judge = judge or JUDGE
     out: list[list[bool]] = []
-    for i in range(0, len(grids), batch_size):
+    for i in range(0, len(grids), decode_batch):
         with torch.no_grad():
-            pixels = images_to_uint8(image_tokenizer.decode(grids[i:i + batch_size].to(image_tokenizer.device)))
+            pixels = images_to_uint8(image_tokenizer.decode(grids[i:i + decode_batch].to(image_tokenizer.device)))
         for j, img in enumerate(pixels.numpy()):  # (H, W, 3) uint8
             qs = questions[i + j]
             out.append([a == q.answer for a, q in zip(judge.answers(img, qs), qs)])
@@ -296,7 +296,7 @@ def _check_seed(pairs: list[dict], records: dict[str, Any], path: Path, src: Rou
 
 
 def diagnose_round(round_dir: str | os.PathLike, image_tokenizer=None, *, world_seed: int | None = None,
-                   source: RoundSource | None = None, judge=None, batch_size: int = 256) -> dict[str, Any]:
+                   source: RoundSource | None = None, judge=None, decode_batch: int = 256) -> dict[str, Any]:
     """The diagnostics of one round folder (see the module docstring), read-only. ``image_tokenizer`` decodes the
     grids for the judge (the shapes world; None: the judge's figures are unavailable); ``source``: where the
     records come from (default ``round_source(round_dir, world_seed, ids)``). A missing or empty
@@ -371,7 +371,7 @@ def diagnose_round(round_dir: str | os.PathLike, image_tokenizer=None, *, world_
         except (TypeError, ValueError, RuntimeError):
             raise UserError(f"{cand_path}: the token grids are not lists of integers of one length") from None
         qs = [records[c["id"]].questions for c in cands for _ in c["images"]]
-        right = judge_grids(image_tokenizer, grids, qs, judge, batch_size)
+        right = judge_grids(image_tokenizer, grids, qs, judge, decode_batch)
         k = 0
         for c in cands:
             judge_of[c["id"]] = right[k:k + len(c["images"])]
@@ -392,7 +392,7 @@ def diagnose_round(round_dir: str | os.PathLike, image_tokenizer=None, *, world_
                  for k in ("chosen", "rejected") if (p["id"], tuple(p["gen"][k])) not in known]
         if extra:  # round ≥ 2: a loser kept from the previous round's pair is not among this round's candidates
             right = judge_grids(image_tokenizer, torch.tensor([g for _, g in extra]),
-                                [records[i].questions for i, _ in extra], judge, batch_size)
+                                [records[i].questions for i, _ in extra], judge, decode_batch)
             known.update({(i, tuple(g)): sum(r) / len(r) if r else 0.0 for (i, g), r in zip(extra, right)})
 
         def judge_score(rid: str, grid: list[int]) -> float | None:
@@ -445,18 +445,18 @@ def _heldout(rd: Path) -> str | None:
 
 def diagnose_command(round_dir: str | os.PathLike, model: str | os.PathLike | None = None,
                      world_seed: int | None = None, out: str | os.PathLike | None = None,
-                     batch_size: int = 256) -> str:
+                     decode_batch: int = 256) -> str:
     """``hermesflow diagnose``: the markdown of ``diagnose_round`` on ``round_dir`` (returned, to print), written to
     ``out`` when given (``.json``: the dict; else the markdown), atomically. Nothing in the round folder changes.
     ``model``: the world model folder whose ``vq/`` decodes the grids (default: the run's world.base, else the
     shipped base)."""
     from hermesflow_fast.model.tokenizer_vq import load_image_tokenizer
     from hermesflow_fast.selfplay.report import DEFINITIONS, format_diagnostics
-    from hermesflow_fast.world.base import BASE_DIR
+    from hermesflow_fast.world.shipped import BASE_DIR
 
     rd = Path(round_dir)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if decode_batch < 1:
+        raise UserError(f"--batch-size must be ≥ 1, got {decode_batch}")
     if out is not None:
         _check_out(Path(out), rd)
     if not rd.is_dir():
@@ -471,7 +471,7 @@ def diagnose_command(round_dir: str | os.PathLike, model: str | os.PathLike | No
             raise UserError(f"{folder / 'vq'} does not exist: --model must be a world model folder (with vq/) whose "
                             f"image tokenizer decodes the round's grids")
         tokenizer = load_image_tokenizer(folder / "vq")
-    d = diagnose_round(rd, tokenizer, source=src, batch_size=batch_size)
+    d = diagnose_round(rd, tokenizer, source=src, decode_batch=decode_batch)
     text = format_diagnostics(d)
     held = _heldout(rd)
     if held:

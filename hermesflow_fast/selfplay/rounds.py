@@ -9,13 +9,15 @@ evaluate on held-out records.
                     gen_scores.jsonl           self-VQA accuracy per grid
                     pairs.jsonl, stats.json    the round's pairs (Eq. 10 from round 2) and why others were dropped
                     train/                     the trainer's run dir (metrics.jsonl, checkpoints)
-                    model/                     M_r (a WorldModel folder)
+                    model/                     M_r (a ModelBundle folder)
                     eval.json, samples.png     held-out und / gen / gap, per category; sample generations;
                                                eval.json's "diagnostics": the round's candidates read by the judge
                                                and by self-VQA, and its pairs (selfplay/diagnose.py)
     run_dir/summary.json, report.md, gap.png   every round's scores
 
-Each stage leaves ``<stage>.done`` when complete; ``resume`` continues at the first unfinished stage of the first
+A round is the table ``ROUND_STAGES``, run in order by one loop: each stage's work runs only while its
+``<stage>.done`` is missing, then its ``load`` (what later stages read of it) runs either way. Each stage leaves
+``<stage>.done`` when complete; ``resume`` continues at the first unfinished stage of the first
 unfinished round. Before anything is written, a resume compares the requested config with the run's config.yaml
 (``check_run_dir``, train/resume.py's rules): a change to curation, data, the world, the model or the training
 math is refused, naming each key with old → new (a journal never mixes records of two settings); logging,
@@ -23,7 +25,7 @@ checkpointing, execution settings and the training length change only with ``all
 (``--nproc N``), each rank curates a disjoint shard of the records into its own journal, merged by id; training runs
 DDP over the same ranks.
 
-Records come from one of two sources, chosen by ``data.records``:
+Records come from one of two sources, chosen by ``data.records`` (selfplay/record_source.py, one interface):
 
     unset (default)   the shapes world: ``world.train_records`` rendered records, caption scorer = exact attribute
                       agreement, answer matcher = the world's exact match; held-out world records are evaluated by
@@ -46,8 +48,8 @@ way for both sources. The held-out evaluation runs on the main rank alone; the o
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,9 +58,9 @@ from hermesflow_fast.data.batching import TokenizedPair
 from hermesflow_fast.data.text import caption_ids, prompt_ids, und_prompt_ids
 from hermesflow_fast.selfplay.config import SelfPlayConfig, check_data
 from hermesflow_fast.selfplay.journal import Journal, merge_shards
+from hermesflow_fast.selfplay.record_source import EVAL_SKIPPED, RecordSource, record_source
 from hermesflow_fast.selfplay.stages import (
     CurationRecord,
-    CurationSettings,
     build_pairs,
     gen_candidates,
     gen_scores,
@@ -79,29 +81,7 @@ from hermesflow_fast.train.resume import (
     read_recorded_config,
 )
 
-__all__ = ["check_run_dir", "run_selfplay", "world_curation_records"]
-
-STAGES = ("und_candidates", "und_scores", "gen_candidates", "gen_scores", "pairs", "train", "eval")
-EVAL_SKIPPED = "real data (data.records): the held-out evaluation needs the shapes world's judge"
-
-
-def world_curation_records(wm, records) -> list[CurationRecord]:
-    """World records → curation records: the rendered image encoded once by the world's VQ tokenizer."""
-    from hermesflow_fast.world import render
-
-    imgs = torch.stack([torch.from_numpy(render(r.scene)).permute(2, 0, 1).float() / 127.5 - 1 for r in records])
-    with torch.no_grad():
-        codes = wm.image_tokenizer.encode(imgs.to(wm.image_tokenizer.device)).cpu()
-    return [CurationRecord(r.id, r.prompt, c, list(r.questions), r.scene) for r, c in zip(records, codes)]
-
-
-def _settings(cfg: SelfPlayConfig) -> CurationSettings:
-    c = cfg.curation
-    return CurationSettings(caption_grid=tuple((int(k), float(t)) for k, t in c.caption_grid),
-                            images_per_prompt=c.images_per_prompt, steps=c.steps, guidance_scale=c.guidance_scale,
-                            noise_temperature=c.noise_temperature, vqa_threshold=c.vqa_threshold,
-                            caption_tokens=c.caption_tokens, answer_tokens=c.answer_tokens,
-                            batch_size=c.batch_size, seed=cfg.run.seed)
+__all__ = ["EVAL_SKIPPED", "ROUND_STAGES", "STAGES", "Stage", "check_run_dir", "run_selfplay"]
 
 
 def _tokenized_pairs(wm, records: list[CurationRecord], pairs_file: Path) -> list[TokenizedPair]:
@@ -130,7 +110,7 @@ def _train_config(cfg: SelfPlayConfig, init_from: Path, wm) -> TrainConfig:
     t.train, t.checkpoint, t.log, t.dist = cfg.train, cfg.checkpoint, cfg.log, cfg.dist
     t.model.init_from = str(init_from)
     t.model.compile = False
-    t.data.t2i_text_len, t.data.text_budget = wm.layout.t2i_text_len, wm.layout.mmu_text_len
+    t.data.t2i_text_len, t.data.max_caption_tokens = wm.layout.t2i_text_len, wm.layout.mmu_text_len
     return t
 
 
@@ -154,73 +134,201 @@ def _mark(rd: Path, stage: str, info: DistInfo) -> None:
     barrier()
 
 
-def _diagnostics(rd: Path, wm, cfg: SelfPlayConfig) -> dict:
+# ------------------------------------------------------------------------------------------------- a round's state
+
+
+@dataclass
+class _Run:
+    """What every stage of every round reads: the run's config, records and ranks, and the model so far."""
+
+    cfg: SelfPlayConfig
+    run_dir: Path
+    info: DistInfo
+    say: Callable[[str], None]
+    src: RecordSource
+    wm: object  # the ModelBundle of the previous round (round 0: the base)
+    prev_model: Path | None  # its folder; None: the shipped base
+    allow_config_change: bool
+    r: int = 0
+    rd: Path = field(default_factory=Path)
+    previous: dict[str, dict] | None = None  # the previous round's pairs by id (Eq. 10 from round 2)
+    results: list[dict] = field(default_factory=list)
+
+    @property
+    def mine(self) -> list[CurationRecord]:
+        return self.src.records[self.info.rank::self.info.world_size]
+
+    def journal(self, stage: str) -> Journal:
+        """This rank's journal of ``stage`` (a shard of its own with torchrun)."""
+        return Journal(self.rd / f"{stage}.jsonl", rank=self.info.rank if self.info.distributed else None)
+
+    def full(self, stage: str) -> Journal:
+        """The finished, merged journal of ``stage``."""
+        return Journal(self.rd / f"{stage}.jsonl")
+
+
+def _finish_journal(run: _Run, stage: str) -> None:
+    """Merge the ranks' shards of a journaled stage by record id, then mark it done."""
+    if run.info.distributed:
+        barrier()
+        if run.info.is_main:
+            merge_shards(run.rd / f"{stage}.jsonl", run.info.world_size, [r.id for r in run.src.records])
+        barrier()
+    _mark(run.rd, stage, run.info)
+
+
+# ------------------------------------------------------------------------------------------------------- the stages
+
+
+def _und_candidates(run: _Run) -> None:
+    c = run.cfg.curation
+    run.say(f"round {run.r}: captions ({len(c.caption_grid)} per image, {len(run.src.records)} images)")
+    und_candidates(run.wm, run.mine, run.journal("und_candidates"), c, run.r, run.cfg.run.seed)
+
+
+def _und_scores(run: _Run) -> None:
+    und_scores(run.mine, run.full("und_candidates"), run.journal("und_scores"), run.src.caption_scorer)
+
+
+def _gen_candidates(run: _Run) -> None:
+    c = run.cfg.curation
+    run.say(f"round {run.r}: images ({c.images_per_prompt} per prompt)")
+    gen_candidates(run.wm, run.mine, run.journal("gen_candidates"), c, run.r, run.cfg.run.seed,
+                   images_dir=run.rd / "images" if c.save_images else None)
+
+
+def _gen_scores(run: _Run) -> None:
+    run.say(f"round {run.r}: self-VQA")
+    gen_scores(run.wm, run.mine, run.full("gen_candidates"), run.journal("gen_scores"), run.cfg.curation,
+               run.src.answer_matcher)
+
+
+def _pairs(run: _Run) -> None:
+    if run.info.is_main:
+        stats = build_pairs(run.src.records, run.full("und_candidates"), run.full("und_scores"),
+                            run.full("gen_candidates"), run.full("gen_scores"), run.previous,
+                            run.cfg.curation.vqa_threshold, run.rd / "pairs.jsonl")
+        run.say(f"round {run.r}: pairs {json.dumps({k: stats[k] for k in ('pairs', 'und', 'gen')})}")
+    _mark(run.rd, "pairs", run.info)
+
+
+def _load_pairs(run: _Run) -> None:
+    run.previous = {}
+    for line in (run.rd / "pairs.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        run.previous[p["id"]] = p
+
+
+def _train(run: _Run) -> None:
+    from hermesflow_fast.train.trainer import Trainer
+
+    info, rd = run.info, run.rd
+    init = run.prev_model
+    if init is None:  # the shipped base: train from a folder copy of it
+        init = run.run_dir / "round-0" / "model"
+        if info.is_main and not (init / "config.json").is_file():
+            run.wm.save(init)
+        barrier()
+    pairs = _tokenized_pairs(run.wm, run.src.records, rd / "pairs.jsonl")
+    data = TrainData(run.wm.vocab, run.wm.layout, pairs, f"round {run.r}: {len(pairs)} pairs",
+                     run.wm.num_image_tokens)
+    ckpts = rd / "train" / "checkpoints"
+    trainer = Trainer(_train_config(run.cfg, init, run.wm), run_dir=rd / "train",
+                      resume=ckpts.is_dir() and any(ckpts.iterdir()), info=info, log=run.say, data=data,
+                      allow_config_change=run.allow_config_change, derived_keys=("model.init_from",))
+    trainer.setup()
+    trainer.train()
+    if info.is_main:
+        run.wm.model = trainer.policy.eval()
+        run.wm.save(rd / "model")
+    barrier()
+    _mark(rd, "train", info)
+
+
+def _load_model(run: _Run) -> None:
+    from hermesflow_fast.world.shipped import load_base
+
+    run.wm = load_base(run.rd / "model", device=run.info.device)
+    run.prev_model = run.rd / "model"
+
+
+def _diagnostics(run: _Run) -> dict:
     """The round's diagnostics (selfplay/diagnose.py) for its eval.json; a round whose files cannot be read says why
     instead of failing the run."""
     from hermesflow_fast.errors import UserError
-    from hermesflow_fast.selfplay.diagnose import RoundSource, diagnose_round
+    from hermesflow_fast.selfplay.diagnose import diagnose_round
 
-    if cfg.data.records is None:
-        src = RoundSource(True, cfg.world.seed, "world.seed")
-    else:
-        src = RoundSource(False, real_reason=f"real data (data.records={cfg.data.records})")
     try:
-        return diagnose_round(rd, wm.image_tokenizer, source=src, batch_size=cfg.eval.batch_size * 8)
+        return diagnose_round(run.rd, run.wm.image_tokenizer, source=run.src.diagnose,
+                              decode_batch=run.cfg.eval.batch_size * 8)
     except UserError as exc:
         return {"unavailable": [str(exc)]}
 
 
-def _evaluate_into(wm, heldout, cfg: SelfPlayConfig, rd: Path, info: DistInfo, diagnose: bool = False) -> dict:
-    from hermesflow_fast.selfplay.evaluate import evaluate, save_grid
+def _eval(run: _Run) -> None:
+    """The held-out evaluation on the main rank (every evaluation seed; the others wait in ``_mark``'s barrier);
+    real data: no judge, eval.json holds null scores and the reason, and the diagnostics self-VQA gives alone.
+    Round 0 (the base) is evaluated without diagnostics."""
+    from hermesflow_fast.world.evaluate import evaluate_seeds, save_grid, seed_stats
 
-    if _done_everywhere(rd, "eval"):
-        return json.loads((rd / "eval.json").read_text())
-    if info.is_main:  # one evaluation; the other ranks wait in _mark's barrier and read its eval.json
-        e = cfg.eval
-        runs = [evaluate(wm, heldout, images_per_prompt=e.images_per_prompt, steps=e.steps,
-                         guidance_scale=e.guidance_scale, noise_temperature=e.noise_temperature,
-                         seed=cfg.run.seed + k, batch_size=e.batch_size) for k in range(e.seeds)]
-        res = runs[0]
-        out = _seed_stats(runs)
-        out.update(records=len(heldout), seeds=[cfg.run.seed + k for k in range(e.seeds)])
-        if diagnose:
-            out["diagnostics"] = _diagnostics(rd, wm, cfg)
+    cfg, rd = run.cfg, run.rd
+    if run.info.is_main:
+        if run.src.heldout is None:
+            out = {"und": None, "gen": None, "gap": None, "records": 0, "skipped": EVAL_SKIPPED}
+        else:
+            runs = evaluate_seeds(run.wm, run.src.heldout, cfg.eval, seed=cfg.run.seed)
+            out = seed_stats(runs)
+            out.update(records=len(run.src.heldout), seeds=[cfg.run.seed + k for k in range(cfg.eval.seeds)])
+        if run.r > 0:
+            out["diagnostics"] = _diagnostics(run)
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "eval.json").write_text(json.dumps(out, indent=1) + "\n")
-        save_grid(wm, res, rd / "samples.png")
-    _mark(rd, "eval", info)
-    return out if info.is_main else json.loads((rd / "eval.json").read_text())
+        if run.src.heldout is not None:
+            save_grid(run.wm, runs[0], rd / "samples.png")
+    _mark(rd, "eval", run.info)
 
 
-def _seed_stats(runs: list) -> dict:
-    """und / gen / gap (and per-category gen, caption agreement) as the mean over evaluation seeds; with more than
-    one seed also each score's standard deviation (``*_std``, ddof 1) and its values per seed (``*_seeds``)."""
-    mean = statistics.fmean
-    out: dict = {}
-    for key in ("und", "gen", "gap"):
-        xs = [float(getattr(r, key)) for r in runs]
-        out[key] = mean(xs)
-        if len(runs) > 1:
-            out[f"{key}_std"] = statistics.stdev(xs)
-            out[f"{key}_seeds"] = xs
-    out["gen_by_category"] = {c: mean([r.gen_by_category[c] for r in runs]) for c in runs[0].gen_by_category}
-    out["caption_agreement"] = mean([r.caption_agreement for r in runs])
-    return out
+def _load_eval(run: _Run) -> None:
+    res = dict(round=run.r, **json.loads((run.rd / "eval.json").read_text()))
+    run.results.append(res)
+    run.say(f"round {run.r}{' (base)' if run.r == 0 else ''}: {_scores(res)}")
 
 
-def _skip_eval_into(rd: Path, info: DistInfo, diagnostics: Callable[[], dict] | None = None) -> dict:
-    """Real data: no judge; eval.json holds null scores and the reason (the stage is still marked done), and
-    the diagnostics self-VQA gives alone."""
-    if _done_everywhere(rd, "eval"):
-        return json.loads((rd / "eval.json").read_text())
-    out = {"und": None, "gen": None, "gap": None, "records": 0, "skipped": EVAL_SKIPPED}
-    if info.is_main:
-        if diagnostics is not None:
-            out["diagnostics"] = diagnostics()
-        rd.mkdir(parents=True, exist_ok=True)
-        (rd / "eval.json").write_text(json.dumps(out, indent=1) + "\n")
-    _mark(rd, "eval", info)
-    return out
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a round: ``work`` runs while ``<name>.done`` is missing (a journaled stage's ranks each write
+    their shard, merged and marked after); ``load`` runs either way (what later stages read of it)."""
+
+    name: str
+    work: Callable[[_Run], None]
+    journaled: bool = False
+    load: Callable[[_Run], None] | None = None
+
+
+ROUND_STAGES = (
+    Stage("und_candidates", _und_candidates, journaled=True),
+    Stage("und_scores", _und_scores, journaled=True),
+    Stage("gen_candidates", _gen_candidates, journaled=True),
+    Stage("gen_scores", _gen_scores, journaled=True),
+    Stage("pairs", _pairs, load=_load_pairs),
+    Stage("train", _train, load=_load_model),
+    Stage("eval", _eval, load=_load_eval),
+)
+STAGES = tuple(s.name for s in ROUND_STAGES)
+_EVAL = ROUND_STAGES[-1]
+
+
+def _run_stage(run: _Run, stage: Stage) -> bool:
+    """Run ``stage`` of the current round unless it is done; True when this call did its work."""
+    did = False
+    if not _done_everywhere(run.rd, stage.name):
+        stage.work(run)
+        if stage.journaled:
+            _finish_journal(run, stage.name)
+        did = True
+    if stage.load is not None:
+        stage.load(run)
+    return did
 
 
 def _scores(res: dict) -> str:
@@ -229,27 +337,6 @@ def _scores(res: dict) -> str:
     from hermesflow_fast.selfplay.report import format_score
 
     return f"und {format_score(res, 'und')}  gen {format_score(res, 'gen')}  gap {format_score(res, 'gap', '+.3f')}"
-
-
-def _curation(cfg: SelfPlayConfig, wm, info: DistInfo, say: Callable[[str], None]):
-    """(train records, held-out world records or None, caption_scorer, answer_match) of the configured source."""
-    from hermesflow_fast.world.scoring import answer_match, caption_agreement
-
-    d = cfg.data
-    if d.records is None:
-        from hermesflow_fast.world import make_records
-
-        train_recs = world_curation_records(wm, make_records(cfg.world.train_records, cfg.world.seed, "train"))
-        heldout = make_records(cfg.world.heldout_records, cfg.world.seed, "heldout")
-        return train_recs, heldout, caption_agreement, answer_match
-    from hermesflow_fast.selfplay.sources import load_real_records, real_scorers
-
-    train_recs = load_real_records(d.records, d.questions, wm.image_tokenizer, strict=d.strict,
-                                   batch_size=cfg.curation.batch_size, log=say)
-    scorer, matcher = real_scorers(d.scorer_model, d.scorer_kind, d.answer_min_similarity, info.device)
-    say(f"real data: {len(train_recs)} records from {d.records} (questions {d.questions}, scorer {d.scorer_kind} "
-        f"{d.scorer_model}); held-out evaluation skipped: {EVAL_SKIPPED}")
-    return train_recs, None, scorer, matcher
 
 
 def check_run_dir(cfg: SelfPlayConfig, run_dir: str | Path, resume: bool,
@@ -286,20 +373,11 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
     check_data(cfg)
-    from hermesflow_fast.train.trainer import Trainer
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.shipped import load_base
 
     run_dir = Path(run_dir)
     info = info or init_distributed(cfg.dist.backend)
     say = log if info.is_main else (lambda m: None)
-    ran: set[str] = set()  # stages this call has run (``stop_after`` counts only those)
-
-    def stopped(r: int) -> bool:
-        if stop_after in ran:
-            say(f"stopped after round {r}: {stop_after} (--resume continues)")
-            return True
-        return False
-
     changes, history = check_run_dir(cfg, run_dir, resume, allow_config_change)  # every rank; nothing written yet
     barrier()  # every rank has read the folder before the main rank writes to it
     if info.is_main:
@@ -313,117 +391,26 @@ def run_selfplay(cfg: SelfPlayConfig, run_dir: str | Path, rounds: int, resume: 
             header = changes_header(run_dir / CONFIG_FILE, changes, "on resume")
         save_config(cfg, run_dir / CONFIG_FILE, header=header)
     barrier()
-    settings = _settings(cfg)
     wm = load_base(cfg.world.base, device=info.device)
-    train_recs, heldout, caption_scorer, answer_matcher = _curation(cfg, wm, info, say)
-    mine = train_recs[info.rank::info.world_size]
-    order = [r.id for r in train_recs]
-
-    def evaluate_into(wm, rd: Path, diagnose: bool = False) -> dict:
-        if heldout is None:
-            return _skip_eval_into(rd, info, (lambda: _diagnostics(rd, wm, cfg)) if diagnose else None)
-        return _evaluate_into(wm, heldout, cfg, rd, info, diagnose)
-
-    results = [dict(round=0, **evaluate_into(wm, run_dir / "round-0"))]
-    say(f"round 0 (base): {_scores(results[0])}")
-    previous: dict[str, dict] | None = None
-    prev_model = Path(cfg.world.base) if cfg.world.base else None
+    src = record_source(cfg, wm, info.device, say)
+    if cfg.data.records is not None:
+        say(src.description)
+    run = _Run(cfg, run_dir, info, say, src, wm, Path(cfg.world.base) if cfg.world.base else None,
+               allow_config_change, r=0, rd=run_dir / "round-0")
+    _run_stage(run, _EVAL)
+    ran: set[str] = set()  # stages this call has run (``stop_after`` counts only those)
     for r in range(1, rounds + 1):
-        rd = run_dir / f"round-{r}"
-        rd.mkdir(parents=True, exist_ok=True)
-
-        def journal(stage: str, rd: Path = rd) -> Journal:
-            return Journal(rd / f"{stage}.jsonl", rank=info.rank if info.distributed else None)
-
-        def finish(stage: str, rd: Path = rd) -> Journal:
-            if info.distributed:
-                barrier()
-                if info.is_main:
-                    merge_shards(rd / f"{stage}.jsonl", info.world_size, order)
-                barrier()
-            _mark(rd, stage, info)
-            return Journal(rd / f"{stage}.jsonl")
-
-        def full(stage: str, rd: Path = rd) -> Journal:
-            return Journal(rd / f"{stage}.jsonl")
-
-        wm.model.eval()
-        if not _done_everywhere(rd, "und_candidates"):
-            ran.add("und_candidates")
-            say(f"round {r}: captions ({len(settings.caption_grid)} per image, {len(train_recs)} images)")
-            und_candidates(wm, mine, journal("und_candidates"), settings, r)
-            finish("und_candidates")
-        if stopped(r):
-            return results
-        if not _done_everywhere(rd, "und_scores"):
-            ran.add("und_scores")
-            und_scores(mine, full("und_candidates"), journal("und_scores"), caption_scorer)
-            finish("und_scores")
-        if stopped(r):
-            return results
-        if not _done_everywhere(rd, "gen_candidates"):
-            ran.add("gen_candidates")
-            say(f"round {r}: images ({settings.images_per_prompt} per prompt)")
-            gen_candidates(wm, mine, journal("gen_candidates"), settings, r,
-                           images_dir=rd / "images" if cfg.curation.save_images else None)
-            finish("gen_candidates")
-        if stopped(r):
-            return results
-        if not _done_everywhere(rd, "gen_scores"):
-            ran.add("gen_scores")
-            say(f"round {r}: self-VQA")
-            gen_scores(wm, mine, full("gen_candidates"), journal("gen_scores"), settings, answer_matcher)
-            finish("gen_scores")
-        if stopped(r):
-            return results
-        if not _done_everywhere(rd, "pairs"):
-            ran.add("pairs")
-            if info.is_main:
-                stats = build_pairs(train_recs, full("und_candidates"), full("und_scores"), full("gen_candidates"),
-                                    full("gen_scores"), previous, settings.vqa_threshold, rd / "pairs.jsonl")
-                say(f"round {r}: pairs {json.dumps({k: stats[k] for k in ('pairs', 'und', 'gen')})}")
-            _mark(rd, "pairs", info)
-        if stopped(r):
-            return results
-        previous = {}
-        for line in (rd / "pairs.jsonl").read_text().splitlines():
-            p = json.loads(line)
-            previous[p["id"]] = p
-        model_dir = rd / "model"
-        if not _done_everywhere(rd, "train"):
-            ran.add("train")
-            init = prev_model
-            if init is None:  # the shipped base: train from a folder copy of it
-                init = run_dir / "round-0" / "model"
-                if info.is_main and not (init / "config.json").is_file():
-                    wm.save(init)
-                barrier()
-            tcfg = _train_config(cfg, init, wm)
-            pairs = _tokenized_pairs(wm, train_recs, rd / "pairs.jsonl")
-            data = TrainData(wm.vocab, wm.layout, pairs, f"round {r}: {len(pairs)} pairs", wm.num_image_tokens)
-            resume_train = (rd / "train" / "checkpoints").is_dir() and any((rd / "train" / "checkpoints").iterdir())
-            trainer = Trainer(tcfg, run_dir=rd / "train", resume=resume_train, info=info, log=say, data=data,
-                              allow_config_change=allow_config_change, derived_keys=("model.init_from",))
-            trainer.setup()
-            trainer.train()
-            if info.is_main:
-                wm.model = trainer.policy.eval()
-                wm.save(model_dir)
-            barrier()
-            _mark(rd, "train", info)
-        if stopped(r):
-            return results
-        wm = load_base(model_dir, device=info.device)
-        prev_model = model_dir
-        if not _done(rd, "eval"):
-            ran.add("eval")
-        res = dict(round=r, **evaluate_into(wm, rd, diagnose=True))
-        results.append(res)
-        say(f"round {r}: {_scores(res)}")
-        if stopped(r):
-            return results
+        run.r, run.rd = r, run_dir / f"round-{r}"
+        run.rd.mkdir(parents=True, exist_ok=True)
+        run.wm.model.eval()
+        for stage in ROUND_STAGES:
+            if _run_stage(run, stage):
+                ran.add(stage.name)
+            if stop_after in ran:
+                say(f"stopped after round {r}: {stop_after} (--resume continues)")
+                return run.results
     if info.is_main:
         from hermesflow_fast.selfplay.report import write_report
 
-        write_report(run_dir, results, config_to_dict(cfg))
-    return results
+        write_report(run_dir, run.results, config_to_dict(cfg))
+    return run.results

@@ -1,6 +1,6 @@
 """Real-data curation records for self-play: a JSONL records file (image, prompt, caption) plus a TIFA question file,
 joined by id, each image encoded once by the model's image tokenizer (the shapes world's records come from
-``rounds.world_curation_records`` instead).
+``record_source.world_curation_records`` instead; both reach the rounds through ``record_source.RecordSource``).
 
 Records file (UTF-8, one JSON object per line; blank lines are skipped, other keys are ignored):
 
@@ -194,7 +194,7 @@ def _load(path: Path, size: tuple[int, int], convert_to_rgb: bool) -> Tensor:
 
 
 def load_real_records(path: str | os.PathLike, questions: str | os.PathLike, image_tokenizer: Any,
-                      strict: bool = True, batch_size: int = 32,
+                      strict: bool, batch_size: int,
                       log: Callable[[str], None] = print) -> list[CurationRecord]:
     """Curation records of a real-data records file (module docstring): questions joined by id from the TIFA file
     ``questions``, images encoded once by ``image_tokenizer`` (an ImageTokenizer: ``image_size``,

@@ -25,7 +25,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,12 @@ from hermesflow_fast.io import atomic_path, write_atomic
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
 from hermesflow_fast.model.tokenizer_vq import images_to_uint8
 from hermesflow_fast.seeding import hashed_generator
+from hermesflow_fast.selfplay.config import CurationSection
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.pairs import Choice, self_play_pair
 
-__all__ = ["CurationRecord", "CurationSettings", "build_pairs", "export_candidate_images", "gen_candidates",
-           "gen_scores", "image_folder", "record_generator", "save_candidate_images", "und_candidates", "und_scores"]
-
-PAPER_CAPTION_GRID = ((1, 0.0),) + tuple((k, t) for k in (2, 3, 4) for t in (0.1, 0.7, 2.0))
-
+__all__ = ["CurationRecord", "build_pairs", "export_candidate_images", "gen_candidates",
+           "gen_scores", "image_folder", "curation_generator", "save_candidate_images", "und_candidates", "und_scores"]
 
 @dataclass
 class CurationRecord:
@@ -58,23 +56,7 @@ class CurationRecord:
     truth: Any = None  # what caption_scorer compares against (the world: the Scene)
 
 
-@dataclass
-class CurationSettings:
-    caption_grid: Sequence[tuple[int, float]] = PAPER_CAPTION_GRID  # (top_k, temperature); temperature 0 = greedy
-    images_per_prompt: int = 8
-    steps: int = 12
-    guidance_scale: float = 3.0
-    noise_temperature: float = 1.0
-    vqa_threshold: float = 0.6
-    caption_tokens: int = 24
-    answer_tokens: int = 4
-    batch_size: int = 16
-    seed: int = 0
-    question: str = DEFAULT_QUESTION
-    extra: dict = field(default_factory=dict)
-
-
-def record_generator(record_id: str, round_: int, stage: str, seed: int, device="cpu") -> torch.Generator:
+def curation_generator(record_id: str, round_: int, stage: str, seed: int, device="cpu") -> torch.Generator:
     """The generator of one record's draws in ``stage`` of round ``round_``: seeded by sha256 of all four."""
     return hashed_generator("selfplay", stage, record_id, round_, seed, device=device)
 
@@ -102,23 +84,25 @@ def _device(wm) -> torch.device:
     return wm.model.lm_head.weight.device
 
 
-def und_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: CurationSettings, round_: int,
-                   progress: Callable[[int], None] | None = None) -> Journal:
-    """K = len(caption_grid) captions per record → {"id", "captions": [str], "settings": [[top_k, temperature]]}."""
+def und_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: CurationSection, round_: int,
+                   seed: int, progress: Callable[[int], None] | None = None) -> Journal:
+    """K = len(caption_grid) captions per record → {"id", "captions": [str], "settings": [[top_k, temperature]]}.
+    ``seed``: the run's (``run.seed``); each record's draws are seeded by (id, round, caption index, seed)."""
     tok, dev = wm.text_tokenizer, _device(wm)
-    _check_written(journal, "caption_grid", [list(x) for x in s.caption_grid], lambda rec: rec.get("settings"))
-    q = und_prompt_ids(tok, s.question)
+    grid = s.grid()
+    _check_written(journal, "caption_grid", [list(x) for x in grid], lambda rec: rec.get("settings"))
+    q = und_prompt_ids(tok, DEFAULT_QUESTION)
     for batch in _batches(_todo(records, journal), s.batch_size):
         codes = torch.stack([r.image_codes for r in batch]).to(dev)
         caps: list[list[str]] = [[] for _ in batch]
-        for j, (k, t) in enumerate(s.caption_grid):
-            gens = [record_generator(r.id, round_, f"caption{j}", s.seed) for r in batch]
+        for j, (k, t) in enumerate(grid):
+            gens = [curation_generator(r.id, round_, f"caption{j}", seed) for r in batch]
             out = generate_text(wm.model, wm.layout, codes, [q] * len(batch), max_new_tokens=s.caption_tokens,
                                 temperature=t, top_k=None if t <= 0 else k, generator=gens)
             for i, ids in enumerate(out):
                 caps[i].append(tok.decode(ids, skip_special_tokens=True).strip())
         for r, c in zip(batch, caps):
-            journal.append({"id": r.id, "captions": c, "settings": [list(x) for x in s.caption_grid]})
+            journal.append({"id": r.id, "captions": c, "settings": [list(x) for x in grid]})
         if progress:
             progress(len(batch))
     return journal
@@ -175,15 +159,16 @@ def export_candidate_images(image_tokenizer, candidates: Journal, out_dir: str |
     return n
 
 
-def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: CurationSettings, round_: int,
-                   progress: Callable[[int], None] | None = None, images_dir: str | Path | None = None) -> Journal:
+def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: CurationSection, round_: int,
+                   seed: int, progress: Callable[[int], None] | None = None,
+                   images_dir: str | Path | None = None) -> Journal:
     """M images per prompt as token grids → {"id", "images": [[code, …] × M]}. With ``images_dir`` each record's
     images are also written as PNGs there (``save_candidate_images``) before its journal line."""
     tok = wm.text_tokenizer
     _check_written(journal, "images_per_prompt", s.images_per_prompt, lambda rec: len(rec["images"]))
     N = int(records[0].image_codes.numel()) if records else 0
     for batch in _batches(_todo(records, journal), s.batch_size):
-        gens = [record_generator(r.id, round_, "image", s.seed) for r in batch]
+        gens = [curation_generator(r.id, round_, "image", seed) for r in batch]
         texts = [prompt_ids(tok, r.prompt) for r in batch]
         codes = generate_images(wm.model, wm.layout, texts, N, images_per_prompt=s.images_per_prompt, steps=s.steps,
                                 guidance_scale=s.guidance_scale, noise_temperature=s.noise_temperature,
@@ -199,7 +184,7 @@ def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
     return journal
 
 
-def gen_scores(wm, records: Sequence[CurationRecord], candidates: Journal, journal: Journal, s: CurationSettings,
+def gen_scores(wm, records: Sequence[CurationRecord], candidates: Journal, journal: Journal, s: CurationSection,
                answer_match: Callable[[str, Sequence[str]], str | None],
                progress: Callable[[int], None] | None = None) -> Journal:
     """Self-VQA: accuracy of the model's own answers about each generated image → {"id", "accuracy": [float × M]}.

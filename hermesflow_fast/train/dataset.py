@@ -70,7 +70,7 @@ def load_train_data(cfg, model_vocab: Vocabulary | None = None, log=print) -> Tr
     if d.synthetic_pairs > 0:
         vocab = _vocab_from_file(cfg.model.vocab) if cfg.model.vocab else (model_vocab or synthetic_vocabulary())
         n_tok = 16
-        layout = Layout(vocab, t2i_text_len=d.t2i_text_len, mmu_text_len=d.text_budget)
+        layout = Layout(vocab, t2i_text_len=d.t2i_text_len, mmu_text_len=d.max_caption_tokens)
         pairs = synthetic_pairs(d.synthetic_pairs, vocab, n_tok, cfg.run.seed)
         return TrainData(vocab, layout, pairs, f"synthetic: {len(pairs)} pairs, {n_tok} image tokens each", n_tok)
     if not d.pairs:
@@ -107,10 +107,10 @@ def _load_real(cfg, model_vocab: Vocabulary | None, log) -> TrainData:
         if num_codes is None:
             raise UserError("the number of image codes is unknown: set data.token_cache or data.image_tokenizer")
         vocab = Vocabulary.from_tokenizer(tok, num_image_codes=num_codes)
-    layout = Layout(vocab, t2i_text_len=d.t2i_text_len, mmu_text_len=d.text_budget)
+    layout = Layout(vocab, t2i_text_len=d.t2i_text_len, mmu_text_len=d.max_caption_tokens)
     cap_budget, prompt_budget = text_budgets(layout, len(und_prompt_ids(tok)))
     code_range = min(n for n in (vocab.num_image_codes, num_codes) if n is not None)
-    report = validate_pairs(records, src, root=root, text_tokenizer=tok, text_budget=cap_budget,
+    report = validate_pairs(records, src, root=root, text_tokenizer=tok, caption_budget=cap_budget,
                             prompt_budget=prompt_budget, truncate=d.truncate, strict=d.strict, token_cache=cache,
                             num_codes=code_range)
     log(report.summary())
@@ -122,7 +122,7 @@ def _load_real(cfg, model_vocab: Vocabulary | None, log) -> TrainData:
     for r in report.kept:
         q = und_prompt_ids(tok, r.question_text)
         cap_budget, prompt_budget = text_budgets(layout, len(q))
-        pairs.append(tokenize_pair(r, tok, codes, text_budget=cap_budget, prompt_budget=prompt_budget))
+        pairs.append(tokenize_pair(r, tok, codes, caption_budget=cap_budget, prompt_budget=prompt_budget))
     n_tok = next((int(p.image_codes.numel()) for p in pairs if p.image_codes is not None), 0) or next(
         (int(p.image_chosen_codes.numel()) for p in pairs if p.image_chosen_codes is not None), 0)
     return TrainData(vocab, layout, pairs, report.summary(), n_tok)

@@ -40,7 +40,7 @@ Each optimizer step mixes Show-o's three losses in one batch (spec §5.5), each 
 AdamW (no decay on biases, norms, embeddings; ``train.optim``), linear warm-up then cosine to 10% of the peak lr,
 gradient norm clipped at 1. All randomness (initialisation, batches, masks, dropout, sot) comes from ``seed``; the
 same seed gives bit-identical weights on the same machine and thread count (checked by tests/world/
-test_pretrain.py). At the end the base is evaluated with the Table 4 protocol (``selfplay.evaluate``) on
+test_pretrain.py). At the end the base is evaluated with the Table 4 protocol (``world.evaluate``) on
 ``eval_records`` held-out records and everything is written to ``out`` (the folder ``world.base.load_base``
 reads, plus ``pretrain.json``: the command, config, wall time, loss curve, final losses and the eval numbers).
 
@@ -65,7 +65,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,86 +74,24 @@ import torch
 from torch import Tensor
 
 from hermesflow_fast.data.text import DEFAULT_QUESTION, build_word_tokenizer, caption_ids, prompt_ids, und_prompt_ids
-from hermesflow_fast.model.config import ModelConfig
+from hermesflow_fast.model.bundle import ModelBundle
 from hermesflow_fast.model.layout import IGNORE_INDEX, Layout, Sequences, Target, Vocabulary
 from hermesflow_fast.model.masks import OmniMask
 from hermesflow_fast.model.tokenizer_vq import PatchVQTokenizer, image_to_tensor
 from hermesflow_fast.model.transformer import UnifiedTransformer
 from hermesflow_fast.ops import linear_logprobs
 from hermesflow_fast.train.optim import param_groups, warmup_cosine
-from hermesflow_fast.world.base import BASE_DIR, WORLD_LAYOUT, WorldModel
+from hermesflow_fast.world.config import WORLDS, PretrainConfig
 from hermesflow_fast.world.judge import JUDGE
 from hermesflow_fast.world.noise import noisy_prompts, perturb, probe_questions
 from hermesflow_fast.world.questions import question_prompt
 from hermesflow_fast.world.records import WorldRecord, make_records
 from hermesflow_fast.world.scene import render_objects
+from hermesflow_fast.world.shipped import BASE_DIR, WORLD_LAYOUT
 from hermesflow_fast.world.vocabulary import world_words
 
 __all__ = ["WORLDS", "PretrainConfig", "WorldData", "build_batch", "mask_slots", "packed_mmu", "prepare_world",
            "pretrain", "pretrain_losses", "render_batch", "target_logprobs", "world_data"]
-
-WORLDS = ("shapes",)
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    world: str = "shapes"
-    records: int = 4000  # train records
-    steps: int = 1500  # optimizer steps
-    seed: int = 0
-    # image tokenizer
-    patch_size: int = 8  # 32 px / 8 = a 4×4 grid, N = 16: one token per grid cell, i.e. per object
-    num_codes: int = 16  # the world draws 13 distinct cells (12 glyphs + empty): lossless
-    vq_images: int = 1000  # k-means on the first vq_images train images
-    vq_iters: int = 10
-    # model (Phi): d, layers, heads, MLP
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 512
-    # batch: rows per task and step
-    batch_t2i: int = 32
-    batch_und: int = 16  # images per step whose caption and every question ride in one packed row
-    cond_dropout: float = 0.1  # t2i prompt dropout (classifier-free guidance)
-    caption_noise: float = 0.4  # t2i prompts that are a near miss of their image's caption (world/noise.py)
-    vqa_perturb: float = 0.5  # understanding images that miss their caption, answered as the judge reads them
-    probe_questions: bool = True  # every understanding image also gets a count and a where-is question (judge)
-    sot_prob: float = 0.5  # mmu rows with <|sot|> before the prompt
-    coeffs: tuple[float, float, float] = (1.0, 1.0, 1.0)  # t2i, caption, vqa
-    # optimisation
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100  # capped at steps // 10 for short runs
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    # evaluation at the end (0 = none)
-    eval_records: int = 300
-    eval_steps: int = 12
-    eval_guidance: float = 3.0
-    log_every: int = 50
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.world not in WORLDS:
-            raise ValueError(f"pretrain: world must be one of {WORLDS}, got {self.world!r}")
-        for name in ("records", "steps", "batch_t2i", "batch_und", "vq_images", "num_codes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"pretrain: {name} must be ≥ 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.eval_records < 0:
-            raise ValueError(f"pretrain: warmup_steps={self.warmup_steps} and eval_records={self.eval_records} "
-                             f"must be ≥ 0")
-        if not 0.0 <= self.cond_dropout < 1.0 or not 0.0 <= self.sot_prob <= 1.0:
-            raise ValueError(f"pretrain: cond_dropout={self.cond_dropout} must lie in [0, 1) and sot_prob="
-                             f"{self.sot_prob} in [0, 1]")
-        for name in ("caption_noise", "vqa_perturb"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"pretrain: {name} must lie in [0, 1], got {getattr(self, name)}")
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
-                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                           num_attention_heads=self.num_heads, max_position_embeddings=256)
-
 
 @dataclass
 class WorldData:
@@ -175,7 +113,7 @@ def render_batch(records: Sequence[WorldRecord]) -> Tensor:
     return torch.stack([image_to_tensor(r.render()) for r in records])
 
 
-def prepare_world(cfg: PretrainConfig, tokenizer_dir: str | os.PathLike) -> tuple[WorldModel, WorldData]:
+def prepare_world(cfg: PretrainConfig, tokenizer_dir: str | os.PathLike) -> tuple[ModelBundle, WorldData]:
     """Train records, the two tokenizers, the vocabulary, layout and a freshly initialised model (seeded), and
     the tokenized data. ``tokenizer_dir`` is where the word tokenizer is first written (a scratch folder)."""
     records = make_records(cfg.records, cfg.seed, "train")
@@ -192,7 +130,7 @@ def prepare_world(cfg: PretrainConfig, tokenizer_dir: str | os.PathLike) -> tupl
 
     t2i_prompts, noisy = noisy_prompts([r.scene for r in records], cfg.caption_noise, cfg.seed)
     data = world_data(tok, records, codes, t2i_prompts, noisy)
-    return WorldModel(model, vocab, layout, tok, vq), data
+    return ModelBundle(model, vocab, layout, tok, vq), data
 
 
 def world_data(tok: Any, records: Sequence[WorldRecord], codes: Tensor, t2i_prompts: Sequence[str] | None = None,
@@ -293,7 +231,7 @@ def target_logprobs(model: UnifiedTransformer, seqs: Sequences) -> dict[str, tup
     return out
 
 
-def build_batch(wm: WorldModel, data: WorldData, cfg: PretrainConfig, g: torch.Generator) -> dict[str, Any]:
+def build_batch(wm: ModelBundle, data: WorldData, cfg: PretrainConfig, g: torch.Generator) -> dict[str, Any]:
     """One step's rows: t2i Sequences, and packed understanding Sequences (targets "caption" and "vqa")."""
     v, N = wm.vocab, data.codes.shape[1]
     R = len(data.records)
@@ -348,7 +286,7 @@ def _command(cfg: PretrainConfig, out: Path) -> str:
 
 
 def pretrain(cfg: PretrainConfig, out: str | os.PathLike | None = BASE_DIR, log: Callable[[str], None] | None = print,
-             evaluate_records: int | None = None) -> tuple[WorldModel, dict[str, Any]]:
+             evaluate_records: int | None = None) -> tuple[ModelBundle, dict[str, Any]]:
     """Train the base (see the module docstring); save it to ``out`` unless None. Returns the model (eval mode)
     and the summary written as ``pretrain.json``."""
     say = log or (lambda _: None)
@@ -408,11 +346,11 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike | None = BASE_DIR, log:
     }
     n_eval = cfg.eval_records if evaluate_records is None else evaluate_records
     if n_eval > 0:
-        from hermesflow_fast.selfplay.evaluate import evaluate
+        from hermesflow_fast.world.evaluate import evaluate
 
         t2 = time.perf_counter()
         held = make_records(n_eval, cfg.seed, "heldout")
-        res = evaluate(wm, held, steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance, seed=cfg.seed)
+        res = evaluate(wm, held, cfg.eval, seed=cfg.seed)
         summary["wall_time_s"]["eval"] = round(time.perf_counter() - t2, 1)
         summary["eval"] = res.to_dict(samples=False)
         say(res.table())

@@ -17,7 +17,7 @@ from bench import bench_curation, utils  # noqa: E402
 
 def test_preset_world_keeps_the_world_and_swaps_the_model():
     from hermesflow_fast.world import make_records
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.shipped import load_base
 
     base = load_base()
     wm = bench_curation.preset_world(base, **bench_curation.PRESETS["tiny"])

@@ -47,9 +47,9 @@ def test_tiny_run_writes_one_row_per_arm(tmp_path):
 
 def test_judge_pairs_of_a_round_train_through_the_trainer(tmp_path):
     """--pairs judge: the judge's best (here the render itself) vs worst (random codes) candidate of each record."""
-    from hermesflow_fast.selfplay.evaluate import encode_records
     from hermesflow_fast.world import make_records
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.evaluate import encode_records
+    from hermesflow_fast.world.shipped import load_base
 
     wm = load_base()
     recs = make_records(3, 0, "train")

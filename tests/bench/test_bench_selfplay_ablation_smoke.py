@@ -20,7 +20,7 @@ TINY = ["world.train_records=12", "world.heldout_records=6", "curation.images_pe
 
 
 def wm_for_test():
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.shipped import load_base
 
     return load_base()
 

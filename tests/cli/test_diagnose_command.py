@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from hermesflow_fast.cli import main
 from hermesflow_fast.world import make_records
-from hermesflow_fast.world.base import BASE_DIR, load_base
+from hermesflow_fast.world.shipped import BASE_DIR, load_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -115,7 +115,7 @@ def test_no_pair_left_after_validation_names_the_file(tmp_path, text_tok, cache,
     pairs.write_text(json.dumps({"id": "a", "prompt": "a red square", "image_chosen": "cache:img0",
                                  "image_rejected": "cache:gone"}) + "\n")
     overrides = _real(pairs, text_tok, f"data.token_cache={cache}", "data.strict=false", "data.t2i_text_len=16",
-                      "data.text_budget=24")
+                      "data.max_caption_tokens=24")
     result = CliRunner().invoke(main, [str(a) for a in _train(tmp_path, *overrides)])
     assert result.exit_code == 2 and "kept 0 / 1" in result.stdout  # the validation summary, then the error
     lines = result.stderr.strip().splitlines()
@@ -138,7 +138,8 @@ def test_strict_validation_is_one_line_naming_identical_images_and_bad_codes(tmp
                                  "image_rejected": "images/copy.png"}) + "\n"
                      + json.dumps({"id": "codes", "prompt": "a red square", "image_chosen": "cache:img1",
                                    "image_rejected": "cache:img2"}) + "\n")
-    overrides = _real(pairs, text_tok, f"data.token_cache={cache}", "data.t2i_text_len=16", "data.text_budget=24")
+    overrides = _real(pairs, text_tok, f"data.token_cache={cache}", "data.t2i_text_len=16",
+                      "data.max_caption_tokens=24")
     result = _run(_train(tmp_path, *overrides), tmp_path, monkeypatch)
     _assert_one_error_line(result, f"error: {pairs}: 2 problem(s) in 2 records (1 bad codes, 1 equal pair):",
                            f"{pairs}:1: id 'same' [gen]: equal pair: image_chosen and image_rejected are the same "

@@ -228,11 +228,11 @@ def test_from_records_to_batches(tmp_path):
             PairRecord("r2", "a blue circle left of a red square", "cache:i3", "a blue circle", "a blue circle",
                        "cache:i4", "cache:i5")]
     cap, prompt_cap = text_budgets(layout, len(und_prompt_ids(tok)))
-    rep = validate_pairs(recs, "mem", root=tmp_path, text_tokenizer=tok, text_budget=cap, truncate=False,
+    rep = validate_pairs(recs, "mem", root=tmp_path, text_tokenizer=tok, caption_budget=cap, truncate=False,
                          strict=False, token_cache=cache, prompt_budget=prompt_cap)
     assert rep.summary() == "kept 2 / 2 (und 1, gen 2); sides dropped: 1 equal pair (und)"
     codes = ImageCodes(tmp_path, token_cache=cache)
-    tp = [tokenize_pair(r, tok, codes, text_budget=cap, prompt_budget=prompt_cap) for r in rep.kept]
+    tp = [tokenize_pair(r, tok, codes, caption_budget=cap, prompt_budget=prompt_cap) for r in rep.kept]
     assert tp[0].has_und and not tp[1].has_und and tp[1].has_gen
     assert torch.equal(tp[0].image_chosen_codes, cache["i1"])
     (b,) = micro_batches(tp, layout, token_budget=200, epoch=0, seed=0, max_rows=1)

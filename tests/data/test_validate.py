@@ -66,7 +66,7 @@ def _records():
 def _validate(root, tok, **kw):
     f = root / "pairs.jsonl"
     write_pairs(f, _records())
-    args = dict(root=root, text_tokenizer=tok, text_budget=10, truncate=False, strict=False, token_cache=CACHE)
+    args = dict(root=root, text_tokenizer=tok, caption_budget=10, truncate=False, strict=False, token_cache=CACHE)
     return validate_pairs(read_pairs(f), f, **{**args, **kw}), f
 
 
@@ -150,13 +150,13 @@ def test_strict_raises_with_first_20_and_total(root, tok):
     f = root / "bad.jsonl"
     write_pairs(f, [_rec(f"e{i}", und=("a red square",) * 2, gen=None) for i in range(25)])
     with pytest.raises(ValueError) as info:
-        validate_pairs(read_pairs(f), f, root=root, text_tokenizer=tok, text_budget=10, truncate=False, strict=True)
+        validate_pairs(read_pairs(f), f, root=root, text_tokenizer=tok, caption_budget=10, truncate=False, strict=True)
     msg = str(info.value)
     assert msg.startswith(f"{f}: 25 problem(s) in 25 records (25 equal pair):")
     assert f"{f}:20: id 'e19'" in msg and "e20'" not in msg and "… and 5 more" in msg
     good = root / "good.jsonl"
     write_pairs(good, [_rec("a"), _rec("b", und=("a blue circle", "a red square"))])
-    rep = validate_pairs(read_pairs(good), good, root=root, text_tokenizer=tok, text_budget=10, truncate=False,
+    rep = validate_pairs(read_pairs(good), good, root=root, text_tokenizer=tok, caption_budget=10, truncate=False,
                          strict=True)
     assert len(rep.kept) == 2 and rep.summary() == "kept 2 / 2 (und 2, gen 2)"
 
@@ -175,7 +175,7 @@ def test_identical_bytes_under_different_names_is_an_equal_pair(root, tok, monke
     hashed = []
     sha256 = validate.hashlib.sha256
     monkeypatch.setattr(validate.hashlib, "sha256", lambda *a: hashed.append(1) or sha256(*a))
-    rep = validate_pairs(read_pairs(f), f, root=root, text_tokenizer=tok, text_budget=10, truncate=False,
+    rep = validate_pairs(read_pairs(f), f, root=root, text_tokenizer=tok, caption_budget=10, truncate=False,
                          strict=False, image_exists=lambda p: None)  # same-size.png is no PNG: skip verifying
     by_id = {p.id: p for p in rep.problems}
     assert set(by_id) == {"copy", "copy-again"} and all(p.kind == "equal pair" for p in by_id.values())
@@ -205,7 +205,7 @@ def test_cached_codes_outside_the_codebook_or_nan_are_named_by_id_and_shard(root
     f = root / "pairs.jsonl"
     write_pairs(f, [_rec("bad", gen=("cache:c0", "cache:c1")), _rec("fine", gen=("cache:c0", "cache:c2")),
                     _rec("real-bad", image="cache:c1", gen=None), _rec("big", gen=("cache:c3", "cache:c2"))])
-    kw = dict(root=root, text_tokenizer=tok, text_budget=10, truncate=False, strict=False)
+    kw = dict(root=root, text_tokenizer=tok, caption_budget=10, truncate=False, strict=False)
     rep = validate_pairs(read_pairs(f), f, token_cache=TokenCache(root / "cache"), **kw)
     by_id = {p.id: p for p in rep.problems}
     shard = root / "cache" / "shard-00000.safetensors"

@@ -141,9 +141,9 @@ def test_shared_prefill_sampling_uses_one_generator_per_row(model):
 def test_shared_prefill_answers_on_the_shipped_base():
     """World records' real images and questions on the shipped base: the self-VQA rows exactly as unshared."""
     from hermesflow_fast.data.text import und_prompt_ids
-    from hermesflow_fast.selfplay.rounds import world_curation_records
+    from hermesflow_fast.selfplay.record_source import world_curation_records
     from hermesflow_fast.world import make_records
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.shipped import load_base
 
     wm = load_base()
     recs = world_curation_records(wm, make_records(12, 7, "train"))

@@ -154,7 +154,7 @@ def test_round_diagnostics_are_exact_and_read_only(round_dir):
     (rd / "gen_scores.jsonl").open("a").write('{"id": "train-0000')  # a torn last line: noted, never cut off
     before = _snapshot(rd.parent)
     tok = LookupTokenizer(recs)
-    d = diagnose_round(rd, tok, batch_size=4)
+    d = diagnose_round(rd, tok, decode_batch=4)
     assert _snapshot(rd.parent) == before
     assert tok.calls == math.ceil(18 / 4) + 1  # candidates in batches of 4, then the one pair grid not among them
     assert d["source"] == "shapes world, seed 0" and (d["records"], d["samples_per_record"]) == (6, 3)

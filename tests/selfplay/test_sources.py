@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hermesflow_fast.selfplay.config import SelfPlayConfig, check_data
-from hermesflow_fast.selfplay.rounds import world_curation_records
+from hermesflow_fast.selfplay.record_source import world_curation_records
 from hermesflow_fast.selfplay.sources import fit_image, load_real_records, read_real_records
 from hermesflow_fast.train.config import ConfigError, load_config
 from hermesflow_fast.world import make_records
@@ -23,7 +23,7 @@ IDS = ["rec-c", "rec-a", "rec-b"]  # not sorted: file order must win
 
 @pytest.fixture(scope="module")
 def wm():
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.shipped import load_base
 
     return load_base()
 
@@ -57,7 +57,8 @@ def make_folder(root: Path, world, sizes=(32, 64, (48, 32))) -> Path:
 def test_records_load_and_encode_in_file_order(wm, world, tmp_path):
     path = make_folder(tmp_path, world)
     said: list[str] = []
-    recs = load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, batch_size=2, log=said.append)
+    recs = load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, strict=True, batch_size=2,
+                             log=said.append)
     assert [r.id for r in recs] == IDS
     assert [r.truth for r in recs] == [w.caption for w in world]
     assert recs[1].prompt == world[1].caption and recs[0].prompt == world[0].prompt.upper()
@@ -118,10 +119,12 @@ def test_bad_input_names_file_line_and_id(kind, wm, world, tmp_path):
     line, rid, says = _break(kind, tmp_path, path)
     where = f"{path}:line {line}" + (f" (id {rid!r})" if rid else "")
     with pytest.raises(ValueError) as err:
-        load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, log=lambda m: None)
+        load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, strict=True, batch_size=32,
+                          log=lambda m: None)
     assert says in str(err.value) and where in str(err.value)
     said: list[str] = []
-    recs = load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, strict=False, log=said.append)
+    recs = load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, strict=False, batch_size=32,
+                             log=said.append)
     assert [r.id for r in recs] == ["rec-c", "rec-b"]
     assert any("kept 2 of 3 records; skipped 1" in m and says in m and where in m for m in said), said
 
@@ -135,10 +138,12 @@ def test_problems_of_every_phase_are_counted_once_and_numeric_ids_join(wm, world
     (tmp_path / "questions.json").write_text(json.dumps([{**q, "id": 7} if q["id"] == "rec-b" else q for q in qs]))
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"1 missing image .*line 1 \(id 'rec-c'\)") as err:
-        load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, log=lambda m: None)
+        load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, strict=True, batch_size=32,
+                          log=lambda m: None)
     assert "without questions" not in str(err.value)  # strict stops before the question file is read
     said: list[str] = []
-    recs = load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, strict=False, log=said.append)
+    recs = load_real_records(path, tmp_path / "questions.json", wm.image_tokenizer, strict=False, batch_size=32,
+                             log=said.append)
     assert [r.id for r in recs] == ["7"] and len(recs[0].questions) == len(world[2].questions)
     skipped = [m for m in said if "skipped" in m]
     assert len(skipped) == 1 and "kept 1 of 3 records; skipped 2" in skipped[0]

@@ -5,6 +5,7 @@ self-VQA with one prefill per generated image writes exactly what the row-wise a
 on the shipped base)."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -14,10 +15,10 @@ from hermesflow_fast.data.text import build_word_tokenizer, und_prompt_ids
 from hermesflow_fast.model import Layout, ModelConfig, UnifiedTransformer, Vocabulary
 from hermesflow_fast.model.generate import generate_text
 from hermesflow_fast.model.tokenizer_vq import PatchVQTokenizer
+from hermesflow_fast.selfplay.config import CurationSection
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.stages import (
     CurationRecord,
-    CurationSettings,
     build_pairs,
     export_candidate_images,
     gen_candidates,
@@ -47,20 +48,20 @@ def wm(tmp_path_factory):
     return SimpleNamespace(model=model, layout=layout, vocab=vocab, text_tokenizer=tok, image_tokenizer=vq), cur
 
 
-SETTINGS = CurationSettings(caption_grid=((1, 0.0), (3, 1.0)), images_per_prompt=3, steps=3, guidance_scale=2.0,
-                            caption_tokens=6, answer_tokens=2, batch_size=4, seed=0)
+SETTINGS = CurationSection(caption_grid=[[1, 0.0], [3, 1.0]], images_per_prompt=3, steps=3, guidance_scale=2.0,
+                           caption_tokens=6, answer_tokens=2, batch_size=4)
 
 
 def test_stages_write_one_line_per_record_and_resume(wm, tmp_path):
     w, recs = wm
     uc = Journal(tmp_path / "und_candidates.jsonl")
-    und_candidates(w, recs[:2], uc, SETTINGS, 1)  # interrupted after two records
-    uc = und_candidates(w, recs, Journal(uc.path), SETTINGS, 1)
+    und_candidates(w, recs[:2], uc, SETTINGS, 1, 0)  # interrupted after two records
+    uc = und_candidates(w, recs, Journal(uc.path), SETTINGS, 1, 0)
     lines = [json.loads(x) for x in uc.path.read_text().splitlines()]
     assert [x["id"] for x in lines] == [r.id for r in recs] and all(len(x["captions"]) == 2 for x in lines)
     us = und_scores(recs, Journal(uc.path), Journal(tmp_path / "und_scores.jsonl"), caption_agreement)
     assert all(0 <= s <= 1 for x in us for s in x["scores"])
-    gc = gen_candidates(w, recs, Journal(tmp_path / "gen_candidates.jsonl"), SETTINGS, 1)
+    gc = gen_candidates(w, recs, Journal(tmp_path / "gen_candidates.jsonl"), SETTINGS, 1, 0)
     assert all(len(x["images"]) == 3 and all(0 <= c < 32 for im in x["images"] for c in im) for x in gc)
     gs = gen_scores(w, recs, gc, Journal(tmp_path / "gen_scores.jsonl"), SETTINGS, answer_match)
     assert all(len(x["accuracy"]) == 3 and all(0 <= a <= 1 for a in x["accuracy"]) for x in gs)
@@ -72,12 +73,12 @@ def test_stages_write_one_line_per_record_and_resume(wm, tmp_path):
 
 def test_results_do_not_depend_on_batching(wm, tmp_path):
     w, recs = wm
-    one = und_candidates(w, recs, Journal(tmp_path / "a.jsonl"), SETTINGS, 1).records()
-    small = CurationSettings(**{**SETTINGS.__dict__, "batch_size": 1})
-    two = und_candidates(w, recs, Journal(tmp_path / "b.jsonl"), small, 1).records()
+    one = und_candidates(w, recs, Journal(tmp_path / "a.jsonl"), SETTINGS, 1, 0).records()
+    small = replace(SETTINGS, **{"batch_size": 1})
+    two = und_candidates(w, recs, Journal(tmp_path / "b.jsonl"), small, 1, 0).records()
     assert one == two
-    g1 = gen_candidates(w, recs, Journal(tmp_path / "c.jsonl"), SETTINGS, 1).records()
-    g2 = gen_candidates(w, recs[::-1], Journal(tmp_path / "d.jsonl"), small, 1).records()
+    g1 = gen_candidates(w, recs, Journal(tmp_path / "c.jsonl"), SETTINGS, 1, 0).records()
+    g2 = gen_candidates(w, recs[::-1], Journal(tmp_path / "d.jsonl"), small, 1, 0).records()
     assert g1 == g2
 
 
@@ -87,10 +88,10 @@ def test_generated_images_become_pngs_only_when_asked(wm, tmp_path):
     from hermesflow_fast.world.judge import as_rgb
 
     w, recs = wm
-    plain = gen_candidates(w, recs[:2], Journal(tmp_path / "a.jsonl"), SETTINGS, 1)
+    plain = gen_candidates(w, recs[:2], Journal(tmp_path / "a.jsonl"), SETTINGS, 1, 0)
     assert not any(tmp_path.rglob("*.png"))  # curation itself never decodes
     out = tmp_path / "images"
-    gc = gen_candidates(w, recs[:2], Journal(tmp_path / "b.jsonl"), SETTINGS, 1, images_dir=out)
+    gc = gen_candidates(w, recs[:2], Journal(tmp_path / "b.jsonl"), SETTINGS, 1, 0, images_dir=out)
     assert gc.records() == plain.records()  # the PNGs change nothing in the journal
     for rec in gc:
         pixels = w.image_tokenizer.decode(torch.tensor(rec["images"]))
@@ -111,18 +112,18 @@ def test_a_journal_begun_with_other_settings_is_refused(wm, tmp_path):
     from hermesflow_fast.errors import UserError
 
     w, recs = wm
-    gc = gen_candidates(w, recs[:2], Journal(tmp_path / "g.jsonl"), SETTINGS, 1)  # killed after two records
+    gc = gen_candidates(w, recs[:2], Journal(tmp_path / "g.jsonl"), SETTINGS, 1, 0)  # killed after two records
     before = gc.path.read_text()
-    five = CurationSettings(**{**SETTINGS.__dict__, "images_per_prompt": 5})
+    five = replace(SETTINGS, **{"images_per_prompt": 5})
     with pytest.raises(UserError, match=rf"g.jsonl: record '{recs[0].id}' was written with images_per_prompt=3, "
                                         rf"but this run asks for 5"):
-        gen_candidates(w, recs, Journal(gc.path), five, 1)
-    uc = und_candidates(w, recs[:1], Journal(tmp_path / "u.jsonl"), SETTINGS, 1)
-    greedy = CurationSettings(**{**SETTINGS.__dict__, "caption_grid": ((1, 0.0),)})
+        gen_candidates(w, recs, Journal(gc.path), five, 1, 0)
+    uc = und_candidates(w, recs[:1], Journal(tmp_path / "u.jsonl"), SETTINGS, 1, 0)
+    greedy = replace(SETTINGS, **{"caption_grid": [[1, 0.0]]})
     with pytest.raises(UserError, match=r"was written with caption_grid=\[\[1, 0.0\], \[3, 1.0\]\]"):
-        und_candidates(w, recs, Journal(uc.path), greedy, 1)
+        und_candidates(w, recs, Journal(uc.path), greedy, 1, 0)
     assert gc.path.read_text() == before and len(Journal(uc.path)) == 1
-    assert len(gen_candidates(w, recs, Journal(gc.path), SETTINGS, 1)) == len(recs)  # the same settings continue
+    assert len(gen_candidates(w, recs, Journal(gc.path), SETTINGS, 1, 0)) == len(recs)  # the same settings continue
 
 
 def test_image_folders_never_escape_or_collide():
@@ -135,7 +136,7 @@ def test_image_folders_never_escape_or_collide():
 def test_a_record_without_questions_is_named(wm, tmp_path):
     w, recs = wm
     bad = [CurationRecord("nq", recs[0].prompt, recs[0].image_codes, [], recs[0].truth)]
-    gc = gen_candidates(w, bad, Journal(tmp_path / "g.jsonl"), SETTINGS, 1)
+    gc = gen_candidates(w, bad, Journal(tmp_path / "g.jsonl"), SETTINGS, 1, 0)
     with pytest.raises(ValueError, match="record 'nq' has no questions"):
         gen_scores(w, bad, gc, Journal(tmp_path / "s.jsonl"), SETTINGS, answer_match)
 
@@ -159,19 +160,19 @@ def _row_wise_gen_scores(w, recs, candidates, s):
 
 def test_gen_scores_equal_the_row_wise_answers(wm, tmp_path):
     w, recs = wm
-    gc = gen_candidates(w, recs, Journal(tmp_path / "g.jsonl"), SETTINGS, 1)
+    gc = gen_candidates(w, recs, Journal(tmp_path / "g.jsonl"), SETTINGS, 1, 0)
     gs = gen_scores(w, recs, gc, Journal(tmp_path / "s.jsonl"), SETTINGS, answer_match)
     assert [json.loads(x) for x in gs.path.read_text().splitlines()] == _row_wise_gen_scores(w, recs, gc, SETTINGS)
 
 
 def test_gen_scores_on_the_shipped_base_equal_the_row_wise_answers(tmp_path):
-    from hermesflow_fast.selfplay.rounds import world_curation_records
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.selfplay.record_source import world_curation_records
+    from hermesflow_fast.world.shipped import load_base
 
     w = load_base()
     recs = world_curation_records(w, make_records(6, 123, "train"))
-    s = CurationSettings(images_per_prompt=4, steps=6, answer_tokens=4, batch_size=12, seed=0)  # 3 records a call
-    gc = gen_candidates(w, recs, Journal(tmp_path / "g.jsonl"), s, 1)
+    s = CurationSection(images_per_prompt=4, steps=6, answer_tokens=4, batch_size=12)  # 3 records a call
+    gc = gen_candidates(w, recs, Journal(tmp_path / "g.jsonl"), s, 1, 0)
     gs = gen_scores(w, recs, gc, Journal(tmp_path / "s.jsonl"), s, answer_match)
     lines = [json.loads(x) for x in gs.path.read_text().splitlines()]
     assert lines == _row_wise_gen_scores(w, recs, gc, s)

@@ -50,7 +50,7 @@ def test_defaults_follow_the_paper_with_bugs_fixed():
     assert (t.und_coeff, t.gen_coeff, t.loss_type, t.text_dropout) == (1.0, 1.0, "sigmoid", 0.0)
     assert (t.warmup_steps, t.warmup_ratio, t.max_steps, t.epochs, t.grad_accum) == (0, 0.1, None, 1, 1)
     assert t.batch_size == 4 and t.max_grad_norm == 1.0 and t.nan_policy == "stop"
-    assert (cfg.data.text_budget, cfg.data.t2i_text_len, cfg.data.strict) == (128, 129, True)
+    assert (cfg.data.max_caption_tokens, cfg.data.t2i_text_len, cfg.data.strict) == (128, 129, True)
     assert (cfg.checkpoint.every, cfg.checkpoint.keep, cfg.dist.strategy) == (100, 3, "ddp")
 
 

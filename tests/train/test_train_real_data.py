@@ -39,7 +39,7 @@ def world(tmp_path_factory):
 
 def _overrides(root, run, **kw):
     base = {"log.progress": "false", "data.synthetic_pairs": "0", "data.text_tokenizer": str(root / "tok"),
-            "data.t2i_text_len": "16", "data.text_budget": "24", "train.batch_size": "2", "train.epochs": "1",
+            "data.t2i_text_len": "16", "data.max_caption_tokens": "24", "train.batch_size": "2", "train.epochs": "1",
             "run.run_dir": str(run), "checkpoint.every": "2"}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]

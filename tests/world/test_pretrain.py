@@ -1,4 +1,4 @@
-"""Pretraining the world's base (world/pretrain.py) and loading it (world/base.py): a toy-size run is reproducible
+"""Pretraining the world's base (world/pretrain.py) and loading it (world/shipped.py): a toy-size run is reproducible
 (same seed → bit-identical weights) and its losses fall; a saved folder loads back equal; the shipped base loads
 and generates valid codes and text; bad folders fail with the file named."""
 
@@ -12,10 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from hermesflow_fast.cli import main
+from hermesflow_fast.model.bundle import ModelBundle
 from hermesflow_fast.model.generate import generate_images, generate_text
 from hermesflow_fast.world import make_records
-from hermesflow_fast.world.base import BASE_DIR, WorldModel, load_base
 from hermesflow_fast.world.pretrain import PretrainConfig, mask_slots, packed_mmu, pretrain, target_logprobs
+from hermesflow_fast.world.shipped import BASE_DIR, load_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,7 +115,7 @@ def test_load_base_names_what_is_wrong(toy_runs, tmp_path):
 
 def test_shipped_base_loads_and_generates():
     wm = load_base()
-    assert isinstance(wm, WorldModel) and wm.path == BASE_DIR
+    assert isinstance(wm, ModelBundle) and wm.path == BASE_DIR
     assert not wm.model.training
     cfg = PretrainConfig()
     assert wm.num_image_tokens == (32 // cfg.patch_size) ** 2 and wm.vocab.num_image_codes == cfg.num_codes

@@ -1,23 +1,20 @@
-"""The shapes world's base model as one object: the unified transformer with its vocabulary, token layout, word
-tokenizer and patch-VQ image tokenizer, loaded from (and saved to) one folder.
-
-What self-play starts from (round 0 = M_0) and what every round's checkpoint is saved as. The folder:
+"""A unified model as one object: the transformer with its vocabulary, token layout, word tokenizer and image
+tokenizer, loaded from (and saved to) one folder. What self-play starts from (round 0) and saves every round as,
+what evaluation and pretraining produce, for the shapes world and for real data alike.
 
     config.json, model.safetensors   the transformer (``UnifiedTransformer.save_pretrained``); ``config.json``'s
                                      "hermesflow" block carries ``vocab`` (the Vocabulary dict) and ``layout``
                                      ({t2i_text_len, mmu_text_len})
     vocab.json                       the Vocabulary dict again, for people and tools that read no model config
     tokenizer/                       the word tokenizer, its [PAD] and Show-o specials already added
-    vq/                              the PatchVQTokenizer (32×32 images → 8×8 codes)
+    vq/                              the image tokenizer (``load_image_tokenizer``)
     pretrain.json                    how ``hermesflow pretrain`` made it (only in pretrained folders; not read here)
 
-``load_base()`` reads the base shipped in the package (``hermesflow_fast/world/base/``, made by
-``hermesflow pretrain --world shapes``); ``load_base(path)`` any folder saved by ``WorldModel.save``. Loading checks
-that the pieces agree (vocabulary vs tokenizer, codes vs image tokenizer, vocabulary size vs model) and names the
-file that disagrees.
+``load_bundle(path)`` reads any folder saved by ``ModelBundle.save`` (``world.shipped.load_base()`` the shapes
+world's shipped one). Loading checks that the pieces agree (vocabulary vs tokenizer, codes vs image tokenizer,
+vocabulary size vs model) and names the file that disagrees.
 
-    python -c "from hermesflow_fast.world.base import load_base; print(load_base())"
-    python -m pytest -q tests/world/test_pretrain.py
+    python -m pytest -q tests/model/test_bundle.py
 """
 
 from __future__ import annotations
@@ -34,17 +31,13 @@ from hermesflow_fast.model.layout import Layout, Vocabulary
 from hermesflow_fast.model.tokenizer_vq import ImageTokenizer, load_image_tokenizer
 from hermesflow_fast.model.transformer import UnifiedTransformer
 
-__all__ = ["BASE_DIR", "WORLD_LAYOUT", "WorldModel", "load_base"]
+__all__ = ["ModelBundle", "load_bundle"]
 
-BASE_DIR = Path(__file__).resolve().parent / "base"
-# The world's text budgets: a t2i prompt is ≤ 10 words (+ [t2i][bos] … [eos] = 13 ≤ 16); an mmu text is ≤ 23
-# tokens for training texts (question + answer + eos), 48 leaves room for longer sampled captions in self-play.
-WORLD_LAYOUT = {"t2i_text_len": 16, "mmu_text_len": 48}
 _FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizer", "vq")
 
 
 @dataclass
-class WorldModel:
+class ModelBundle:
     """A unified model ready to generate and to train: ``model`` (eval mode after loading), its ``vocab`` and
     ``layout``, ``text_tokenizer`` (a HF fast tokenizer) and ``image_tokenizer`` (codes ↔ pixels)."""
 
@@ -65,7 +58,7 @@ class WorldModel:
         h, w = self.image_tokenizer.grid
         return h * w
 
-    def to(self, device: torch.device | str) -> WorldModel:
+    def to(self, device: torch.device | str) -> ModelBundle:
         self.model.to(device)
         self.image_tokenizer.to(device)
         return self
@@ -86,24 +79,24 @@ class WorldModel:
 
     def __repr__(self) -> str:
         c = self.model.config
-        return (f"WorldModel(path={str(self.path)!r}, params={sum(p.numel() for p in self.model.parameters()):,}, "
+        return (f"ModelBundle(path={str(self.path)!r}, params={sum(p.numel() for p in self.model.parameters()):,}, "
                 f"d={c.hidden_size}, layers={c.num_hidden_layers}, vocab={c.vocab_size}, "
                 f"codes={self.vocab.num_image_codes}, grid={self.image_tokenizer.grid}, "
                 f"t2i_text_len={self.layout.t2i_text_len}, mmu_text_len={self.layout.mmu_text_len})")
 
 
-def load_base(path: str | os.PathLike | None = None, device: torch.device | str = "cpu") -> WorldModel:
-    """The world model saved at ``path`` (default: the shipped base, ``hermesflow_fast/world/base/``), in eval mode.
+def load_bundle(path: str | os.PathLike, device: torch.device | str = "cpu",
+                default_layout: dict[str, int] | None = None, hint: str = "") -> ModelBundle:
+    """The bundle saved at ``path``, in eval mode. ``default_layout``: the text budgets of a folder whose config.json
+    carries none; ``hint`` is added to the missing-files error (how to make the folder).
 
-    FileNotFoundError names the missing files (and how to make the base); ValueError names the file whose contents
-    disagree with the rest."""
+    FileNotFoundError names the missing files; ValueError names the file whose contents disagree with the rest."""
     from hermesflow_fast.data.text import load_text_tokenizer
 
-    path = Path(BASE_DIR if path is None else path)
+    path = Path(path)
     missing = [f for f in _FILES if not (path / f).exists()]
     if missing:
-        hint = " (make it with `hermesflow pretrain --world shapes`)" if path == BASE_DIR else ""
-        raise FileNotFoundError(f"load_base: {path} lacks {missing}; expected a folder written by WorldModel.save"
+        raise FileNotFoundError(f"load_bundle: {path} lacks {missing}; expected a folder written by ModelBundle.save"
                                 f"{hint}")
     try:
         vocab = Vocabulary.from_dict(json.loads((path / "vocab.json").read_text()))
@@ -128,6 +121,8 @@ def load_base(path: str | os.PathLike | None = None, device: torch.device | str 
     if image_tokenizer.num_codes != vocab.num_image_codes:
         raise ValueError(f"{path / 'vq'}: {image_tokenizer.num_codes} codes, but the vocabulary has "
                          f"{vocab.num_image_codes} image codes")
-    lens = {**WORLD_LAYOUT, **cfg.extra.get("layout", {})}
+    lens = {**(default_layout or {}), **cfg.extra.get("layout", {})}
+    if set(lens) != {"t2i_text_len", "mmu_text_len"}:
+        raise ValueError(f"{path / 'config.json'}: no hermesflow.layout (t2i_text_len, mmu_text_len) and no default")
     layout = Layout(vocab, t2i_text_len=int(lens["t2i_text_len"]), mmu_text_len=int(lens["mmu_text_len"]))
-    return WorldModel(model.to(device), vocab, layout, text_tokenizer, image_tokenizer, path)
+    return ModelBundle(model.to(device), vocab, layout, text_tokenizer, image_tokenizer, path)

@@ -21,16 +21,17 @@ Seeded per record: record ``id``'s images come from a generator seeded by sha256
 not depend on the batch it is drawn in or on the other records. Greedy text decoding is deterministic.
 
     hermesflow eval --checkpoint hermesflow_fast/world/base --run-dir runs/eval-base --records 300
-    python -m pytest -q tests/selfplay/test_evaluate.py
+    python -m pytest -q tests/world/test_evaluate.py
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,14 @@ from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_i
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
 from hermesflow_fast.model.tokenizer_vq import image_to_tensor, images_to_uint8
 from hermesflow_fast.seeding import hashed_generator
+from hermesflow_fast.world.config import EvalSection
 from hermesflow_fast.world.judge import JUDGE, Judge
 from hermesflow_fast.world.records import WorldRecord
 from hermesflow_fast.world.scene import CATEGORIES
 from hermesflow_fast.world.scoring import answer_match, caption_agreement
 
-__all__ = ["EvalResult", "encode_records", "evaluate", "image_grid", "record_generator", "save_grid"]
+__all__ = ["EvalResult", "encode_records", "eval_generator", "evaluate", "evaluate_seeds", "image_grid", "save_grid",
+           "seed_stats"]
 
 
 @dataclass
@@ -92,16 +95,16 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def record_generator(seed: int, record_id: str, device: torch.device | str = "cpu") -> torch.Generator:
+def eval_generator(seed: int, record_id: str, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of one record's generated images: seeded by sha256(seed, id)."""
     return hashed_generator("evaluate", seed, record_id, device=device)
 
 
-def encode_records(wm, records: Sequence[WorldRecord], batch_size: int = 256) -> Tensor:
+def encode_records(wm, records: Sequence[WorldRecord], encode_batch: int = 256) -> Tensor:
     """(R, N) int64: the records' rendered images encoded by the world model's image tokenizer."""
     out = []
-    for i in range(0, len(records), batch_size):
-        imgs = torch.stack([image_to_tensor(r.render()) for r in records[i:i + batch_size]])  # (B, 3, 32, 32)
+    for i in range(0, len(records), encode_batch):
+        imgs = torch.stack([image_to_tensor(r.render()) for r in records[i:i + encode_batch]])  # (B, 3, 32, 32)
         out.append(wm.image_tokenizer.encode(imgs.to(wm.image_tokenizer.device)).cpu())
     return torch.cat(out) if out else torch.zeros(0, wm.num_image_tokens, dtype=torch.long)
 
@@ -114,86 +117,156 @@ def _decode(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True).strip()
 
 
-@torch.no_grad()
-def evaluate(wm, records: Sequence[WorldRecord], *, images_per_prompt: int = 1, steps: int = 12,
-             guidance_scale: float = 3.0, noise_temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
-             answer_tokens: int = 4, caption_tokens: int = 24, sot: bool = True, num_samples: int = 16,
-             judge: Judge = JUDGE) -> EvalResult:
-    """Table 4 on ``records`` for a ``WorldModel`` (see the module docstring). ``batch_size`` records per generation
-    call (their questions ride together in the answering calls); ``sot`` puts <|sot|> before the prompt as Show-o's
-    inference (and the curation) does."""
+def _settings(settings: EvalSection | None, knobs: dict[str, Any]) -> EvalSection:
+    base = settings if settings is not None else EvalSection()
+    unknown = sorted(set(knobs) - {f.name for f in fields(EvalSection)})
+    if unknown:
+        raise TypeError(f"evaluate: unknown setting(s) {unknown}; EvalSection has {[f.name for f in fields(base)]}")
+    e = replace(base, **knobs)
+    if e.images_per_prompt < 1 or e.steps < 1 or e.batch_size < 1:
+        raise ValueError(f"evaluate: images_per_prompt={e.images_per_prompt}, steps={e.steps} and batch_size="
+                         f"{e.batch_size} must be ≥ 1")
+    return e
+
+
+def _check_records(records: Sequence[WorldRecord]) -> None:
     if not records:
         raise ValueError("evaluate: no records")
-    if images_per_prompt < 1 or steps < 1 or batch_size < 1:
-        raise ValueError(f"evaluate: images_per_prompt={images_per_prompt}, steps={steps} and batch_size="
-                         f"{batch_size} must be ≥ 1")
     if any(not r.questions for r in records):
         bad = next(r.id for r in records if not r.questions)
         raise ValueError(f"evaluate: record {bad!r} has no questions; it cannot be scored")
+
+
+@dataclass
+class _Understanding:
+    """The model's answers about and captions of the real images: greedy, so the same for every seed."""
+
+    real: Tensor  # (R, N) codes of the real images
+    hits: dict[str, list[int]]  # question category → right (1) or wrong (0), per question
+    captions: list[str]
+    agreements: list[float]
+
+
+@dataclass
+class _Generation:
+    hits: dict[str, list[int]]  # question category → the judge right on a generated image, per (image, question)
+    geneval: dict[str, list[int]]  # record category → every question right, per generated image
+    sample_codes: list[Tensor]  # (M, N) per sampled record
+
+
+def _understand(wm, records: Sequence[WorldRecord], e: EvalSection, sot: bool) -> _Understanding:
     model, layout, tok = wm.model, wm.layout, wm.text_tokenizer
-    was_training = model.training
-    model.eval()
-    dev = wm.device
-    M, N = images_per_prompt, wm.num_image_tokens
     real = encode_records(wm, records)  # (R, N)
     cap_prompt = und_prompt_ids(tok, DEFAULT_QUESTION)
-
-    und_hits: dict[str, list[int]] = defaultdict(list)
-    gen_hits: dict[str, list[int]] = defaultdict(list)
-    geneval: dict[str, list[int]] = defaultdict(list)
-    agreements: list[float] = []
-    captions: list[str] = []
-    sample_codes: list[Tensor] = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
-        codes = real[start:start + len(batch)].to(dev)  # (B, N)
-        # understanding: every question about the real image, greedy
+    out = _Understanding(real, defaultdict(list), [], [])
+    for start in range(0, len(records), e.batch_size):
+        batch = records[start:start + e.batch_size]
+        codes = real[start:start + len(batch)].to(wm.device)  # (B, N)
+        # every question about the real image, greedy; each image prefilled once for all its questions
         prompts = [[und_prompt_ids(tok, q.prompt) for q in r.questions] for r in batch]
-        answers = generate_answers(model, layout, codes, prompts, max_new_tokens=answer_tokens, sot=sot)
-        for r, said in zip(batch, answers):  # each image prefilled once for all its questions
+        answers = generate_answers(model, layout, codes, prompts, max_new_tokens=e.answer_tokens, sot=sot)
+        for r, said in zip(batch, answers):
             for q, ids in zip(r.questions, said):
-                und_hits[q.category].append(int(answer_match(_decode(tok, ids), q.choices) == q.answer))
+                out.hits[q.category].append(int(answer_match(_decode(tok, ids), q.choices) == q.answer))
         # caption of the real image, greedy
-        caps = generate_text(model, layout, codes, [cap_prompt] * len(batch), max_new_tokens=caption_tokens,
+        caps = generate_text(model, layout, codes, [cap_prompt] * len(batch), max_new_tokens=e.caption_tokens,
                              sot=sot)
         for r, ids in zip(batch, caps):
             text = _decode(tok, ids)
-            captions.append(text)
-            agreements.append(caption_agreement(text, r.scene))
-        # generation: M images per prompt, judged on their decoded pixels
-        gens = [record_generator(seed, r.id, dev) for r in batch]
+            out.captions.append(text)
+            out.agreements.append(caption_agreement(text, r.scene))
+    return out
+
+
+def _generate(wm, records: Sequence[WorldRecord], e: EvalSection, seed: int, judge: Judge,
+              num_samples: int) -> _Generation:
+    model, layout, tok = wm.model, wm.layout, wm.text_tokenizer
+    M, N = e.images_per_prompt, wm.num_image_tokens
+    out = _Generation(defaultdict(list), defaultdict(list), [])
+    for start in range(0, len(records), e.batch_size):
+        batch = records[start:start + e.batch_size]
+        gens = [eval_generator(seed, r.id, wm.device) for r in batch]
         made = generate_images(model, layout, [prompt_ids(tok, r.prompt) for r in batch], N, images_per_prompt=M,
-                               steps=steps, guidance_scale=guidance_scale, noise_temperature=noise_temperature,
-                               generator=gens)  # (B·M, N), prompt-major
+                               steps=e.steps, guidance_scale=e.guidance_scale,
+                               noise_temperature=e.noise_temperature, generator=gens)  # (B·M, N), prompt-major
         pixels = wm.image_tokenizer.decode(made.to(wm.image_tokenizer.device)).cpu()  # (B·M, 3, 32, 32)
         for b, r in enumerate(batch):
             for m in range(M):
                 said = judge.answers(pixels[b * M + m], r.questions)
                 right = [int(a == q.answer) for a, q in zip(said, r.questions)]
                 for q, ok in zip(r.questions, right):
-                    gen_hits[q.category].append(ok)
-                geneval[r.category].append(int(all(right)))
-        if len(sample_codes) < num_samples:
-            sample_codes.extend(made.view(len(batch), M, N).cpu()[: num_samples - len(sample_codes)])
-    model.train(was_training)
+                    out.hits[q.category].append(ok)
+                out.geneval[r.category].append(int(all(right)))
+        if len(out.sample_codes) < num_samples:
+            out.sample_codes.extend(made.view(len(batch), M, N).cpu()[: num_samples - len(out.sample_codes)])
+    return out
 
-    und = _mean([x for v in und_hits.values() for x in v])
-    gen = _mean([x for v in gen_hits.values() for x in v])
-    by_cat = {c: _mean(geneval[c]) for c in CATEGORIES if geneval[c]}
-    S = len(sample_codes)
-    samples = {"prompts": [r.prompt for r in records[:S]], "captions": captions[:S], "real": real[:S].clone(),
-               "codes": torch.stack(sample_codes) if S else torch.zeros(0, M, N, dtype=torch.long)}
+
+def _result(records: Sequence[WorldRecord], und: _Understanding, gen: _Generation, e: EvalSection, seed: int,
+            sot: bool, judge: Judge, N: int) -> EvalResult:
+    M = e.images_per_prompt
+    und_score = _mean([x for v in und.hits.values() for x in v])
+    gen_score = _mean([x for v in gen.hits.values() for x in v])
+    by_cat = {c: _mean(gen.geneval[c]) for c in CATEGORIES if gen.geneval[c]}
+    S = len(gen.sample_codes)
+    samples = {"prompts": [r.prompt for r in records[:S]], "captions": und.captions[:S], "real": und.real[:S].clone(),
+               "codes": torch.stack(gen.sample_codes) if S else torch.zeros(0, M, N, dtype=torch.long)}
     return EvalResult(
-        und=und, gen=gen, gap=und - gen,
-        und_by_category={c: _mean(und_hits[c]) for c in CATEGORIES if und_hits[c]},
-        gen_by_question={c: _mean(gen_hits[c]) for c in CATEGORIES if gen_hits[c]},
+        und=und_score, gen=gen_score, gap=und_score - gen_score,
+        und_by_category={c: _mean(und.hits[c]) for c in CATEGORIES if und.hits[c]},
+        gen_by_question={c: _mean(gen.hits[c]) for c in CATEGORIES if gen.hits[c]},
         gen_by_category=by_cat, geneval=_mean(list(by_cat.values())),
-        caption_agreement=_mean(agreements), n_records=len(records),
-        n_questions=sum(len(v) for v in und_hits.values()), n_images=len(records) * M,
-        settings={"images_per_prompt": M, "steps": steps, "guidance_scale": guidance_scale,
-                  "noise_temperature": noise_temperature, "seed": seed, "answer_tokens": answer_tokens,
-                  "caption_tokens": caption_tokens, "sot": sot, "judge": type(judge).__name__},
+        caption_agreement=_mean(und.agreements), n_records=len(records),
+        n_questions=sum(len(v) for v in und.hits.values()), n_images=len(records) * M,
+        settings={"images_per_prompt": M, "steps": e.steps, "guidance_scale": e.guidance_scale,
+                  "noise_temperature": e.noise_temperature, "seed": seed, "answer_tokens": e.answer_tokens,
+                  "caption_tokens": e.caption_tokens, "sot": sot, "judge": type(judge).__name__},
         samples=samples)
+
+
+@torch.no_grad()
+def evaluate_seeds(wm, records: Sequence[WorldRecord], settings: EvalSection | None = None, *, seed: int,
+                   sot: bool = True, num_samples: int = 16, judge: Judge = JUDGE,
+                   **knobs: Any) -> list[EvalResult]:
+    """Table 4 on ``records`` for a ``ModelBundle`` once per evaluation seed ``seed, seed + 1, …`` (``seeds`` of
+    the settings): the understanding side (greedy) is computed once and shared, the generation side drawn per seed.
+    ``settings``: an ``EvalSection`` (default: its defaults); ``knobs``: any of its fields, overriding it.
+    ``batch_size`` records per generation call (their questions ride together in the answering calls); ``sot``
+    puts <|sot|> before the prompt as Show-o's inference (and the curation) does."""
+    e = _settings(settings, knobs)
+    _check_records(records)
+    was_training = wm.model.training
+    wm.model.eval()
+    try:
+        und = _understand(wm, records, e, sot)
+        return [_result(records, und, _generate(wm, records, e, seed + k, judge, num_samples), e, seed + k, sot,
+                        judge, wm.num_image_tokens) for k in range(e.seeds)]
+    finally:
+        wm.model.train(was_training)
+
+
+def evaluate(wm, records: Sequence[WorldRecord], settings: EvalSection | None = None, *, seed: int,
+             sot: bool = True, num_samples: int = 16, judge: Judge = JUDGE, **knobs: Any) -> EvalResult:
+    """Table 4 on ``records`` for one seed (``evaluate_seeds``' first; ``settings.seeds`` is not read)."""
+    return evaluate_seeds(wm, records, settings, seed=seed, sot=sot, num_samples=num_samples, judge=judge,
+                          **{**knobs, "seeds": 1})[0]
+
+
+def seed_stats(runs: Sequence[EvalResult]) -> dict:
+    """und / gen / gap (and per-category gen, caption agreement) as the mean over evaluation seeds (gap = und − gen
+    of the means); with more than one seed also each score's standard deviation (``*_std``, ddof 1) and its values
+    per seed (``*_seeds``)."""
+    mean = statistics.fmean
+    out: dict = {}
+    for key in ("und", "gen", "gap"):
+        xs = [float(getattr(r, key)) for r in runs]
+        out[key] = mean(xs) if key != "gap" else out["und"] - out["gen"]  # the mean gap, exactly und − gen
+        if len(runs) > 1:
+            out[f"{key}_std"] = statistics.stdev(xs)
+            out[f"{key}_seeds"] = xs
+    out["gen_by_category"] = {c: mean([r.gen_by_category[c] for r in runs]) for c in runs[0].gen_by_category}
+    out["caption_agreement"] = mean([r.caption_agreement for r in runs])
+    return out
 
 
 def image_grid(images: Tensor, ncol: int, scale: int = 4, pad: int = 2,

@@ -1,4 +1,4 @@
-"""The Table 4 protocol (selfplay/evaluate.py) on the shipped base: scores in [0, 1] with gap = und − gen, seeded
+"""The Table 4 protocol (world/evaluate.py) on the shipped base: scores in [0, 1] with gap = und − gen, seeded
 per record (the batch size changes nothing), the judge reads ground-truth codes (encode → decode) almost perfectly,
 a model whose generations ARE the real images scores gen ≈ 1, the grid PNG and the ``hermesflow eval`` command."""
 
@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import hermesflow_fast.selfplay.evaluate as ev
+import hermesflow_fast.world.evaluate as ev
 from hermesflow_fast.cli import main
 from hermesflow_fast.world import CATEGORIES, JUDGE, make_records
-from hermesflow_fast.world.base import load_base
 from hermesflow_fast.world.judge import as_rgb
+from hermesflow_fast.world.shipped import load_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,7 +101,7 @@ def test_a_model_that_draws_the_real_image_scores_gen_one(wm, monkeypatch):
         return torch.stack([by_prompt[tuple(t)] for t in texts for _ in range(images_per_prompt)])
 
     monkeypatch.setattr(ev, "generate_images", draw_real)
-    res = ev.evaluate(wm, recs, images_per_prompt=2, batch_size=7)
+    res = ev.evaluate(wm, recs, images_per_prompt=2, batch_size=7, seed=0)
     assert res.gen >= 0.98 and res.geneval >= 0.9, (res.gen, res.gen_by_category)
 
 
@@ -116,9 +116,9 @@ def test_save_grid_writes_the_samples(wm, result, tmp_path):
 
 def test_evaluate_refuses_nonsense(wm, records):
     with pytest.raises(ValueError, match="no records"):
-        ev.evaluate(wm, [])
+        ev.evaluate(wm, [], seed=0)
     with pytest.raises(ValueError, match="steps"):
-        ev.evaluate(wm, records, steps=0)
+        ev.evaluate(wm, records, steps=0, seed=0)
 
 
 def test_eval_command(tmp_path):
@@ -129,11 +129,11 @@ def test_eval_command(tmp_path):
     assert out["gap"] == out["und"] - out["gen"] and out["n_records"] == 4
     assert (tmp_path / "samples.png").is_file() and "gap" in res.output
     # its sampler defaults are the self-play recipe's evaluation, so its numbers compare with the demo's
-    from hermesflow_fast.selfplay.cli import DEMO_OVERRIDES
+    from hermesflow_fast.selfplay.cli import DEMO_RECIPE
     from hermesflow_fast.selfplay.config import SelfPlayConfig
     from hermesflow_fast.train.config import load_config
 
-    recipe = load_config(None, DEMO_OVERRIDES, schema=SelfPlayConfig).eval
+    recipe = load_config(DEMO_RECIPE, [], schema=SelfPlayConfig).eval
     assert (out["settings"]["guidance_scale"], out["settings"]["noise_temperature"]) == \
         (recipe.guidance_scale, recipe.noise_temperature)
 
@@ -171,11 +171,9 @@ def test_selfplay_recipe_is_the_demo_recipe():
     """configs/selfplay-shapes.yaml resolves to the config `hermesflow demo` runs."""
     from pathlib import Path
 
-    from hermesflow_fast.selfplay.cli import DEMO_OVERRIDES
-    from hermesflow_fast.selfplay.config import SelfPlayConfig
-    from hermesflow_fast.train.config import config_to_dict, load_config
+    from hermesflow_fast.config import recipe_path
+    from hermesflow_fast.selfplay.cli import DEMO_RECIPE
 
     recipe = Path(__file__).resolve().parents[2] / "configs" / "selfplay-shapes.yaml"
     assert recipe.read_text().startswith("# hermesflow selfplay --config configs/selfplay-shapes.yaml")
-    assert config_to_dict(load_config(recipe, [], schema=SelfPlayConfig)) == config_to_dict(
-        load_config(None, DEMO_OVERRIDES, schema=SelfPlayConfig))
+    assert recipe_path(DEMO_RECIPE).resolve() == recipe.resolve()
