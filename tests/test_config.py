@@ -54,7 +54,7 @@ def test_every_knob_is_declared_once_with_default_and_help(schema):
 
 # The file readers' ``strict=True`` (refuse bad input unless told otherwise) is the one exception: a library call
 # reading a records or question file is strict by default, as data.strict is (checked below); a run passes its own.
-READER_STRICT = {"hermesflow_fast.selfplay.questions.load_tifa_questions", "hermesflow_fast.selfplay.sources."
+READER_STRICT = {"hermesflow_fast.selfplay.tifa.load_tifa_questions", "hermesflow_fast.selfplay.sources."
                  "read_real_records"}
 
 

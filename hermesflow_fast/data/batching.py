@@ -24,7 +24,8 @@ ways). The result, ``PackedBatch``, holds one target row per pair and per (side,
     several gen masks the gen targets' ``group`` (P, L) names each label's mask (−1 = none)
 
 so ``logprob[p] = Σ_l log softmax(lm_head(h[rows[p, l]]))[labels[p, l]]`` is pair p's sequence log-prob for that
-side, ready for a per-pair DPO margin (spec B2). ``und_pairs`` / ``gen_pairs`` list the pairs that have the side.
+side, ready for a per-pair DPO margin (docs/differences.md). ``und_pairs`` / ``gen_pairs`` list the pairs that have
+the side.
 
 The bin packing runs as a numba ``@njit`` kernel (``_ffd_kernel``) when numba imports, else as its plain-Python twin
 ``first_fit_decreasing_py`` (said once); both give identical assignments. ``micro_batches`` splits a list of pairs

@@ -1,6 +1,6 @@
 """The generation side's masks of a pair: which image slots are replaced by [MASK] and scored.
 
-Show-o's training draw (spec §2.2 a, §5.5), per mask:
+Show-o's training draw, per mask:
 
     t ~ U(0, 1);   r = cos(π t / 2);   k = clamp(round(N · r), 1, N);   k of the N slots, uniform without replacement
 

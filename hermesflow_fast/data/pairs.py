@@ -5,7 +5,7 @@ One pair per line (JSONL, UTF-8). A pair holds both sides of HermesFlow's record
 
     id                str    unique in the file (an int is read as its decimal string)
     prompt            str    y: the t2i prompt, which is also the ground-truth caption of the real image
-    image             ref    x: the real image; the understanding side's condition (spec B3: never a grey image)
+    image             ref    x: the real image; the understanding side's condition (never a grey image)
     caption_chosen    str    y_w ┐ understanding side: both present, or both absent / null (no und side)
     caption_rejected  str    y_l ┘
     image_chosen      ref    x_w ┐ generation side: both present, or both absent / null (no gen side)
@@ -17,7 +17,7 @@ An image ``ref`` is either a path relative to the JSONL file's folder (absolute 
 ``cache:<record id>``, a row of a token cache (data/token_cache.py). Readers resolve nothing: validation
 (data/validate.py) checks images and sides, and reports every problem with file, line and id.
 
-HermesFlow's ``pair_dpo_data.json`` (spec §3.6) comes in two forms, both read by ``import_hermesflow``: the README's
+HermesFlow's ``pair_dpo_data.json`` comes in two forms, both read by ``import_hermesflow``: the README's
 JSON array ``[{…}, {…}]``, and the ``{…},\\n{…},\\n`` object stream (no brackets, trailing comma) its curation scripts
 append to. Fields are mapped by ``HERMESFLOW_FIELDS``:
 

@@ -1,7 +1,7 @@
 """Text tokenization for pairs: loading a local tokenizer, building a word-level one for small worlds, and the
 understanding prompt template.
 
-HermesFlow scores captions under LLaVA's "phi1.5" conversation (``preprocess_v0``, spec §2.2 b):
+HermesFlow scores captions under LLaVA's "phi1.5" conversation (``preprocess_v0``):
 
     "USER: {question} ASSISTANT:" + " " + caption + <|endoftext|>
 

@@ -1,6 +1,6 @@
 """Batched generation with the unified model: MaskGIT image sampling with CFG, and KV-cached text decoding.
 
-MaskGIT (Show-o's t2i_generate, spec §5.6). Image slots start as [MASK]; for step s = 0 … T−1:
+MaskGIT (Show-o's t2i_generate). Image slots start as [MASK]; for step s = 0 … T−1:
 
     ℓ   = (1 + g)·ℓ_cond − g·ℓ_uncond        over the image-code columns only (cond and uncond rows in ONE batch)
     x̂   ~ softmax(ℓ)  at unknown slots; known slots keep their code
@@ -20,7 +20,7 @@ images share one cond row and all images one uncond row. #unknown in the clamp i
 only after exact confidence ties). On CPU the rows run in chunks of ~``_CPU_CHUNK_TOKENS`` tokens. A single generator
 (or none) keeps the original sampler (``torch.multinomial`` at every slot), so its samples are unchanged.
 
-Text decoding (mmu_generate, spec §5.8, batched): the prompt ``[mmu][soi] image [eoi] [sot] question`` — the
+Text decoding (Show-o's mmu_generate, batched): the prompt ``[mmu][soi] image [eoi] [sot] question`` — the
 bidirectional image block included — is prefilled once into a KV cache, then one token per step for every row;
 greedy (temperature 0) or temperature + top-k sampling, restricted to the text vocabulary; a row stops at eos, the
 batch when all rows did or at ``max_new_tokens``. ``num_return_sequences`` K reuses one prefill for K samples.

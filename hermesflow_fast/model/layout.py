@@ -1,5 +1,5 @@
 """Show-o's token layout: the vocabulary, the t2i / mmu sequences with labels and omni-attention masks, and the
-shared-prefix packed layouts of a preference pair. The one place that knows token ids (spec §5.2–5.4).
+shared-prefix packed layouts of a preference pair. The one place that knows token ids.
 
 Vocabulary (all ids from a tokenizer or a config; Show-o's order):
 

@@ -11,7 +11,7 @@
 
 Res-block: h = conv2(swish(norm2(conv1(swish(norm1(x)))))); out = shortcut(x) + h, the shortcut a 1×1 conv
 (``nin_shortcut``) where the channel count changes. Down-sampling pads right/bottom by one then runs a 3×3 stride-2
-conv without padding; GroupNorm has eps 1e-6. Show-o's sizes (spec §5.7), the default config: ch 128, encoder
+conv without padding; GroupNorm has eps 1e-6. Show-o's sizes, the default config: ch 128, encoder
 multipliers (1, 2, 2, 4, 4) with (4, 3, 4, 3, 4) res-blocks, decoder multipliers (1, 1, 2, 2, 4) with (4, 4, 3, 4, 3)
 res-blocks, C = 13 (8192 codes), stride 16: 256² → 16×16 = 256 codes, 512² → 32×32 = 1024 codes.
 
@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hermesflow_fast.model.checkpoint import CheckpointError, check_finite
 from hermesflow_fast.model.magvit_checkpoint import (
     CONFIG_FILE,
     IGNORED_PREFIXES,
@@ -50,6 +49,7 @@ from hermesflow_fast.model.magvit_checkpoint import (
     read_magvit_config,
     read_state_dict,
 )
+from hermesflow_fast.model.weights import CheckpointError, check_finite
 from hermesflow_fast.ops.lfq import lfq_codes, lfq_quantize
 
 __all__ = [
@@ -73,7 +73,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class MAGVITv2Config:
-    """Sizes of the tokenizer; the defaults are Show-o's ``showlab/magvitv2`` (spec §5.7)."""
+    """Sizes of the tokenizer; the defaults are Show-o's ``showlab/magvitv2``."""
 
     ch: int = 128
     encoder_ch_mult: tuple[int, ...] = (1, 2, 2, 4, 4)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from hermesflow_fast.model.checkpoint import CheckpointError, load_state_dict_file
+from hermesflow_fast.model.weights import CheckpointError, load_state_dict_file
 
 if TYPE_CHECKING:
     from hermesflow_fast.model.magvit import MAGVITv2

@@ -15,7 +15,7 @@ Per token of each row, three tags and an optional fourth:
 
 The diagonal is always allowed, so no row is empty (a pad row sees itself; its output is never read).
 
-Show-o's masks in these tags (spec §5.4):
+Show-o's masks in these tags:
 - t2i: ``[t2i][bos] text [eos]`` causal (block −1), ``[soi] image [eoi]`` one block (block 0), pads invalid. Image rows
   see all text (earlier) and the whole block, text rows are causal, nobody sees a pad.
 - mmu: ``[mmu][soi] image [eoi]`` one block, the text after it causal.

@@ -45,9 +45,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from hermesflow_fast.model.checkpoint import CheckpointError, check_finite, load_state_dict_file
 from hermesflow_fast.model.magvit import TOKENIZER_TYPE as MAGVIT_TYPE
 from hermesflow_fast.model.magvit import MAGVITv2, check_code_grid, images_to_uint8
+from hermesflow_fast.model.weights import CheckpointError, check_finite, load_state_dict_file
 from hermesflow_fast.ops import nearest_code
 
 __all__ = [

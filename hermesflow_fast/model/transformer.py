@@ -10,7 +10,7 @@ hidden states (B, T, d); the untied LM head (``lm_head.weight`` (V, d), ``lm_hea
 ``logits()`` or by the trainer's fused log-prob op on target rows.
 
 Module names equal transformers' ``PhiForCausalLM`` (``model.layers.N.self_attn.q_proj`` …), so state dicts map 1:1
-(model/checkpoint.py). The mask is Show-o's omni-attention mask in any accepted form (model/masks.py): an
+(model/weights.py). The mask is Show-o's omni-attention mask in any accepted form (model/masks.py): an
 ``OmniMask`` or a boolean ``(B, T, T)`` / ``(B, 1, T, T)`` tensor, True = may attend; ``None`` means causal.
 
     python -m pytest -q tests/model/test_transformer.py
@@ -197,13 +197,13 @@ class UnifiedTransformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> UnifiedTransformer:
         """A folder in HF Phi layout (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) or Show-o's."""
-        from hermesflow_fast.model.checkpoint import load_pretrained
+        from hermesflow_fast.model.weights import load_pretrained
 
         return load_pretrained(cls, path, **kwargs)
 
     def save_pretrained(self, path) -> None:
         """``config.json`` + ``model.safetensors`` (loadable by ``transformers.PhiForCausalLM`` too)."""
-        from hermesflow_fast.model.checkpoint import save_pretrained
+        from hermesflow_fast.model.weights import save_pretrained
 
         save_pretrained(self, path)
 

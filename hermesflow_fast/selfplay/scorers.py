@@ -3,7 +3,7 @@ model folder, never the network.
 
     TextEmbedder(path, kind)      L2-normalized embeddings, batched: kind "sbert" (sentence-transformers, the optional
                                   extra ``pip install hermesflow_fast[scorers]``) or "bert-cls" (transformers'
-                                  AutoModel, the [CLS] vector: the original code's BERT-CLS cosine, spec §3.6)
+                                  AutoModel, the [CLS] vector: the original code's BERT-CLS cosine)
     EmbeddingCaptionScorer(emb)   caption_scorer for ``und_scores``: cosine(candidate, true caption); the truth is
                                   embedded once per record (cached by text), a record's K candidates in one batch
     EmbeddingAnswerMatcher(emb)   answer_match for ``gen_scores``: the exact match after normalisation, else the choice
@@ -105,7 +105,7 @@ def _check_pickled_weights(folder: Path) -> None:
     """Refuse, naming it, a ``pytorch_model*.bin`` of ``folder`` or a module subfolder (sentence-transformers keeps
     modules in subfolders) that would be unpickled (no ``*.safetensors`` beside it) and holds anything but tensors:
     each is read once with ``torch.load(weights_only=True)`` (``load_state_dict_file``)."""
-    from hermesflow_fast.model.checkpoint import load_state_dict_file
+    from hermesflow_fast.model.weights import load_state_dict_file
 
     for d in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
         if any(d.glob("*.safetensors")):

@@ -47,8 +47,8 @@ from torch import Tensor
 from hermesflow_fast.data.image_ref import image_problem, resolve_path
 from hermesflow_fast.io import read_lines
 from hermesflow_fast.model.tokenizer_vq import CONVERTIBLE_MODES, image_to_tensor
-from hermesflow_fast.selfplay.questions import RealQuestion, load_tifa_questions
 from hermesflow_fast.selfplay.stages import CurationRecord
+from hermesflow_fast.selfplay.tifa import RealQuestion, load_tifa_questions
 
 __all__ = ["RealRecord", "fit_image", "load_real_records", "read_real_records", "real_scorers"]
 

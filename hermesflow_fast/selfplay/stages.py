@@ -40,7 +40,7 @@ from hermesflow_fast.model.tokenizer_vq import images_to_uint8
 from hermesflow_fast.seeding import hashed_generator
 from hermesflow_fast.selfplay.config import CurationSection
 from hermesflow_fast.selfplay.journal import Journal
-from hermesflow_fast.selfplay.pairs import Choice, self_play_pair
+from hermesflow_fast.selfplay.pair_rules import Choice, self_play_pair
 
 __all__ = ["CurationRecord", "build_pairs", "export_candidate_images", "gen_candidates",
            "gen_scores", "image_folder", "curation_generator", "save_candidate_images", "und_candidates", "und_scores"]

@@ -1,6 +1,7 @@
 """Training checkpoints: full state (model, optimizer, scheduler, per-rank RNG, data position), atomic, verified.
 
-HermesFlow saved only the model weights, so a resumed run restarted warm-up with a fresh optimizer (bug B11). Here a
+HermesFlow saved only the model weights, so a resumed run restarted warm-up with a fresh optimizer
+(docs/differences.md). Here a
 checkpoint is everything needed to continue the same run bit for bit:
 
     run_dir/config.yaml                                the resolved config (written by the trainer; resume.py)
@@ -57,7 +58,7 @@ import torch
 from torch import Tensor
 
 from hermesflow_fast.io import fsync_path
-from hermesflow_fast.model.checkpoint import CheckpointError
+from hermesflow_fast.model.weights import CheckpointError
 from hermesflow_fast.train.rng_state import capture_rng_state, restore_rng_state
 
 __all__ = [

@@ -6,7 +6,7 @@ Weight decay (``param_groups``): a trainable parameter is decayed unless it is
     * of dimension < 2 (biases, norm gains, scalars).
 Show-o/HermesFlow meant the same but matched the substrings ``layer_norm.weight`` / ``embeddings.weight``, which Phi's
 names (``input_layernorm``, ``final_layernorm``, ``embed_tokens``) never contain, so only biases escaped decay there
-(spec §6.1); matching on module types and shapes cannot miss a renamed module. The LM head (an ``nn.Linear``) decays.
+; matching on module types and shapes cannot miss a renamed module. The LM head (an ``nn.Linear``) decays.
 
 Schedule (``warmup_cosine``), with s = the number of ``scheduler.step()`` calls so far (= optimizer steps taken):
 
@@ -16,7 +16,8 @@ Schedule (``warmup_cosine``), with s = the number of ``scheduler.step()`` calls 
 
 lr(s) = factor(s) · peak lr, N = total optimizer steps of the run, W = warm-up steps < N, m = min_lr_ratio. The lr
 reaches its minimum exactly at s = N, so decay always happens: HermesFlow's released config warmed up for 5,000
-steps of a run that stopped after ≤ 5,000, and never left warm-up (bug B7). Give N as the run will actually take
+steps of a run that stopped after ≤ 5,000, and never left warm-up (docs/differences.md). Give N as the run will
+actually take
 (``resolve_total_steps``), never a nominal number.
 
     python -m pytest -q tests/train/test_optim.py
@@ -107,7 +108,8 @@ def warmup_cosine(
     if total_steps <= warmup_steps:
         raise ValueError(
             f"warmup_cosine: total_steps={total_steps} must be > warmup_steps={warmup_steps}, or the lr never leaves "
-            f"warm-up and never decays (HermesFlow's bug B7: 5,000 warm-up steps in a run of <= 5,000)"
+            f"warm-up and never decays (the original code's bug, docs/differences.md: 5,000 warm-up steps in a run of "
+            f"<= 5,000)"
         )
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"warmup_cosine: min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
@@ -124,7 +126,8 @@ def warmup_cosine(
 
 def resolve_total_steps(cfg_train: Any, steps_per_epoch: int) -> int:
     """Optimizer steps of the run: ``train.max_steps`` if set, else epochs × ``steps_per_epoch`` (the optimizer steps
-    one pass over the data actually takes on this rank). Computed from the data, never from a nominal size (bug B5)."""
+    one pass over the data actually takes on this rank). Computed from the data, never from a nominal size
+    (docs/differences.md)."""
     if cfg_train.max_steps is not None:
         return int(cfg_train.max_steps)
     if steps_per_epoch < 1:
@@ -134,14 +137,15 @@ def resolve_total_steps(cfg_train: Any, steps_per_epoch: int) -> int:
 
 def resolve_warmup(cfg_train: Any, total_steps: int) -> int:
     """Warm-up steps: ``train.warmup_steps`` if > 0, else ceil(``train.warmup_ratio`` × total_steps), kept below
-    total_steps. A warmup_steps that is not below total_steps is refused, naming both (bug B7)."""
+    total_steps. A warmup_steps that is not below total_steps is refused, naming both (docs/differences.md)."""
     if total_steps < 1:
         raise ValueError(f"resolve_warmup: total_steps must be >= 1, got {total_steps}")
     if cfg_train.warmup_steps > 0:
         if cfg_train.warmup_steps >= total_steps:
             raise ValueError(
                 f"train.warmup_steps={cfg_train.warmup_steps} is not below the run's {total_steps} optimizer steps: "
-                f"the lr would never leave warm-up (HermesFlow's bug B7); lower it or use train.warmup_ratio"
+                f"the lr would never leave warm-up (the original code's bug, docs/differences.md); lower it or use "
+                f"train.warmup_ratio"
             )
         return int(cfg_train.warmup_steps)
     ratio = float(cfg_train.warmup_ratio)

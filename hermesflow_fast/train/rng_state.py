@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hermesflow_fast.model.checkpoint import CheckpointError
+from hermesflow_fast.model.weights import CheckpointError
 
 __all__ = ["capture_rng_state", "restore_rng_state"]
 

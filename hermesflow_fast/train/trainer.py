@@ -260,7 +260,7 @@ class Trainer:
 
     def _drop_text(self, pairs: list, epoch: int) -> list:
         """Prompt dropout for the t2i side (CFG training): ONE draw per pair and epoch, seeded by the pair id, so
-        chosen and rejected (and policy and reference) always see the same condition (bug B6 fixed)."""
+        chosen and rejected (and policy and reference) always see the same condition (docs/differences.md)."""
         p = self.cfg.train.text_dropout
         if p <= 0:
             return pairs

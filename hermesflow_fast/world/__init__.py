@@ -8,7 +8,7 @@ prompt. Its questions are TIFA-style multiple-choice questions on what the capti
 categories (single_object, two_object, counting, colors, position, color_attr), with one-word answers. A
 programmatic judge reads any RGB image (a rendered one, or one a model generated and the image tokenizer decoded)
 and answers them; ``caption_agreement`` scores a caption against the true scene by exact attribute agreement. This
-gives the paper's Table 4 measurement (spec §7.4) exactly: understanding score = the model's answers on the real
+gives the paper's Table 4 measurement exactly: understanding score = the model's answers on the real
 image, generation score = the judge's answers on the model's image, gap = their difference.
 
     scene.py       Scene, SceneObject, sample_scene, compose, render, relation_of, the palette and word sets

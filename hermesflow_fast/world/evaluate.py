@@ -1,4 +1,4 @@
-"""The understanding–generation gap, measured the paper's way (Table 4, spec §7.4) on held-out world records.
+"""The understanding–generation gap, measured the paper's way (Table 4) on held-out world records.
 
     und   accuracy of the MODEL's answers about the REAL image: every record's image is rendered, encoded by the
           world model's VQ tokenizer, and each of its questions is put as ``question.prompt`` in the

@@ -19,7 +19,7 @@ asked the record's questions, answered as the judge reads the perturbed render, 
 and a where-is question to every understanding image: so the base can answer questions about imperfect images — its
 own generations — as the judge would, which is what self-VQA needs.
 
-Each optimizer step mixes Show-o's three losses in one batch (spec §5.5), each a mean over its scored tokens:
+Each optimizer step mixes Show-o's three losses in one batch, each a mean over its scored tokens:
 
     t2i   B_t rows of [pad…][t2i][bos] prompt [eos] | [soi] x [eoi]: t ~ U(0,1), r = cos(πt/2), k = max(1, round(N·r))
           slots drawn uniformly are set to [MASK]; CE at those slots (no shift, the model predicts the slot's own

@@ -1,8 +1,8 @@
 """TIFA-style multiple-choice questions about a scene, in GenEval's categories, and their parser.
 
-A record's questions check exactly what its caption states (TIFA derives them from the caption, spec §3.4), so they
+A record's questions check exactly what its caption states (TIFA derives them from the caption), so they
 are fair questions both about the real image (understanding score) and about an image generated from the caption
-(generation score, the Table 4 protocol of spec §7.4). Answers are single words of the world's vocabulary.
+(generation score, the paper's Table 4 protocol). Answers are single words of the world's vocabulary.
 
     category       text                                              choices                 scenes
     single_object  what shape is in the image?                       circle/square/triangle  single, count

@@ -1,6 +1,6 @@
 """Scoring text against the shapes world: a candidate caption against the true scene (the understanding side's
-score s(y_k, y) of spec §3.6, exact instead of BERT-CLS cosine), and a free-form answer against a question's choices
-(the self-VQA mapping of spec §3.5, exact instead of SBERT).
+score s(y_k, y) of the paper's §3.6, exact instead of BERT-CLS cosine), and a free-form answer against a
+question's choices (the paper's self-VQA mapping, §3.5, exact instead of SBERT).
 
 Facts of a scene, as its caption states them (shapes are unique within a world scene, so they key the facts):
 

@@ -19,7 +19,7 @@ from hermesflow_fast.data.pairs import (
 
 
 def _hermesflow_records(n: int = 3) -> list[dict]:
-    """Records shaped like HermesFlow's README (spec §3.6)."""
+    """Records shaped like HermesFlow's README."""
     out = []
     for i in range(n):
         out.append({

@@ -33,7 +33,7 @@ def test_vocabulary_from_a_tokenizer():
 
 
 def _show_o_t2i_mask(ids, pad, soi, eoi):
-    """Show-o's create_attention_mask_predict_next, written from the spec §5.4 (True = may attend)."""
+    """Show-o's create_attention_mask_predict_next, written from Show-o's code (True = may attend)."""
     B, T = ids.shape
     allowed = torch.ones(T, T, dtype=torch.bool).tril().repeat(B, 1, 1)
     for b in range(B):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hermesflow_fast.model import ModelConfig, OmniMask, UnifiedTransformer
-from hermesflow_fast.model.checkpoint import CheckpointError
+from hermesflow_fast.model.weights import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 

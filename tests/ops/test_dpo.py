@@ -115,7 +115,8 @@ def test_pair_dpo_matches_reference(loss_type):
 
 
 def test_pair_dpo_is_per_pair_not_per_batch():
-    """Summing the batch's log-probs before the sigmoid (HermesFlow bug B1) gives a different loss; ours is per pair."""
+    """Summing the batch's log-probs before the sigmoid (the original code; docs/differences.md) gives a different loss;
+    ours is per pair."""
     und, gen = _logps(4, scale=3.0), _logps(4, scale=3.0)
     loss, _ = pair_dpo_loss(und, gen, beta=0.2)
     per_pair = sum(reference.dpo_per_pair_losses(*side, beta=0.2) for side in (und, gen)).mean()

@@ -1,4 +1,4 @@
-"""AdamW groups (what decays) and the warm-up + cosine schedule over the actual step count (bug B7)."""
+"""AdamW groups (what decays) and the warm-up + cosine schedule over the actual step count (docs/differences.md)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_param_groups_rule():
 
 
 def test_param_groups_on_the_phi_model():
-    """Phi's names (input_layernorm, final_layernorm, embed_tokens) defeated Show-o's substring rule (spec §6.1)."""
+    """Phi's names (input_layernorm, final_layernorm, embed_tokens) defeated Show-o's substring rule."""
     model = UnifiedTransformer(ModelConfig.tiny())
     by_wd = _names(param_groups(model, 0.01))
     no_decay, decay = by_wd[0.0], by_wd[0.01]

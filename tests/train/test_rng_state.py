@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hermesflow_fast.model.checkpoint import CheckpointError
+from hermesflow_fast.model.weights import CheckpointError
 from hermesflow_fast.train.rng_state import capture_rng_state, restore_rng_state
 
 

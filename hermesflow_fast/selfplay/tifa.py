@@ -1,4 +1,4 @@
-"""Self-VQA questions for real data, from a TIFA-format question file (spec §3.4): a JSON array (TIFA's
+"""Self-VQA questions for real data, from a TIFA-format question file: a JSON array (TIFA's
 ``tifa_v1.0_question_answers.json``) or JSONL, one question per item, joined to the records by id.
 
     {"id": "<record id>", "question": "is there a dog?", "choices": ["yes", "no"], "answer": "yes",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hermesflow_fast.selfplay.questions import load_tifa_questions
+from hermesflow_fast.selfplay.tifa import load_tifa_questions
 
 GOOD = [
     {"id": "r1", "caption": "a dog on grass", "question": "is there a dog?", "choices": ["yes", "no"], "answer": "yes",

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from hermesflow_fast.selfplay.pairs import Choice, first_round_pair, self_play_pair
+from hermesflow_fast.selfplay.pair_rules import Choice, first_round_pair, self_play_pair
 
 
 def test_first_round_best_vs_worst_first_index_on_ties():

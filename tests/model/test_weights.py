@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 from hermesflow_fast.errors import UserError
 from hermesflow_fast.model import ModelConfig, UnifiedTransformer
-from hermesflow_fast.model.checkpoint import CheckpointError, check_finite
 from hermesflow_fast.model.magvit import MAGVITv2, MAGVITv2Config
 from hermesflow_fast.model.tokenizer_vq import PatchVQTokenizer, load_image_tokenizer
+from hermesflow_fast.model.weights import CheckpointError, check_finite
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
