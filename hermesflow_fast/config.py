@@ -24,7 +24,7 @@ A renamed key (``RENAMED_KEYS``) is still read, with a warning naming its new na
 resolved config as YAML (optionally under a header comment); ``load_config`` of that file gives back an equal config.
 Recipes may start with comments (the command that runs them).
 
-    python -m pytest -q tests/test_config.py tests/train/test_config.py
+    python -m pytest -q tests/test_config_system.py tests/train/test_config.py
 """
 
 from __future__ import annotations

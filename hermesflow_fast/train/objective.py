@@ -170,7 +170,7 @@ class PairDPOObjective(nn.Module):
                 nll = -pc.double() / (1 if per_token else (y[:Q] != IGNORE_INDEX).sum(1).clamp_min(1))
             else:
                 loss, (pc, pr, rc, rr), nll, part = self._weighted(side, x, W, b, y, w.to(hidden.device), sr, ref,
-                                                                   ref_logps, weight / Q)
+                                                                   ref_logps, weight)
             total = total + part
             d = lambda t: t.detach().double().sum()  # noqa: E731
             stats.update({
@@ -199,9 +199,9 @@ class PairDPOObjective(nn.Module):
         pc, pr, _, _, _, rc, rr = aux
         return (scaled / weight if fold else scaled), (pc, pr, rc, rr), (scaled if fold else 0.0 * scaled)
 
-    def _weighted(self, side, x, W, b, y, w, sr, ref, ref_logps, pair_weight):
+    def _weighted(self, side, x, W, b, y, w, sr, ref, ref_logps, weight):
         """Weighted log-probs (+ α · NLL per token of the chosen): token log-probs, then DPO per pair. → (mean loss,
-        (pc, pr, rewards), per-pair NLL (Q,), the part to backward)."""
+        (pc, pr, rewards), per-pair NLL (Q,), the part to backward: ``weight`` × the mean over the Q pairs)."""
         Q = sr.pairs.numel()
         tok = linear_logprobs(x, W, y, b).double()  # (2Q, L), 0 at padding
         lp = (tok * w).sum(-1)  # (2Q,)
@@ -213,13 +213,13 @@ class PairDPOObjective(nn.Module):
         else:
             rlp = torch.zeros_like(lp)
         eps = self.label_smoothing if self.loss_type in _READS_SMOOTHING else 0.0
-        # this side's Pair-DPO term, mean over its Q pairs (the step weight and c_side are in pair_weight)
+        # this side's Pair-DPO term, mean over its Q pairs (the step's weight of that mean, c_side included: weight)
         logps = (lp[:Q], lp[Q:], rlp[:Q], rlp[Q:])
         dpo, _ = pair_dpo_loss(logps if side == "und" else None, logps if side == "gen" else None, beta=self.beta,
                                loss_type=self.loss_type, label_smoothing=eps)
         nll = -(tok[:Q] * w[:Q]).sum(-1) / w[:Q].sum(-1).clamp_min(1e-300)  # (Q,) per token
         mean = dpo + self.rpo_alpha * nll.mean()
-        part = (pair_weight * Q * mean).float()
+        part = (weight * mean).float()
         with torch.no_grad():
             rewards = (self.beta * (lp[:Q] - rlp[:Q]), self.beta * (lp[Q:] - rlp[Q:]))
         return mean.detach(), (lp[:Q].detach(), lp[Q:].detach(), *rewards), nll.detach(), part

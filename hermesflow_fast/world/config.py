@@ -3,7 +3,7 @@
 self-play schema (selfplay/config.py) nests the first two, ``hermesflow eval`` and ``hermesflow pretrain`` make their
 options from them (hermesflow_fast/config.py's ``knob_options``).
 
-    python -m pytest -q tests/test_config.py
+    python -m pytest -q tests/test_config_system.py
 """
 
 from __future__ import annotations
