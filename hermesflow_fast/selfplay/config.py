@@ -15,7 +15,7 @@ from typing import Literal
 
 from hermesflow_fast.config import ConfigError, knob
 from hermesflow_fast.train.config import CheckpointSection, DistSection, LogSection, RunSection, TrainSection
-from hermesflow_fast.world.config import EvalSection, WorldSection
+from hermesflow_fast.world.config import EvalSection, SamplerSection, WorldSection
 
 __all__ = ["CurationSection", "DataSection", "EvalSection", "SelfPlayConfig", "WorldSection", "check_data"]
 
@@ -37,18 +37,12 @@ class DataSection:
 
 
 @dataclass
-class CurationSection:
+class CurationSection(SamplerSection):
     caption_grid: list[list[float]] = knob(
         [[1, 0.0], [2, 0.1], [2, 0.7], [2, 2.0], [3, 0.1], [3, 0.7], [3, 2.0], [4, 0.1], [4, 0.7], [4, 2.0]],
         "(top_k, temperature) per caption; temperature 0 = greedy (the paper's code: greedy + {2,3,4} × {0.1,0.7,2})")
     images_per_prompt: int = knob(8, "generated images per prompt (M)", ge=2)
-    steps: int = knob(12, "MaskGIT steps", ge=1)
-    guidance_scale: float = knob(3.0, "classifier-free guidance g", ge=0.0)
-    noise_temperature: float = knob(1.0, "Gumbel noise τ₀ of the confidence", ge=0.0)
     vqa_threshold: float = knob(0.6, "a generation pair needs its winner's self-VQA accuracy above this", ge=0.0)
-    caption_tokens: int = knob(24, "max new tokens of a caption", ge=1)
-    answer_tokens: int = knob(4, "max new tokens of a self-VQA answer", ge=1)
-    batch_size: int = knob(32, "records per generation call", ge=1)
     save_images: bool = knob(False, "also decode each generated candidate to round-r/images/<id>/<k>.png (for "
                                      "people and pixel-reading judges; curation itself reads the token grids)")
 

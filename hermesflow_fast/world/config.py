@@ -14,7 +14,7 @@ from typing import Literal
 from hermesflow_fast.config import ConfigError, knob, validate
 from hermesflow_fast.model.config import ModelConfig
 
-__all__ = ["WORLDS", "EvalSection", "PretrainConfig", "WorldSection"]
+__all__ = ["WORLDS", "EvalSection", "PretrainConfig", "SamplerSection", "WorldSection"]
 
 WORLDS = ("shapes",)
 
@@ -29,16 +29,22 @@ class WorldSection:
 
 
 @dataclass
-class EvalSection:
-    images_per_prompt: int = knob(1, "generated images per held-out prompt", ge=1)
+class SamplerSection:
+    """The knobs every sampling pass shares (curation's and the evaluation's), declared once."""
+
     steps: int = knob(12, "MaskGIT steps", ge=1)
     guidance_scale: float = knob(3.0, "classifier-free guidance g", ge=0.0)
     noise_temperature: float = knob(1.0, "Gumbel noise τ₀ of the confidence", ge=0.0)
+    batch_size: int = knob(32, "records per generation call", ge=1)
+    caption_tokens: int = knob(24, "max new tokens of a caption", ge=1)
+    answer_tokens: int = knob(4, "max new tokens of an answer", ge=1)
+
+
+@dataclass
+class EvalSection(SamplerSection):
+    images_per_prompt: int = knob(1, "generated images per held-out prompt", ge=1)
     seeds: int = knob(1, "evaluation seeds run.seed, run.seed + 1, …: und / gen / gap are their mean, "
                          "und_std / gen_std / gap_std their standard deviation", ge=1)
-    batch_size: int = knob(32, "records per generation call", ge=1)
-    answer_tokens: int = knob(4, "max new tokens of an answer (greedy)", ge=1)
-    caption_tokens: int = knob(24, "max new tokens of the caption of a real image (greedy)", ge=1)
 
 
 @dataclass
