@@ -83,8 +83,10 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def und_prompt_ids(tokenizer: Any, question: str = DEFAULT_QUESTION) -> list[int]:
-    """Tokens of ``"USER: {question} ASSISTANT:"`` (HermesFlow's training template; no bos, no trailing space)."""
-    return _ids(tokenizer, UND_TEMPLATE.format(question=question.strip()))
+    """Tokens of ``"USER: {question} ASSISTANT:"`` (HermesFlow's training template; no bos, no trailing space).
+    Spaces around ``question`` are dropped, a newline is kept: the original's curation asks
+    ``"USER: \\nGive a caption for this image. ASSISTANT:"``, i.e. question = "\\nGive a caption for this image."."""
+    return _ids(tokenizer, UND_TEMPLATE.format(question=question.strip(" ")))
 
 
 def caption_ids(tokenizer: Any, caption: str) -> list[int]:

@@ -4,7 +4,7 @@ MaskGIT (Show-o's t2i_generate). Image slots start as [MASK]; for step s = 0 …
 
     ℓ   = (1 + g)·ℓ_cond − g·ℓ_uncond        over the image-code columns only (cond and uncond rows in ONE batch)
     x̂   ~ softmax(ℓ)  at unknown slots; known slots keep their code
-    r   = (s + 1)/T;  n_mask = clamp(floor(N·cos(πr/2)), 1, #unknown − 1)
+    r   = (s + 1)/T;  n_mask = clamp(floor(N·cos(πr/2)), 1, #unknown − 1)   (in float32, as Show-o)
     c   = log p(x̂) + τ_s·Gumbel,   known slots +∞;  the n_mask lowest-confidence slots are masked again
     τ_s = τ_0·(1 − r)                        (``compounding_noise=True``: Show-o's τ ← τ·(1 − r) every step)
 
@@ -55,14 +55,22 @@ from hermesflow_fast.model.layout import Layout, Sequences
 from hermesflow_fast.model.masks import OmniMask
 from hermesflow_fast.model.transformer import UnifiedTransformer
 
-__all__ = ["cosine_schedule", "generate_answers", "generate_images", "generate_text"]
+__all__ = ["cosine_schedule", "generate_answers", "generate_images", "generate_text", "scheduled_masks"]
 
 _CPU_CHUNK_TOKENS = 2048  # tokens per forward on CPU in the per-prompt sampler (see _chunk_images)
 
 
 def cosine_schedule(ratio: Tensor | float) -> Tensor:
-    """Show-o/MaskGIT mask ratio: cos(π·r/2)."""
+    """Show-o/MaskGIT mask ratio: cos(π·r/2), in float64 (training's mask draw)."""
     return torch.cos(math.pi / 2 * torch.as_tensor(ratio, dtype=torch.float64))
+
+
+def scheduled_masks(num_tokens: int, step: int, steps: int) -> int:
+    """floor(N·cos(π·r/2)) with r = (step + 1)/steps, in float32 as Show-o's ``t2i_generate`` computes it (its
+    ``torch.tensor(ratio)`` is float32): at 12 or 18 steps one step re-masks one token fewer than float64 would. Not yet
+    clamped to [1, #unknown − 1]."""
+    ratio = torch.tensor(1.0 * (step + 1) / steps, dtype=torch.float32)
+    return int((num_tokens * torch.cos(ratio * math.pi * 0.5)).floor())
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -257,7 +265,7 @@ def _maskgit_per_prompt(model: UnifiedTransformer, layout: Layout, seqs: Sequenc
         u = torch.stack([torch.rand((M, 2, N), generator=gp, device=gp.device, dtype=torch.float64).to(dev)
                          for gp in gens]).view(R, 2, N)  # per (image, slot): the draw's uniform, the Gumbel noise's
         ratio = (s + 1) / steps
-        n_sched = int(math.floor(N * float(cosine_schedule(ratio))))
+        n_sched = scheduled_masks(N, s, steps)
         tau = tau * (1 - ratio) if compounding_noise else noise_temperature * (1 - ratio)
         if s == 0:
             codes, unknown = _first_step(model, seqs, P, M, L0, N, u, head, g, n_sched, tau)
@@ -347,8 +355,7 @@ def generate_images(
         sampled = torch.where(unknown, draw, cur - v.image_offset)
         ratio = (s + 1) / steps
         n_unknown = int(unknown.sum(-1).max())
-        n_mask = int(math.floor(N * float(cosine_schedule(ratio))))
-        n_mask = max(1, min(n_mask, n_unknown - 1))
+        n_mask = max(1, min(scheduled_masks(N, s, steps), n_unknown - 1))
         tau = tau * (1 - ratio) if compounding_noise else noise_temperature * (1 - ratio)
         p_sel = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1).double()
         conf = torch.log(p_sel.clamp_min(1e-30)) + tau * _gumbel((R, N), generator, gens, dev)

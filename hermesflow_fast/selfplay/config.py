@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from hermesflow_fast.config import ConfigError, knob
+from hermesflow_fast.data.text import DEFAULT_QUESTION
 from hermesflow_fast.train.config import CheckpointSection, DistSection, LogSection, RunSection, TrainSection
 from hermesflow_fast.world.config import EvalSection, SamplerSection, WorldSection
 
@@ -30,6 +31,10 @@ class DataSection:
                                             "answers to choices; required with data.records (nothing is downloaded)")
     scorer_kind: Literal["sbert", "bert-cls"] = knob("sbert", "sbert (sentence-transformers folder) or bert-cls "
                                                                 "(a BERT folder, [CLS] cosine as the original code)")
+    answer_model: str | None = knob(None, "local text-embedder folder that maps self-VQA answers to choices; None → "
+                                          "data.scorer_model (the original: BERT-CLS scores captions, SBERT "
+                                          "all-mpnet-base-v2 maps answers)")
+    answer_kind: Literal["sbert", "bert-cls"] | None = knob(None, "kind of data.answer_model; None → data.scorer_kind")
     answer_min_similarity: float = knob(0.5, "a free-form self-VQA answer maps to its nearest choice only at this "
                                                "cosine or above (an exact match always counts)", ge=-1.0, le=1.0)
     strict: bool = knob(True, "a bad record or question is an error naming file, line and id; false → skip it "
@@ -43,6 +48,15 @@ class CurationSection(SamplerSection):
         "(top_k, temperature) per caption; temperature 0 = greedy (the paper's code: greedy + {2,3,4} × {0.1,0.7,2})")
     images_per_prompt: int = knob(8, "generated images per prompt (M)", ge=2)
     vqa_threshold: float = knob(0.6, "a generation pair needs its winner's self-VQA accuracy above this", ge=0.0)
+    caption_question: str = knob(DEFAULT_QUESTION, "the instruction of the caption prompt \"USER: {q} ASSISTANT:\" "
+                                                   "(sampled after <|sot|>); the original's curation: "
+                                                   "\"\\nGive a caption for this image.\"")
+    vqa_prompt: Literal["plain", "hermesflow"] = knob(
+        "plain", "self-VQA question wording: plain \"{question} choices: a, b\", or the original's "
+                 "\"\\nQuestion:{question} Choice:['a', 'b']\"")
+    reencode_images: bool = knob(False, "self-VQA reads each generated image decoded to 8-bit pixels and encoded "
+                                        "again (the original answers about the saved PNGs); false: the token grids "
+                                        "as generated")
     save_images: bool = knob(False, "also decode each generated candidate to round-r/images/<id>/<k>.png (for "
                                      "people and pixel-reading judges; curation itself reads the token grids)")
 
@@ -77,13 +91,16 @@ def check_data(cfg: SelfPlayConfig) -> None:
     every path must exist; without it, neither may be set (the run would silently be the shapes world)."""
     d = cfg.data
     if d.records is None:
-        stray = [k for k in ("questions", "scorer_model") if getattr(d, k) is not None]
+        stray = [k for k in ("questions", "scorer_model", "answer_model") if getattr(d, k) is not None]
         if stray:
             raise ConfigError(f"'data.{stray[0]}' is set but 'data.records' is not: set data.records to a real-data "
                               f"records file, or unset data.{stray[0]} to run on the shapes world")
         return
     wants = (("records", "a records file (JSONL)", Path.is_file), ("questions", "a TIFA question file", Path.is_file),
              ("scorer_model", "a local text-embedder model folder", Path.is_dir))
+    if d.answer_model is not None and not Path(d.answer_model).is_dir():
+        raise ConfigError(f"'data.answer_model' = {d.answer_model!r} does not exist or is not a local text-embedder "
+                          f"model folder")
     for key, what, ok in wants:
         value = getattr(d, key)
         if value is None:

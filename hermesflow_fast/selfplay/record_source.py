@@ -73,7 +73,8 @@ def real_data_source(cfg: SelfPlayConfig, bundle, device: torch.device | str,
     d = cfg.data
     records = load_real_records(d.records, d.questions, bundle.image_tokenizer, strict=d.strict,
                                 batch_size=cfg.curation.batch_size, log=log)
-    scorer, matcher = real_scorers(d.scorer_model, d.scorer_kind, d.answer_min_similarity, device)
+    scorer, matcher = real_scorers(d.scorer_model, d.scorer_kind, d.answer_min_similarity, device, d.answer_model,
+                                   d.answer_kind)
     return RecordSource(records, scorer, matcher, None,
                         RoundSource(False, real_reason=f"real data (data.records={d.records})"),
                         f"real data: {len(records)} records from {d.records} (questions {d.questions}, scorer "

@@ -40,7 +40,7 @@ class TextEmbedder:
     """Sentence embeddings (n, d), L2-normalized, from a local model folder."""
 
     def __init__(self, path: str | os.PathLike, kind: str = "sbert", device: str | torch.device = "cpu",
-                 batch_size: int = 64, max_length: int = 128):
+                 batch_size: int = 64, max_length: int = 512):
         if kind not in KINDS:
             raise UserError(f"TextEmbedder: kind must be one of {KINDS}, got {kind!r}")
         path = Path(path)

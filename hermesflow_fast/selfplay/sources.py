@@ -243,12 +243,14 @@ def load_real_records(path: str | os.PathLike, questions: str | os.PathLike, ima
     return out
 
 
-def real_scorers(model: str | os.PathLike, kind: str = "sbert", min_similarity: float = 0.5,
-                 device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """(caption_scorer, answer_match) for real data, sharing one ``TextEmbedder`` of the local folder ``model``:
-    ``EmbeddingCaptionScorer`` for ``und_scores`` and ``EmbeddingAnswerMatcher`` for ``gen_scores``."""
+def real_scorers(model: str | os.PathLike, kind: str, min_similarity: float, device: str | torch.device,
+                 answer_model: str | os.PathLike | None = None, answer_kind: str | None = None) -> tuple[Any, Any]:
+    """(caption_scorer, answer_match) for real data: ``EmbeddingCaptionScorer`` over a ``TextEmbedder`` of the
+    local folder ``model`` for ``und_scores``, ``EmbeddingAnswerMatcher`` for ``gen_scores`` over the same embedder,
+    or over ``answer_model`` (kind ``answer_kind``, default ``kind``) when given (the original scores captions with
+    BERT-CLS and maps answers with SBERT)."""
     from hermesflow_fast.selfplay.scorers import EmbeddingAnswerMatcher, EmbeddingCaptionScorer, TextEmbedder
 
     emb = TextEmbedder(model, kind, device=device)
-    return EmbeddingCaptionScorer(emb), EmbeddingAnswerMatcher(emb, min_similarity=min_similarity)
-
+    answers = emb if answer_model is None else TextEmbedder(answer_model, answer_kind or kind, device=device)
+    return EmbeddingCaptionScorer(emb), EmbeddingAnswerMatcher(answers, min_similarity=min_similarity)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hermesflow_fast.data.text import DEFAULT_QUESTION, prompt_ids, und_prompt_ids
+from hermesflow_fast.data.text import prompt_ids, und_prompt_ids
 from hermesflow_fast.errors import UserError
 from hermesflow_fast.io import atomic_path, write_atomic
 from hermesflow_fast.model.generate import generate_answers, generate_images, generate_text
@@ -42,8 +42,10 @@ from hermesflow_fast.selfplay.config import CurationSection
 from hermesflow_fast.selfplay.journal import Journal
 from hermesflow_fast.selfplay.pair_rules import Choice, self_play_pair
 
-__all__ = ["CurationRecord", "build_pairs", "export_candidate_images", "gen_candidates",
-           "gen_scores", "image_folder", "curation_generator", "save_candidate_images", "und_candidates", "und_scores"]
+__all__ = ["CurationRecord", "build_pairs", "curation_generator", "export_candidate_images", "gen_candidates",
+           "gen_scores", "image_folder", "reencode", "save_candidate_images", "und_candidates", "und_scores",
+           "vqa_question"]
+
 
 @dataclass
 class CurationRecord:
@@ -91,7 +93,7 @@ def und_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
     tok, dev = wm.text_tokenizer, _device(wm)
     grid = s.grid()
     _check_written(journal, "caption_grid", [list(x) for x in grid], lambda rec: rec.get("settings"))
-    q = und_prompt_ids(tok, DEFAULT_QUESTION)
+    q = und_prompt_ids(tok, s.caption_question)
     for batch in _batches(_todo(records, journal), s.batch_size):
         codes = torch.stack([r.image_codes for r in batch]).to(dev)
         caps: list[list[str]] = [[] for _ in batch]
@@ -172,7 +174,7 @@ def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
         texts = [prompt_ids(tok, r.prompt) for r in batch]
         codes = generate_images(wm.model, wm.layout, texts, N, images_per_prompt=s.images_per_prompt, steps=s.steps,
                                 guidance_scale=s.guidance_scale, noise_temperature=s.noise_temperature,
-                                generator=gens).cpu()
+                                compounding_noise=s.compounding_noise, generator=gens).cpu()
         M = s.images_per_prompt
         for i, r in enumerate(batch):
             grids = codes[i * M:(i + 1) * M]
@@ -182,6 +184,26 @@ def gen_candidates(wm, records: Sequence[CurationRecord], journal: Journal, s: C
         if progress:
             progress(len(batch))
     return journal
+
+
+def vqa_question(question: Any, style: str) -> str:
+    """The self-VQA instruction put as "USER: {instruction} ASSISTANT:": ``plain`` → ``question.prompt``
+    ("{text} choices: a, b"); ``hermesflow`` → the original's "\\nQuestion:{text} Choice:['a', 'b']" (the choices
+    as a Python list)."""
+    if style == "plain":
+        return question.prompt
+    if style == "hermesflow":
+        return f"\nQuestion:{question.text} Choice:{list(question.choices)!s}"
+    raise ValueError(f"vqa_question: style must be 'plain' or 'hermesflow', got {style!r}")
+
+
+@torch.no_grad()
+def reencode(image_tokenizer, codes: Tensor) -> Tensor:
+    """(B, N) codes → decoded to 8-bit RGB pixels (what a saved PNG holds) → normalized to [−1, 1] as
+    (x/255 − 0.5)/0.5 → encoded again (B, N): the image the original's self-VQA reads back from disk."""
+    px = images_to_uint8(image_tokenizer.decode(codes.to(image_tokenizer.device)))  # (B, H, W, 3) uint8
+    x = (px.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    return image_tokenizer.encode(x.to(image_tokenizer.device)).cpu().long()
 
 
 def gen_scores(wm, records: Sequence[CurationRecord], candidates: Journal, journal: Journal, s: CurationSection,
@@ -200,10 +222,13 @@ def gen_scores(wm, records: Sequence[CurationRecord], candidates: Journal, journ
                 raise ValueError(f"record {r.id!r} has no questions: its generated images cannot be scored")
             if r.id not in cands:
                 raise ValueError(f"{candidates.path}: no images for record {r.id!r}; run gen_candidates first")
-            qs = [und_prompt_ids(tok, q.prompt) for q in r.questions]
+            qs = [und_prompt_ids(tok, vqa_question(q, s.vqa_prompt)) for q in r.questions]
             images += cands[r.id]["images"]
             prompts += [qs] * len(cands[r.id]["images"])
-        answers = generate_answers(wm.model, wm.layout, torch.tensor(images).to(dev), prompts,
+        grids = torch.tensor(images)
+        if s.reencode_images:
+            grids = reencode(wm.image_tokenizer, grids)
+        answers = generate_answers(wm.model, wm.layout, grids.to(dev), prompts,
                                    max_new_tokens=s.answer_tokens)  # [image][question] → tokens
         k = 0
         for r in batch:

@@ -35,6 +35,8 @@ class SamplerSection:
     steps: int = knob(12, "MaskGIT steps", ge=1)
     guidance_scale: float = knob(3.0, "classifier-free guidance g", ge=0.0)
     noise_temperature: float = knob(1.0, "Gumbel noise τ₀ of the confidence", ge=0.0)
+    compounding_noise: bool = knob(False, "τ_s = τ_{s−1}·(1 − r) each step, as Show-o's t2i_generate compounds it; "
+                                          "false: τ₀·(1 − r), MaskGIT's schedule (docs/differences.md)")
     batch_size: int = knob(32, "records per generation call", ge=1)
     caption_tokens: int = knob(24, "max new tokens of a caption", ge=1)
     answer_tokens: int = knob(4, "max new tokens of an answer", ge=1)

@@ -188,7 +188,8 @@ def _generate(wm, records: Sequence[WorldRecord], e: EvalSection, seed: int, jud
         gens = [eval_generator(seed, r.id, wm.device) for r in batch]
         made = generate_images(model, layout, [prompt_ids(tok, r.prompt) for r in batch], N, images_per_prompt=M,
                                steps=e.steps, guidance_scale=e.guidance_scale,
-                               noise_temperature=e.noise_temperature, generator=gens)  # (B·M, N), prompt-major
+                               noise_temperature=e.noise_temperature, compounding_noise=e.compounding_noise,
+                               generator=gens)  # (B·M, N), prompt-major
         pixels = wm.image_tokenizer.decode(made.to(wm.image_tokenizer.device)).cpu()  # (B·M, 3, 32, 32)
         for b, r in enumerate(batch):
             for m in range(M):
@@ -219,7 +220,8 @@ def _result(records: Sequence[WorldRecord], und: _Understanding, gen: _Generatio
         caption_agreement=_mean(und.agreements), n_records=len(records),
         n_questions=sum(len(v) for v in und.hits.values()), n_images=len(records) * M,
         settings={"images_per_prompt": M, "steps": e.steps, "guidance_scale": e.guidance_scale,
-                  "noise_temperature": e.noise_temperature, "seed": seed, "answer_tokens": e.answer_tokens,
+                  "noise_temperature": e.noise_temperature, "compounding_noise": e.compounding_noise, "seed": seed,
+                  "answer_tokens": e.answer_tokens,
                   "caption_tokens": e.caption_tokens, "sot": sot, "judge": type(judge).__name__},
         samples=samples)
 
