@@ -123,9 +123,18 @@ def add_run_args(ap: argparse.ArgumentParser, reps: int | None = 3, warmup: int 
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
+def is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def require_device(ap: argparse.ArgumentParser, device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but torch.cuda.is_available() is False")
+    """``ap.error`` unless ``device`` names a device torch has here."""
+    try:
+        cuda = is_cuda(device)
+    except (RuntimeError, ValueError):
+        ap.error(f"--device {device}: not a torch device (cpu, cuda, cuda:N)")
+    if cuda and not torch.cuda.is_available():
+        ap.error(f"--device {device} but torch.cuda.is_available() is False")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -323,7 +332,7 @@ class Sweep:
         if self.options:
             self.options(ap)
         ap.add_argument("--dtype", choices=tuple(self.dtypes), default=self.dtypes[0])
-        ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
         ap.add_argument("--reps", type=int, default=None,
                         help=f"timed calls per point (default {self.reps[0]} on CPU, {self.reps[1]} on CUDA)")
         ap.add_argument("--warmup", type=int, default=None,
@@ -354,7 +363,7 @@ class Sweep:
         for a in self.axes:
             if getattr(cfg, a.name) is None:
                 setattr(cfg, a.name, list(preset.get(a.name, a.default)))
-        cuda = int(cfg.device == "cuda")
+        cuda = int(is_cuda(cfg.device))
         cfg.reps = cfg.reps or preset.get("reps", self.reps[cuda])
         cfg.warmup = cfg.warmup if cfg.warmup is not None else self.warmup[cuda]
         cfg.threads = cfg.threads or None
@@ -398,7 +407,7 @@ class Sweep:
     def run(self, cfg: argparse.Namespace, on_result: Callable[[dict], object] | None = None) -> list[dict]:
         """Every (point, provider); ``on_result`` sees each measurement as it lands. A provider that fails or is
         skipped at a point is skipped at the larger x of the same other axes."""
-        subprocs = self.fresh_process and cfg.device == "cpu" and not cfg.inprocess
+        subprocs = self.fresh_process and not is_cuda(cfg.device) and not cfg.inprocess
         x = self.axes[-1].name
         results, dropped = [], set()
         for point in self.points(cfg):
@@ -433,7 +442,7 @@ class Sweep:
                     continue
                 finally:  # in process: free this point's inputs and cached blocks before the next one
                     gc.collect()
-                    if cfg.device == "cuda":
+                    if is_cuda(cfg.device):
                         torch.cuda.empty_cache()
                 r = {**r, "provider": name, "point": point,
                      "problem": dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p}
@@ -505,7 +514,7 @@ class Sweep:
         set_threads(cfg.threads)
         if cfg.check:
             print(self.check(cfg), flush=True)
-        subprocs = self.fresh_process and cfg.device == "cpu" and not cfg.inprocess
+        subprocs = self.fresh_process and not is_cuda(cfg.device) and not cfg.inprocess
         axes = ", ".join(f"{a.name} {getattr(cfg, a.name)}" for a in self.axes)
         where = "one fresh process per point" if subprocs else "in process"
         print(f"sweep: {axes}, providers {cfg.providers}, {where}", flush=True)

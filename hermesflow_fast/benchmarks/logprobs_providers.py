@@ -3,7 +3,7 @@
 ``plan_table``), and each provider's forward (``PROVIDERS``: naive, TRL, liger, torch's chunked cross-entropy, ours,
 and the GEMM floor) with its memory estimate.
 
-    python -m pytest -q tests/bench/test_bench_smoke.py
+    python -m pytest -q tests/benchmarks/test_benchmarks_logprobs.py
 """
 
 from __future__ import annotations

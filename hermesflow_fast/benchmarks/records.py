@@ -210,10 +210,12 @@ def output_dirs(results: str | os.PathLike | None = None, default: Path | None =
 class Recorder:
     """The rows of one run: stamps taken once, defaults for the columns every row shares, rows appended to ``path``
     (none when ``path`` is empty or None) by ``flush`` (as they come) or ``done`` (at the end, with a line saying
-    where)."""
+    where). ``echo``: print each row as one line when it is added (progress of a long run)."""
 
-    def __init__(self, path: str | os.PathLike | None, device: torch.device | str = "cpu", **defaults):
+    def __init__(self, path: str | os.PathLike | None, device: torch.device | str = "cpu", echo: bool = False,
+                 **defaults):
         self.path = Path(path) if path else None
+        self.echo = echo
         self.device = str(device)
         self.stamps = run_stamps(device)
         self.defaults = {"dtype": "fp32", **defaults}
@@ -224,6 +226,9 @@ class Recorder:
         """One row: ``make_row``'s keywords, those given at construction as defaults."""
         row = make_row(**{**self.defaults, **columns}, device=self.device, stamps=self.stamps)
         self.rows.append(row)
+        if self.echo:
+            print(f"  {row['kernel_name']} {row['kernel_provider']:<18} {row['x_name']}={row['x_value']}  "
+                  f"{row['metric_name']} {float(row['y_value_50']):.4g} {row['metric_unit']}", flush=True)
         return row
 
     def flush(self) -> int:
