@@ -50,7 +50,8 @@ def rows_of(run_dir: Path, wall_s: float | None, note: str, out: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.demo_rows", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", nargs="?", default="runs/demo")
     ap.add_argument("--wall-s", type=float, default=None, help="the run's wall time, if measured")
     ap.add_argument("--note", default="", help="what kind of run (e.g. fresh clone)")

@@ -30,7 +30,8 @@ DEFAULT_SETTINGS = ("12:3.0:1.0", "16:1.0:1.0", "16:0.0:1.0", "16:0.0:30.0")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.sampler_headroom", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="world base folder (default: the shipped base)")
     ap.add_argument("--records", type=int, default=120, help="held-out records (every category alike)")
     ap.add_argument("--images", type=int, default=6, help="images per prompt (M)")

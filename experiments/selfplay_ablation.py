@@ -75,7 +75,8 @@ def rewrite_pairs(round_dir: Path, arm: str, wm, world_seed: int, seed: int, thr
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.selfplay_ablation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(RECIPE), help="self-play recipe (default: the demo's)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (run.seed of each round)")
     ap.add_argument("--arms", default=",".join(ARMS))

@@ -87,11 +87,6 @@ def names(s: str) -> list[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
-def ints(s: str) -> list[int]:
-    """A comma-separated list of ints."""
-    return [int(v) for v in names(s)]
-
-
 def add_output_args(ap: argparse.ArgumentParser, name: str, default: Path | None = None) -> None:
     """--out FILE ('' for none) and --results DIR; see ``output_path``."""
     where = f"{default}/results" if default else "bench/results in a checkout, else ./bench-results"

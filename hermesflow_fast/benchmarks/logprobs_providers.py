@@ -1,7 +1,7 @@
 """The problem and providers of the fused head + DPO benchmark (``benchmarks.logprobs``): the problem's shapes
 (``Problem``), its deterministic inputs (``build_inputs``), the chunking ours plans for it (``planned_chunks``,
-``plan_table``), and each provider's forward (``PROVIDERS``: naive, TRL, liger, torch's chunked cross-entropy, ours,
-and the GEMM floor) with its memory estimate.
+``plan_table``), each provider's forward (``PROVIDERS``: naive, TRL, liger, torch's chunked cross-entropy, ours,
+and the GEMM floor) with its memory estimate, and the check that they agree (``check_providers``).
 
     python -m pytest -q tests/benchmarks/test_benchmarks_logprobs.py
 """
