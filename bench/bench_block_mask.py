@@ -3,7 +3,8 @@ off the dense mask) against ``torch.nn.attention.flex_attention.create_block_mas
 ``mask_mod`` over the whole grid (uncompiled, its default), on the same mask, one run.
 
 Workload: B rows of T tokens, each a packed row of 387-token sequences (Show-o's 256-px t2i / mmu length) with a
-bidirectional 258-token image block in each, as the trainer packs them. One timed call = one BlockMask built.
+bidirectional 258-token image block in each, as the trainer packs them. One timed call = one BlockMask built. Before
+timing a size, both builders' tiles are compared (they must list the same blocks).
 
     python -m bench.bench_block_mask                                   # CPU: 2 rows × 1k/2k/4k tokens
     python -m bench.bench_block_mask --device cuda --tokens 4096,8192,16384 --out gpu.csv
@@ -12,15 +13,23 @@ bidirectional 258-token image block in each, as the trainer packs them. One time
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
 
-from bench import utils
+from bench import BENCH_DIR
+from hermesflow_fast.benchmarks.harness import Axis, Ratio, Sweep, do_bench
 from hermesflow_fast.model.attention import block_mask_from_dense
 from hermesflow_fast.model.masks import OmniMask
 
-CSV = utils.RESULTS_DIR / "block_mask.csv"
 SEQ, IMAGE_START, IMAGE_LEN = 387, 129, 258
+
+
+@dataclass(frozen=True)
+class Problem:
+    rows: int
+    tokens: int
+    device: str = "cpu"
 
 
 def packed_mask(B: int, T: int, device) -> OmniMask:
@@ -49,39 +58,33 @@ def tiles(bm, num: str, idx: str) -> list[set[int]]:
     return [set(i[r, 0, q, : n[r, 0, q]].tolist()) for r in range(n.shape[0]) for q in range(n.shape[2])]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_block_mask", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rows", type=int, default=2)
-    ap.add_argument("--tokens", default="1024,2048,4096")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(CSV), help="CSV to append to ('' for none)")
-    cfg = ap.parse_args(argv)
-    threads = utils.set_threads(cfg.threads)
-    stamps = utils.run_stamps(cfg.device)
-    rows = []
-    for T in (int(t) for t in cfg.tokens.split(",")):
-        mask = packed_mask(cfg.rows, T, cfg.device)
-        fns = providers(mask, cfg.rows, T, cfg.device)
-        built = {name: fn() for name, fn in fns.items()}  # same tiles, or the comparison means nothing
-        for n, i in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
-            if tiles(built["create_block_mask"], n, i) != tiles(built["ours"], n, i):
-                raise SystemExit(f"block masks differ at T={T} ({n})")
-        base = None
-        for name, fn in fns.items():
-            t = utils.do_bench(fn, warmup=1, rep=cfg.reps, device=cfg.device)
-            base = base or t[0]
-            print(f"{cfg.rows} × {T:>6} tokens  {name:<18} {t[0]:9.4f} s  [{t[1]:.4f}, {t[2]:.4f}]  "
-                  f"{base / t[0]:5.2f}× create_block_mask")
-            rows.append(utils.make_row(kernel_name="block_mask", provider=name, metric="time", unit="s",
-                                       x_name="tokens", x_value=T, y=t, device=cfg.device, dtype="bool",
-                                       config={"rows": cfg.rows, "seq": SEQ, "reps": cfg.reps, "threads": threads},
-                                       stamps=stamps))
-    if cfg.out:
-        print(f"appended {len(rows)} rows to {utils.append_rows(cfg.out, rows)}")
-    return rows
+def same_tiles(p: Problem) -> None:
+    """Both builders list the same tiles at this size, or the comparison means nothing (SystemExit otherwise)."""
+    built = {name: fn() for name, fn in providers(packed_mask(p.rows, p.tokens, p.device), p.rows, p.tokens,
+                                                  p.device).items()}
+    for n, i in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        if tiles(built["create_block_mask"], n, i) != tiles(built["ours"], n, i):
+            raise SystemExit(f"block masks differ at T={p.tokens} ({n})")
 
+
+def measure(p: Problem, provider: str, reps: int, warmup: int) -> dict:
+    fn = providers(packed_mask(p.rows, p.tokens, p.device), p.rows, p.tokens, p.device)[provider]
+    return {"time": list(do_bench(fn, warmup=warmup, rep=reps, device=p.device))}
+
+
+def _options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--rows", type=int, default=2, help="packed rows (B)")
+
+
+SWEEP = Sweep(
+    name="block_mask", module="bench.bench_block_mask", doc=__doc__, kernel="block_mask",
+    axes=[Axis("tokens", (1024, 2048, 4096), "tokens per row (T)")], providers=("create_block_mask", "ours"),
+    problem_type=Problem, problem=lambda pt, cfg: Problem(cfg.rows, pt["tokens"], cfg.device), measure=measure,
+    before_point=same_tiles, dtypes=("bool",), reps=(3, 3), warmup=(1, 1), options=_options,
+    ratios=[Ratio("÷create_block_mask", "create_block_mask")], config=lambda r, cfg: {"rows": cfg.rows, "seq": SEQ},
+    title=lambda cfg: f"BlockMask of {cfg.rows} packed rows (387-token sequences)", home=BENCH_DIR,
+)
+main = SWEEP.main
 
 if __name__ == "__main__":
     main()

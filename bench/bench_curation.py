@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from bench import utils
+from bench import BENCH_DIR
 from bench.hermesflow_curation import hermesflow_curation_pass
+from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.model.config import ModelConfig
 from hermesflow_fast.model.layout import Layout
 from hermesflow_fast.model.tokenizer_vq import PatchVQConfig, PatchVQTokenizer
@@ -35,7 +36,6 @@ from hermesflow_fast.world import make_records
 from hermesflow_fast.world.base import WorldModel, load_base
 from hermesflow_fast.world.scoring import answer_match
 
-CSV = utils.RESULTS_DIR / "curation.csv"
 # model and image-grid sizes; "tiny" is for tests
 PRESETS = {
     "show_o_512": dict(d=2048, layers=24, heads=32, grid=32, codes=8192),
@@ -73,11 +73,11 @@ def ours_pass(wm, records, settings, tmp, stages: dict[str, float] | None = None
     """The three curation stages as a round runs them; ``stages`` receives each one's seconds (the names of the
     baseline's: captions, images, self_vqa)."""
     stages = {} if stages is None else stages
-    with utils.stage_timer(stages, "captions", wm.device):
+    with hb.stage_timer(stages, "captions", wm.device):
         und_candidates(wm, records, Journal(tmp / "u.jsonl"), settings, 1)
-    with utils.stage_timer(stages, "images", wm.device):
+    with hb.stage_timer(stages, "images", wm.device):
         gc = gen_candidates(wm, records, Journal(tmp / "g.jsonl"), settings, 1)
-    with utils.stage_timer(stages, "self_vqa", wm.device):
+    with hb.stage_timer(stages, "self_vqa", wm.device):
         gen_scores(wm, records, gc, Journal(tmp / "s.jsonl"), settings, answer_match)
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--captions", choices=("paper", "two"), default="paper", help="the 10-caption grid or 2")
     ap.add_argument("--batch", type=int, default=32, help="ours: records per generation call")
-    ap.add_argument("--threads", type=int, default=None)
+    hb.add_run_args(ap, reps=None, warmup=None, devices=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one untimed pass of each on one record")
     ap.add_argument("--profile", default=None, choices=("ours", "hermesflow"),
@@ -103,26 +103,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--baseline-cfg", choices=("batched", "separate"), default="batched",
                     help="the baseline's cond and uncond rows: one forward per step (the original's t2i_generate) "
                          "or two")
-    ap.add_argument("--out", default=str(CSV), help="CSV to append to ('' for none)")
+    hb.add_output_args(ap, "curation", BENCH_DIR)
     cfg = ap.parse_args(argv)
+    hb.require_device(ap, cfg.device)
     batched = cfg.baseline_cfg == "batched"
-    threads = utils.set_threads(cfg.threads)
+    threads = hb.set_threads(cfg.threads)
     wm = load_base(cfg.base)
     if cfg.preset:
         wm = preset_world(wm, **PRESETS[cfg.preset])
     wm.to(cfg.device)
-    wm.model.to(utils.DTYPES[cfg.dtype])
+    wm.model.to(hb.DTYPES[cfg.dtype])
     world = make_records(cfg.records, 123, "train")
     recs = curation_records(wm, world) if cfg.preset else world_curation_records(wm, world)
     grid = CurationSettings().caption_grid if cfg.captions == "paper" else ((1, 0.0), (3, 0.7))
     s = CurationSettings(caption_grid=grid, images_per_prompt=cfg.images, steps=cfg.steps, batch_size=cfg.batch)
-    stamps = utils.run_stamps(cfg.device)
+    rec = hb.Recorder(hb.output_path(cfg, "curation", BENCH_DIR), cfg.device, kernel_name="curation_pass",
+                      metric="records_per_s", unit="1/s", x_name="records", dtype=cfg.dtype)
     shape = {"records": cfg.records, "captions": len(grid), "images_per_prompt": cfg.images, "steps": cfg.steps,
              "questions": sum(len(r.questions) for r in recs), "image_tokens": int(recs[0].image_codes.numel()),
              "params": sum(p.numel() for p in wm.model.parameters()), "threads": threads, "device": cfg.device,
              "warmup": cfg.warmup, "preset": cfg.preset or "base", "d": wm.model.config.hidden_size,
              "layers": wm.model.config.num_hidden_layers, "baseline_cfg": cfg.baseline_cfg}
-    rows, base = [], None
     if cfg.warmup:  # first-call costs (CUDA context, cuBLAS handles, compiled attention kernels) off the clock
         with tempfile.TemporaryDirectory() as tmp:
             ours_pass(wm, recs[:1], s, Path(tmp))
@@ -131,30 +132,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             run = (lambda: ours_pass(wm, recs, s, Path(tmp))) if cfg.profile == "ours" else (
                 lambda: hermesflow_curation_pass(wm, recs, s, answer_match, cfg_batched=batched))
-            print(utils.profile_table(run, cfg.device))
+            print(hb.profile_table(run, cfg.device))
         return []
     for name in ("hermesflow", "ours"):
         with tempfile.TemporaryDirectory() as tmp:
-            utils.sync(cfg.device)
+            hb.sync(cfg.device)
             stages: dict[str, float] = {}
             t0 = time.perf_counter()
             if name == "ours":
                 ours_pass(wm, recs, s, Path(tmp), stages)
             else:
                 hermesflow_curation_pass(wm, recs, s, answer_match, stages=stages, cfg_batched=batched)
-            utils.sync(cfg.device)
+            hb.sync(cfg.device)
             dt = time.perf_counter() - t0
-        rps = cfg.records / dt
-        base = base or rps
-        split = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
-        print(f"curation {name:<11} {dt:8.1f} s  {rps:7.3f} records/s  ({rps / base:5.2f}× hermesflow)  [{split}]")
-        conf = {**shape, "stage_seconds": {k: round(v, 3) for k, v in stages.items()}}
-        rows.append(utils.make_row(kernel_name="curation_pass", provider=name, metric="records_per_s", unit="1/s",
-                                   x_name="records", x_value=cfg.records, y=(rps,), config=conf, device=cfg.device,
-                                   dtype=cfg.dtype, stamps=stamps))
-    if cfg.out:
-        print(f"appended {len(rows)} rows to {utils.append_rows(cfg.out, rows)}")
-    return rows
+        print(f"curation {name:<11} {dt:8.1f} s  [{', '.join(f'{k} {v:.1f} s' for k, v in stages.items())}]")
+        rec.add(provider=name, x_value=cfg.records, y=(cfg.records / dt,),
+                config={**shape, "stage_seconds": {k: round(v, 3) for k, v in stages.items()}})
+    print(hb.rows_table(rec.rows, baseline="hermesflow"))
+    return rec.done()
 
 
 if __name__ == "__main__":

@@ -20,15 +20,16 @@ maskgit t2i sampling at a tiny size: ``--grid``² image tokens, ``--steps`` step
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from bench import utils
+from bench import BENCH_DIR
+from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.model import Layout, ModelConfig, UnifiedTransformer, Vocabulary
 from hermesflow_fast.model.generate import generate_images, generate_text
 
-CSV = utils.RESULTS_DIR / "generate.csv"
+PANELS = [("caption_decode", "time_per_caption", "seconds per caption (lower is better)"),
+          ("maskgit_t2i", "images_per_s", "images / s (higher is better)")]
 
 
 def _model(vocab: Vocabulary, d: int, layers: int, heads: int, device: str) -> UnifiedTransformer:
@@ -61,7 +62,7 @@ def original_decode(model, layout, codes, prompts, new: int) -> list[list[int]]:
     return [out]
 
 
-def bench_decode(cfg, stamps) -> list[dict]:
+def bench_decode(cfg: argparse.Namespace, rec: hb.Recorder) -> None:
     vocab = Vocabulary.show_o()
     layout = Layout(vocab)
     model = _model(vocab, cfg.d, cfg.layers, cfg.heads, cfg.device)
@@ -79,21 +80,15 @@ def bench_decode(cfg, stamps) -> list[dict]:
     ref = runs["recompute"][0]()
     assert runs["kv_cache"][0]() == ref and len(ref[0]) == cfg.new, "cached decoding must equal recomputation"
     assert runs["original"][0]() == ref, "the original's loop must decode the same tokens"
-    rows, base = [], None
     shape = {"d": cfg.d, "layers": cfg.layers, "heads": cfg.heads, "V": vocab.vocab_size, "prefix_tokens":
              cfg.prefix + 4 + cfg.question, "new_tokens": cfg.new, "batch": cfg.batch, "device": cfg.device}
     for name, (fn, n) in runs.items():
-        t = utils.do_bench(fn, warmup=cfg.warmup, rep=cfg.reps, device=cfg.device)
-        per = tuple(x / n for x in t)
-        base = base or per[0]
-        print(f"decode   {name:<18} {per[0]:8.3f} s/caption   ({base / per[0]:5.2f}× original)")
-        rows.append(utils.make_row(kernel_name="caption_decode", provider=name, metric="time_per_caption", unit="s",
-                                   x_name="rows_per_call", x_value=n, y=per, config=shape, device=cfg.device,
-                                   dtype="fp32", stamps=stamps))
-    return rows
+        t = hb.do_bench(fn, warmup=cfg.warmup, rep=cfg.reps, device=cfg.device)
+        rec.add(kernel_name="caption_decode", provider=name, metric="time_per_caption", unit="s",
+                x_name="rows_per_call", x_value=n, y=tuple(x / n for x in t), config=shape)
 
 
-def bench_maskgit(cfg, stamps) -> list[dict]:
+def bench_maskgit(cfg: argparse.Namespace, rec: hb.Recorder) -> None:
     vocab = Vocabulary.build(text_vocab_size=1000, eos=0, num_image_codes=cfg.codes)
     layout = Layout(vocab, t2i_text_len=cfg.text_len)
     model = _model(vocab, cfg.d, cfg.layers, cfg.heads, cfg.device)
@@ -107,48 +102,13 @@ def bench_maskgit(cfg, stamps) -> list[dict]:
     runs = {"two_pass": dict(cfg_batched=False, use_text_cache=False),
             "batched_cfg": dict(cfg_batched=True, use_text_cache=False),
             "ours": dict(cfg_batched=True, use_text_cache=True)}
-    rows, base = [], None
     n_img = cfg.prompts * cfg.images
     shape = {"d": cfg.d, "layers": cfg.layers, "heads": cfg.heads, "V": vocab.vocab_size, "image_tokens": N,
              "text_len": cfg.text_len, "steps": cfg.steps, "guidance": 5.0, "images": n_img, "device": cfg.device}
     for name, kw in runs.items():
-        t = utils.do_bench(lambda kw=kw: run(**kw), warmup=cfg.warmup, rep=cfg.reps, device=cfg.device)
-        ips = tuple(n_img / x for x in t)
-        base = base or ips[0]
-        print(f"maskgit  {name:<18} {ips[0]:8.2f} images/s   ({ips[0] / base:5.2f}× two_pass)")
-        rows.append(utils.make_row(kernel_name="maskgit_t2i", provider=name, metric="images_per_s", unit="1/s",
-                                   x_name="images", x_value=n_img, y=ips, config=shape, device=cfg.device,
-                                   dtype="fp32", stamps=stamps))
-    return rows
-
-
-def plot(csv: Path, out: Path) -> Path:
-    """Bars of the newest run per kernel: seconds per caption, images/s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = utils.read_rows(csv)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, kernel, label in ((axes[0], "caption_decode", "seconds per caption (lower is better)"),
-                              (axes[1], "maskgit_t2i", "images / s (higher is better)")):
-        rs = [r for r in rows if r["kernel_name"] == kernel]
-        if not rs:
-            ax.set_visible(False)
-            continue
-        newest = max(r["timestamp"] for r in rs)
-        rs = [r for r in rs if r["timestamp"][:13] == newest[:13]]  # the newest run (same hour)
-        names = [r["kernel_provider"] for r in rs]
-        vals = [float(r["y_value_50"]) for r in rs]
-        ax.bar(names, vals, color=["#999999", "#4c72b0", "#55a868"][: len(vals)])
-        ax.set_title(f"{kernel} ({rs[0]['device_name']}, {rs[0]['commit']})", fontsize=9)
-        ax.set_ylabel(label, fontsize=8)
-        ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+        t = hb.do_bench(lambda kw=kw: run(**kw), warmup=cfg.warmup, rep=cfg.reps, device=cfg.device)
+        rec.add(kernel_name="maskgit_t2i", provider=name, metric="images_per_s", unit="1/s", x_name="images",
+                x_value=n_img, y=(n_img / t[0], n_img / t[2], n_img / t[1]), config=shape)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -167,26 +127,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--images", type=int, default=4, help="maskgit: images per prompt")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(CSV), help="CSV to append to ('' for none)")
-    ap.add_argument("--plot", default=str(utils.ROOT / "bench" / "plots" / "generate.png"), help="PNG ('' for none)")
+    hb.add_run_args(ap, reps=3, warmup=1)
+    hb.add_output_args(ap, "generate", BENCH_DIR)
+    ap.add_argument("--plot", default=None, help="PNG of the CSV's newest run per kernel ('' for none; default "
+                                                 "bench/plots/generate.png)")
     cfg = ap.parse_args(argv)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but torch.cuda.is_available() is False")
-    utils.set_threads(cfg.threads)
-    stamps = utils.run_stamps(cfg.device)
-    rows = []
+    hb.require_device(ap, cfg.device)
+    hb.set_threads(cfg.threads)
+    rec = hb.Recorder(hb.output_path(cfg, "generate", BENCH_DIR), cfg.device, echo=True)
     if cfg.kind in ("decode", "all"):
-        rows += bench_decode(cfg, stamps)
+        bench_decode(cfg, rec)
     if cfg.kind in ("maskgit", "all"):
-        rows += bench_maskgit(cfg, stamps)
-    if cfg.out:
-        print(f"appended {len(rows)} rows to {utils.append_rows(cfg.out, rows)}")
-        if cfg.plot:
-            print(f"plot: {plot(Path(cfg.out), Path(cfg.plot))}")
+        bench_maskgit(cfg, rec)
+    print(hb.rows_table(rec.rows))
+    rows = rec.done()
+    if rec.path and cfg.plot != "":
+        png = cfg.plot or hb.plot_path(cfg, "generate", BENCH_DIR)
+        print(f"plot: {hb.plot_bars(hb.read_rows(rec.path), png, PANELS)}")
     return rows
 
 

@@ -46,7 +46,7 @@ step above the memory held between steps: weights, reference, AdamW state), and 
 target rows for the fused head; attention and the encoder not counted: ModelConfig.forward_flops) / step time / the
 card's bf16 peak (989 TFLOP/s on H100). On CPU each provider runs in two fresh processes: one times the steps under
 glibc's default allocator, the other measures one step's peak RSS (MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset before the
-step, as bench_logprobs does; that setting makes every large allocation fault its pages in afresh and slows every path,
+step, as the op benchmarks do; that setting makes every large allocation fault its pages in afresh and slows every path,
 so it is not where time is taken: the rows keep that process's step time too, as step_time_s_rss_process); on CUDA in
 this process (torch.cuda.max_memory_allocated).
 
@@ -61,12 +61,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from bench import utils
+from bench import BENCH_DIR
 from bench.step_world import (  # Problem, build_world: also used as bench_step.Problem / .build_world
     PRESETS,
     Problem,
@@ -78,14 +79,13 @@ from bench.step_world import (  # Problem, build_world: also used as bench_step.
     make_trainer,
     scaled_vq_ch,
 )
+from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.batching import micro_batches
 from hermesflow_fast.model import ModelConfig
 from hermesflow_fast.model.layout import IGNORE_INDEX
 from hermesflow_fast.train.objective import SIDES
 from hermesflow_fast.train.trainer import _peak_flops
 
-CSV = utils.RESULTS_DIR / "step.csv"
-PLOT = utils.PLOTS_DIR / "step.png"
 KERNEL = "pair_dpo_step"
 PROVIDERS = ("hermesflow", "+token_cache", "+packing", "+fused_head", "+compile")
 OURS = "+fused_head"
@@ -179,8 +179,8 @@ def _time_steps(w: World, provider: str, reps: int, warmup: int) -> tuple[tuple[
         losses.append(run(counter[0]))
         counter[0] += 1
 
-    pm = utils.PeakMemory(w.p.device)
-    times = utils.do_bench(step, warmup=warmup, rep=reps, device=w.p.device, first_call_ctx=pm)
+    pm = hb.PeakMemory(w.p.device)
+    times = hb.do_bench(step, warmup=warmup, rep=reps, device=w.p.device, first_call_ctx=pm)
     return times, losses, pm
 
 
@@ -216,8 +216,8 @@ def measure_in_subprocess(p: Problem, provider: str, reps: int, warmup: int, thr
     peak memory of one step in a process that mmaps every buffer ≥ 64 KiB (RSS follows live memory, but each large
     allocation pays fresh page faults)."""
     spec = {"problem": asdict(p), "provider": provider, "reps": reps, "warmup": warmup, "threads": threads}
-    r = utils.run_worker("bench.bench_step", spec, threads, timeout, provider, track_rss=False)
-    m = utils.run_worker("bench.bench_step", {**spec, "reps": 1}, threads, timeout, f"{provider} (memory)")
+    r = hb.run_worker("bench.bench_step", spec, threads, timeout, provider, track_rss=False)
+    m = hb.run_worker("bench.bench_step", {**spec, "reps": 1}, threads, timeout, f"{provider} (memory)")
     r["mem_extra"], r["peak_reset"] = m["mem_extra"], m["peak_reset"]
     r["time_rss_process"] = m["time"][0]
     return r
@@ -228,7 +228,7 @@ def profile(p: Problem, provider: str, world: World, warmup: int, rows: int = 25
     run, _owner = make_runner(world, provider)
     for k in range(warmup):
         run(k)
-    return utils.profile_table(lambda: run(warmup), p.device, rows)
+    return hb.profile_table(lambda: run(warmup), p.device, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,81 +236,41 @@ def profile(p: Problem, provider: str, world: World, warmup: int, rows: int = 25
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def to_rows(results: list[dict], cfg, stamps: dict) -> list[dict]:
-    rows = []
-    for r in results:
-        p = Problem(**r["problem"])
-        B = p.pairs
-        t50, t20, t80 = r["time"]
-        config = {**asdict(p), "V": p.vocab_size, "N": p.image_tokens,
-                  "row_len": p.row_len, "threads": cfg.threads or torch.get_num_threads(), "reps": cfg.reps,
-                  "step_time_s": t50, "loss": r["loss"], "peak_reset": r["peak_reset"], **r["work"],
-                  "model_tflop": r["model_flops"] / 1e12}
-        if "time_rss_process" in r:  # the memory process's step time, for the record
-            config["step_time_s_rss_process"] = r["time_rss_process"]
-        common = dict(kernel_name=KERNEL, provider=r["provider"], x_name="pairs", x_value=B, config=config,
-                      device=p.device, dtype=p.dtype, stamps=stamps)
-        rows.append(utils.make_row(metric="pairs_per_s", unit="1/s", y=(B / t50, B / t80, B / t20), **common))
-        rows.append(utils.make_row(metric="memory_extra", unit="MB", y=(r["mem_extra"] / utils.MB,), **common))
-        if r["mfu"]:
-            m50, m20, m80 = r["mfu"]
-            rows.append(utils.make_row(metric="mfu", unit="fraction", y=(m50, m80, m20), **common))
-    return rows
+def add_rows(rec: hb.Recorder, r: dict, cfg: argparse.Namespace) -> None:
+    """A measurement's rows: pairs_per_s, memory_extra and (on CUDA) mfu, the shapes and the work in the config."""
+    p = Problem(**r["problem"])
+    B = p.pairs
+    t50, t20, t80 = r["time"]
+    config = {**asdict(p), "V": p.vocab_size, "N": p.image_tokens,
+              "row_len": p.row_len, "threads": cfg.threads or torch.get_num_threads(), "reps": cfg.reps,
+              "step_time_s": t50, "loss": r["loss"], "peak_reset": r["peak_reset"], **r["work"],
+              "model_tflop": r["model_flops"] / 1e12}
+    if "time_rss_process" in r:  # the memory process's step time, for the record
+        config["step_time_s_rss_process"] = r["time_rss_process"]
+    common = dict(kernel_name=KERNEL, provider=r["provider"], x_name="pairs", x_value=B, config=config,
+                  dtype=p.dtype)
+    rec.add(metric="pairs_per_s", unit="1/s", y=(B / t50, B / t80, B / t20), **common)
+    rec.add(metric="memory_extra", unit="MB", y=(r["mem_extra"] / hb.MB,), **common)
+    if r["mfu"]:
+        m50, m20, m80 = r["mfu"]
+        rec.add(metric="mfu", unit="fraction", y=(m50, m80, m20), **common)
 
 
-def format_table(results: list[dict]) -> str:
-    base = next((r for r in results if r["provider"] == "hermesflow"), None)
-    lines = [f"{'provider':<14} {'step s':>9} {'pairs/s':>9} {'× hermesflow':>13} {'extra MB':>10} "
-             f"{'tokens':>7} {'head rows':>9} {'model TFLOP':>11} {'MFU':>7}"]
-    for r in results:
-        p = Problem(**r["problem"])
-        t = r["time"][0]
-        x = f"{base['time'][0] / t:.2f}×" if base else "-"
-        mfu = f"{r['mfu'][0] * 100:.1f}%" if r["mfu"] else "-"
-        lines.append(f"{r['provider']:<14} {t:>9.3f} {p.pairs / t:>9.3f} {x:>13} {r['mem_extra'] / utils.MB:>10.0f} "
-                     f"{r['work']['tokens']:>7.0f} {r['work']['head_rows']:>9.0f} {r['model_flops'] / 1e12:>11.3f} "
-                     f"{mfu:>7}")
-    return "\n".join(lines)
+COLORS = {"hermesflow": "#999999", "+token_cache": "#c9b27c", "+packing": "#8fb0d8", "+fused_head": "#4c72b0",
+          "+compile": "#55a868"}
 
 
-def plot(csv: Path, out: Path) -> Path:
-    """Bars of the newest run: pairs/s and memory_extra per provider."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in utils.read_rows(csv) if r["kernel_name"] == KERNEL]
+def plot(rows: list[dict], out: str | Path) -> Path:
+    """Bars of the newest run: pairs/s and memory_extra per provider, each against hermesflow's."""
+    rows = [r for r in rows if r["kernel_name"] == KERNEL]
     if not rows:
-        raise ValueError(f"{csv} has no {KERNEL} rows")
-    newest = max(r["timestamp"] for r in rows)
-    rows = [r for r in rows if r["timestamp"] == newest]  # the newest run (its rows share one stamp)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    colors = {"hermesflow": "#999999", "+token_cache": "#c9b27c", "+packing": "#8fb0d8", "+fused_head": "#4c72b0",
-              "+compile": "#55a868"}
-    for ax, metric, label in ((axes[0], "pairs_per_s", "pairs / s (higher is better)"),
-                              (axes[1], "memory_extra", "peak memory above weights + AdamW, MB (lower is better)")):
-        rs = {r["kernel_provider"]: r for r in rows if r["metric_name"] == metric}
-        names = [n for n in PROVIDERS if n in rs]
-        vals = [float(rs[n]["y_value_50"]) for n in names]
-        bars = ax.bar(names, vals, color=[colors[n] for n in names])
-        if metric == "pairs_per_s" and "hermesflow" in rs:
-            base = float(rs["hermesflow"]["y_value_50"])
-            for b, v in zip(bars, vals):
-                ax.annotate(f"{v / base:.2f}×", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom",
-                            fontsize=8)
-        ax.set_ylabel(label, fontsize=8)
-        ax.tick_params(labelsize=8)
-    import json
-
-    c = json.loads(rows[0]["extra_benchmark_config_str"])
-    fig.suptitle(f"Pair-DPO step: d {c['d']}, {c['layers']} layers, V {c['V']}, N {c['N']}, B {c['pairs']}, "
-                 f"{rows[0]['dtype']} — {rows[0]['device_name']}, {rows[0]['commit']}", fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+        raise ValueError(f"no {KERNEL} rows to plot")
+    c, r0 = json.loads(rows[-1]["extra_benchmark_config_str"]), rows[-1]
+    title = (f"Pair-DPO step: d {c['d']}, {c['layers']} layers, V {c['V']}, N {c['N']}, B {c['pairs']}, "
+             f"{r0['dtype']} — {r0['device_name']}, {r0['commit']}")
+    panels = [(KERNEL, "pairs_per_s", "pairs / s (higher is better)"),
+              (KERNEL, "memory_extra", "peak memory above weights + AdamW, MB (lower is better)")]
+    return hb.plot_bars(rows, out, panels, order=PROVIDERS, colors=COLORS, baseline="hermesflow", title=title)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,21 +299,18 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--providers", default=None, help=f"comma-separated subset of {','.join(PROVIDERS)}")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="add the +compile row (default: on for CUDA, off on CPU)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
+    hb.add_run_args(ap, reps=3, warmup=1, devices=None)
     ap.add_argument("--inprocess", action="store_true", help="CPU: measure in this process (no fresh-process RSS)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per CPU worker process")
     ap.add_argument("--skip-check", action="store_true", help="skip the loss-agreement check")
     ap.add_argument("--profile", default=None, help="providers to profile (one step each) instead of measuring")
-    ap.add_argument("--out", default=str(CSV), help="CSV to append to ('' for none)")
-    ap.add_argument("--plot", default=str(PLOT), help="PNG ('' for none)")
+    hb.add_output_args(ap, "step", BENCH_DIR)
+    ap.add_argument("--plot", default=None, help="PNG ('' for none; default bench/plots/step.png)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     cfg = ap.parse_args(argv)
     if cfg.worker is not None:
         return cfg
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but torch.cuda.is_available() is False")
+    hb.require_device(ap, cfg.device)
     if cfg.dtype == "bf16" and cfg.device == "cpu":
         ap.error("--dtype bf16 is for CUDA (autocast); the CPU bench runs fp32")
     preset = PRESETS.get(cfg.preset, {})
@@ -377,9 +334,9 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_args(argv)
     if cfg.worker is not None:
-        utils.worker_main(cfg.worker, measure, Problem)
+        hb.worker_main(cfg.worker, measure, Problem)
         return []
-    utils.set_threads(cfg.threads)
+    hb.set_threads(cfg.threads)
     p = Problem(d=cfg.d, layers=cfg.layers, heads=cfg.heads, pairs=cfg.pairs, image_size=cfg.image_size,
                 text_len=cfg.text_len, text_vocab=cfg.text_vocab, code_bits=cfg.code_bits, vq_ch=cfg.vq_ch,
                 vq_groups=cfg.vq_groups, token_budget=cfg.token_budget, dtype=cfg.dtype, device=cfg.device,
@@ -400,7 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"\n== profile of one {name} step (after {cfg.warmup} warm-up steps)")
             print(profile(p, name, world, max(cfg.warmup, 2 if name == "+compile" else 0)), flush=True)
         return []
-    stamps, results = utils.run_stamps(cfg.device), []
+    rec, results = hb.Recorder(hb.output_path(cfg, "step", BENCH_DIR), cfg.device, echo=True), []
     try:
         for name in cfg.providers:
             if inprocess:
@@ -408,26 +365,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
             else:
                 r = measure_in_subprocess(p, name, cfg.reps, cfg.warmup, cfg.threads, cfg.timeout)
             results.append(r)
-            print(f"{name:<14} {r['time'][0]:8.3f} s/step  {p.pairs / r['time'][0]:7.3f} pairs/s  "
-                  f"{r['mem_extra'] / utils.MB:8.0f} MB extra", flush=True)
-            if cfg.out:
-                utils.append_rows(cfg.out, to_rows([r], cfg, stamps))
+            add_rows(rec, r, cfg)
+            rec.flush()  # provider by provider, so an interrupted run keeps what it measured
     except KeyboardInterrupt:
         print("\ninterrupted: the table below has the providers measured so far")
     print()
-    print(format_table(results))
+    print(hb.rows_table(rec.rows, baseline="hermesflow", keys=("step_time_s", "tokens", "head_rows", "model_tflop")))
     base = next((r for r in results if r["provider"] == "hermesflow"), None)
     for name in (OURS, "+compile"):
         ours = next((r for r in results if r["provider"] == name), None)
         if base and ours:
             print(f"{name} / hermesflow: {base['time'][0] / ours['time'][0]:.2f}× pairs/s, "
                   f"{ours['mem_extra'] / max(base['mem_extra'], 1):.2f}× extra memory")
-    if cfg.out and results:
-        print(f"appended {len(to_rows(results, cfg, stamps))} rows to {cfg.out}")
-        if cfg.plot:
-            print(f"plot: {plot(Path(cfg.out), Path(cfg.plot))}")
+    rec.done()
+    if rec.path and results and cfg.plot != "":
+        print(f"plot: {plot(hb.read_rows(rec.path), cfg.plot or hb.plot_path(cfg, 'step', BENCH_DIR))}")
     return results
-
 
 if __name__ == "__main__":
     main()

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from bench import utils
+from bench import BENCH_DIR
+from hermesflow_fast.benchmarks import harness as hb
 
 
-def rows_of(run_dir: Path, wall_s: float | None, note: str) -> list[dict]:
+def rows_of(run_dir: Path, wall_s: float | None, note: str, out: Path | None = None) -> list[dict]:
+    """The run's rows (appended to ``out`` when given)."""
     summary = json.loads((run_dir / "summary.json").read_text())["rounds"]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     recipe = {"train_records": cfg["world"]["train_records"], "heldout_records": cfg["world"]["heldout_records"],
@@ -24,8 +26,7 @@ def rows_of(run_dir: Path, wall_s: float | None, note: str) -> list[dict]:
                                                            "noise_temperature")},
               "train": {k: cfg["train"][k] for k in ("beta", "rpo_alpha", "lr", "batch_size", "epochs")},
               "eval": cfg["eval"], "seed": cfg["run"]["seed"]}
-    stamps = utils.run_stamps("cpu")
-    rows = []
+    rec = hb.Recorder(out, "cpu", kernel_name="demo", unit="fraction", x_name="round")
     for r in summary:
         diag = r.get("diagnostics") or {}
         allrow = (diag.get("categories") or {}).get("all", {})
@@ -44,22 +45,19 @@ def rows_of(run_dir: Path, wall_s: float | None, note: str) -> list[dict]:
                  **recipe}
         for key in ("und", "gen", "gap"):
             m, s = r[key], r.get(f"{key}_std", 0.0)
-            rows.append(utils.make_row(kernel_name="demo", provider=f"round {r['round']}", metric=key,
-                                       unit="fraction", x_name="round", x_value=r["round"], y=(m, m - s, m + s),
-                                       config=extra, device="cpu", dtype="fp32", stamps=stamps))
-    return rows
+            rec.add(provider=f"round {r['round']}", metric=key, x_value=r["round"], y=(m, m - s, m + s), config=extra)
+    return rec.done()
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.demo_rows", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", nargs="?", default="runs/demo")
     ap.add_argument("--wall-s", type=float, default=None, help="the run's wall time, if measured")
     ap.add_argument("--note", default="", help="what kind of run (e.g. fresh clone)")
-    ap.add_argument("--out", default=str(utils.RESULTS_DIR / "demo.csv"))
+    hb.add_output_args(ap, "demo", BENCH_DIR)
     args = ap.parse_args(argv)
-    rows = rows_of(Path(args.run_dir), args.wall_s, args.note)
-    print(f"appended {len(rows)} rows to {utils.append_rows(args.out, rows)}")
-    return rows
+    return rows_of(Path(args.run_dir), args.wall_s, args.note, hb.output_path(args, "demo", BENCH_DIR))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.utils import stage_timer
+from hermesflow_fast.benchmarks.measure import stage_timer
 from hermesflow_fast.data.text import und_prompt_ids
 from hermesflow_fast.model.generate import generate_images
 

@@ -58,7 +58,8 @@ def table(rows: list[dict[str, str]], providers: list[str] | None = None) -> str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.table", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv", type=Path)
     ap.add_argument("--commit", default=None, help="only rows of this commit (prefix)")
     ap.add_argument("--providers", default=None, help="comma-separated providers, in this order")

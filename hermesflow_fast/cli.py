@@ -1,11 +1,11 @@
 """The ``hermesflow`` command line.
 
     hermesflow env                       what a bug report needs: torch, CUDA, Triton, extension, optional extras
-    hermesflow bench logprobs [ARGS...]  fused head + DPO benchmark (bench/bench_logprobs.py; --help for its flags)
-    hermesflow bench dpo [ARGS...]       DPO / Pair-DPO loss benchmark (bench/bench_dpo.py)
-    hermesflow bench nearest [ARGS...]   nearest-code search vs cdist+argmin and the one-hot way (bench_nearest_code.py)
-    hermesflow bench generate KIND ...   caption decoding (KV cache) and MaskGIT sampling (bench/bench_generate.py)
-    hermesflow bench step [ARGS...]      one Pair-DPO training step: ours vs a HermesFlow-style step (bench_step.py)
+    hermesflow bench logprobs [ARGS...]  fused head + DPO benchmark (hermesflow_fast/benchmarks; --help for its flags)
+    hermesflow bench dpo [ARGS...]       DPO / Pair-DPO loss benchmark (benchmarks/dpo.py)
+    hermesflow bench nearest [ARGS...]   nearest-code search vs cdist+argmin and the one-hot way (benchmarks/nearest.py)
+    hermesflow bench generate KIND ...   caption decoding and MaskGIT sampling (checkout: bench/bench_generate.py)
+    hermesflow bench step [ARGS...]      one Pair-DPO training step vs a HermesFlow-style one (checkout: bench_step.py)
     hermesflow tokenize SOURCE ...       images (folder or records JSONL) → token cache (safetensors shards + index)
     hermesflow train --config Y [...]    Pair-DPO training (torchrun underneath with --nproc N)
     hermesflow demo [--run-dir D]        two self-play rounds from the shipped shapes-world base (CPU, minutes)
@@ -14,7 +14,7 @@
     hermesflow selfplay --run-dir D ...  self-play rounds on the shapes world (curate → pairs → train → evaluate)
     hermesflow images ROUND_DIR          a round's generated candidates as PNGs (ROUND_DIR/images/<id>/<k>.png)
     hermesflow diagnose ROUND_DIR        why a round helped or not: pass@k by judge and self-VQA, agreement, pairs
-    hermesflow bench curation [ARGS...]  one curation pass: ours vs a HermesFlow-style pass (bench_curation.py)
+    hermesflow bench curation [ARGS...]  one curation pass vs a HermesFlow-style one (checkout: bench_curation.py)
 """
 
 from __future__ import annotations
@@ -117,63 +117,58 @@ def env() -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
-def _run_bench(module: str, args: tuple[str, ...]) -> None:
-    script = REPO_ROOT / "bench" / (module.split(".")[-1] + ".py")
-    if not script.exists():
-        raise click.ClickException(
-            f"{script} not found: the benchmarks live in the source tree; run from a checkout installed with "
-            "`pip install -e .`"
-        )
+# `hermesflow bench NAME [FLAGS]` → `python -m MODULE [FLAGS or the defaults]`, in the current folder. The op
+# benchmarks ship with the package (hermesflow_fast.benchmarks); the end-to-end ones (bench.*) are scripts of the
+# source checkout's bench/ and need it.
+BENCHES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "logprobs": ("hermesflow_fast.benchmarks.logprobs", (), "Fused head + DPO, fwd+bwd of policy + reference: ours vs "
+                 "naive, TRL, liger, torch chunked, GEMM floor."),
+    "dpo": ("hermesflow_fast.benchmarks.dpo", (), "DPO / Pair-DPO loss on sequence log-probs."),
+    "nearest": ("hermesflow_fast.benchmarks.nearest", (),
+                "Nearest-code search: ours vs torch.cdist+argmin and the full-distance one-hot way."),
+    "generate": ("bench.bench_generate", ("all",),
+                 "Generation: `decode` (KV cache vs recomputation), `maskgit` (batched CFG + text cache), or `all`."),
+    "step": ("bench.bench_step", (), "One Pair-DPO training step, pairs/s and peak memory: ours vs a faithful "
+             "HermesFlow-style step, and ablations."),
+    "curation": ("bench.bench_curation", (), "One curation pass (K captions + M images + self-VQA per record): ours vs "
+                 "a HermesFlow-style pass."),
+}
+
+
+def _run_bench(name: str, module: str, args: tuple[str, ...]) -> None:
+    env = None
+    if module.startswith("bench."):
+        script = REPO_ROOT / "bench" / (module.split(".")[-1] + ".py")
+        if not script.exists():
+            raise click.ClickException(
+                f"`hermesflow bench {name}` runs {script.relative_to(REPO_ROOT)} of the source checkout, which this "
+                f"install does not have ({script} not found): run it from a checkout installed with `pip install -e "
+                ".`. The op benchmarks (logprobs, dpo, nearest) ship with the package and run anywhere."
+            )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
+                                                           if p)}
     cmd = [sys.executable, "-m", module, *args]
     click.echo("$ " + " ".join(cmd), err=True)
-    raise SystemExit(subprocess.call(cmd, cwd=REPO_ROOT))
+    raise SystemExit(subprocess.call(cmd, env=env))
 
 
 @main.group()
 def bench() -> None:
-    """Benchmarks (thin wrappers over bench/*.py; results append to bench/results/*.csv)."""
+    """Benchmarks; flags pass through (`hermesflow bench dpo --help`). Rows append to bench/results/<name>.csv in a
+    checkout, else ./bench-results/ (--out FILE or --results DIR to choose)."""
 
 
-@bench.command("logprobs", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_logprobs(args: tuple[str, ...]) -> None:
-    """Fused head + DPO, fwd+bwd of policy + reference: ours vs naive, TRL, liger, torch chunked, GEMM floor."""
-    _run_bench("bench.bench_logprobs", args)
+def _bench_command(name: str, module: str, defaults: tuple[str, ...], text: str) -> None:
+    def run(args: tuple[str, ...]) -> None:
+        _run_bench(name, module, args or defaults)
+
+    settings = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+    bench.command(name, help=text, context_settings=settings)(
+        click.argument("args", nargs=-1, type=click.UNPROCESSED)(run))
 
 
-@bench.command("dpo", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_dpo(args: tuple[str, ...]) -> None:
-    """DPO / Pair-DPO loss on sequence log-probs."""
-    _run_bench("bench.bench_dpo", args)
-
-
-@bench.command("nearest", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_nearest(args: tuple[str, ...]) -> None:
-    """Nearest-code search: ours vs torch.cdist+argmin and the full-distance one-hot way."""
-    _run_bench("bench.bench_nearest_code", args)
-
-
-@bench.command("generate", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_generate(args: tuple[str, ...]) -> None:
-    """Generation: `decode` (KV cache vs recomputation), `maskgit` (batched CFG + text cache), or `all`."""
-    _run_bench("bench.bench_generate", args or ("all",))
-
-
-@bench.command("step", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_step(args: tuple[str, ...]) -> None:
-    """One Pair-DPO training step, pairs/s and peak memory: ours vs a faithful HermesFlow-style step, and ablations."""
-    _run_bench("bench.bench_step", args)
-
-
-@bench.command("curation", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_curation(args: tuple[str, ...]) -> None:
-    """One curation pass (K captions + M images + self-VQA per record): ours vs a HermesFlow-style pass."""
-    _run_bench("bench.bench_curation", args)
+for _name, (_module, _defaults, _text) in BENCHES.items():
+    _bench_command(_name, _module, _defaults, _text)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

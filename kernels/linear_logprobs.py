@@ -51,7 +51,7 @@ Launch tuning (`_launch_config`), unmeasured starting points until a GPU sweep r
 
 Tests:   TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m interpret tests/kernels/test_linear_logprobs.py
          .venv/bin/python -m pytest -q -m gpu tests/kernels/test_linear_logprobs.py       (CUDA, bf16 vs fp64)
-Bench:   make bench   (python -m bench.bench_logprobs; reference in hermesflow_fast/ops/reference.py)
+Bench:   make bench   (hermesflow bench logprobs; reference in hermesflow_fast/ops/reference.py)
 """
 
 from __future__ import annotations

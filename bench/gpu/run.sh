@@ -8,12 +8,12 @@
 #   env        nvidia-smi, torch / CUDA / triton / liger versions
 #   build      pip install --no-deps --no-build-isolation -e .   (builds hermesflow_fast._C; nothing downloaded)
 #   pytest     python -m pytest -q -m gpu tests
-#   bench_bf16 bench_logprobs --device cuda --dtype bf16, 1k..16k tokens, 10 reps   -> $OUT/logprobs_gpu.csv
+#   bench_bf16 benchmarks.logprobs --device cuda --dtype bf16, 1k..16k tokens, 10 reps -> $OUT/logprobs_gpu.csv
 #   bench_fp32 the same in fp32 at 2k and 8k tokens                                 -> $OUT/logprobs_gpu.csv
-#   bench_grid bench_logprobs --grid --device cuda --dtype bf16: the chunk budget's heads, H 1024..4096 × V 32k..152k
+#   bench_grid benchmarks.logprobs --grid --device cuda --dtype bf16: the chunk budget's heads, H 1024..4096 × V 32k..152k
 #              × 2k..8k tokens, gemm_floor / ours (chunked) / naive, 5 reps         -> $OUT/logprobs_gpu.csv
-#   bench_dpo  bench_dpo --device cuda                                               -> $OUT/dpo_gpu.csv
-#   bench_nc   bench_nearest_code --device cuda, N=16384, K 512..16384, D 8/13/256   -> $OUT/nearest_code_gpu.csv
+#   bench_dpo  benchmarks.dpo --device cuda                                          -> $OUT/dpo_gpu.csv
+#   bench_nc   benchmarks.nearest --device cuda, N=16384, K 512..16384, D 8/13/256   -> $OUT/nearest_code_gpu.csv
 #   bench_gen  bench_generate all --device cuda at Show-o-512's backbone (random weights): caption decoding
 #              (original / recompute / KV cache) and MaskGIT at 16×16 tokens, 8,192 codes  -> $OUT/generate_gpu.csv
 #   bench_step bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8: one Pair-DPO training step,
@@ -120,23 +120,23 @@ step bench_step 200 25 "$PY" -m bench.bench_step --device cuda --dtype bf16 --pr
     --no-compile --reps 3 --out "$OUT/step_gpu.csv" --plot "$OUT/plots/step_gpu.png"
 step bench_cur 150 10 "$PY" -m bench.bench_curation --device cuda --dtype bf16 --preset show_o_512 --records 4 \
     --images 8 --out "$OUT/curation_gpu.csv"
-step bench_grid 150 40 "$PY" -m bench.bench_logprobs --grid --device cuda --dtype bf16 --reps 5 \
+step bench_grid 150 40 "$PY" -m hermesflow_fast.benchmarks.logprobs --grid --device cuda --dtype bf16 --reps 5 \
     --out "$OUT/logprobs_gpu.csv"
 step pytest 150 25 "$PY" -m pytest -q -m gpu tests
 step bench_bm 60 12 "$PY" -m bench.bench_block_mask --device cuda --tokens 4096,8192,16384 --reps 10 \
     --out "$OUT/block_mask_gpu.csv"
 step prof_step 120 90 "$PY" -m bench.bench_step --device cuda --dtype bf16 --preset show_o_512 --pairs 8 \
     --no-compile --profile hermesflow,+packing,+fused_head --out ''
-step bench_bf16 170 60 "$PY" -m bench.bench_logprobs --device cuda --dtype bf16 --tokens 1024,2048,4096,8192,16384 \
+step bench_bf16 170 60 "$PY" -m hermesflow_fast.benchmarks.logprobs --device cuda --dtype bf16 --tokens 1024,2048,4096,8192,16384 \
     --reps 10 --check --out "$OUT/logprobs_gpu.csv"
 step prof_cur 90 60 "$PY" -m bench.bench_curation --device cuda --dtype bf16 --preset show_o_512 --records 1 \
     --images 8 --profile ours --out ''
-step bench_dpo 30 30 "$PY" -m bench.bench_dpo --device cuda --reps 50 --out "$OUT/dpo_gpu.csv"
+step bench_dpo 30 30 "$PY" -m hermesflow_fast.benchmarks.dpo --device cuda --reps 50 --out "$OUT/dpo_gpu.csv"
 step bench_gen 100 20 "$PY" -m bench.bench_generate all --device cuda --d 2048 --layers 24 --heads 32 --batch 16 \
     --grid 16 --codes 8192 --text-len 129 --steps 16 --prompts 2 --images 2 --reps 2 \
     --out "$OUT/generate_gpu.csv" --plot "$OUT/plots/generate_gpu.png"
-step bench_nc 40 45 "$PY" -m bench.bench_nearest_code --device cuda --reps 20 --check --out "$OUT/nearest_code_gpu.csv"
-step bench_fp32 80 30 "$PY" -m bench.bench_logprobs --device cuda --dtype fp32 --tokens 2048,8192 --reps 5 \
+step bench_nc 40 45 "$PY" -m hermesflow_fast.benchmarks.nearest --device cuda --reps 20 --check --out "$OUT/nearest_code_gpu.csv"
+step bench_fp32 80 30 "$PY" -m hermesflow_fast.benchmarks.logprobs --device cuda --dtype fp32 --tokens 2048,8192 --reps 5 \
     --out "$OUT/logprobs_gpu.csv"
 step plots 30 10 bash -c plots
 

@@ -59,7 +59,7 @@ The "twopass" path composes :func:`linear_logprobs` (Triton on CUDA) with the DP
 extra GEMM (logits recomputed in backward), no chunk larger than a tile on CUDA.
 
     python -m pytest -q tests/ops/test_fused_dpo.py tests/ops/test_fused_dpo_liger.py
-    python -m bench.bench_logprobs --tokens 4096     # vs naive, TRL, liger, torch chunked
+    hermesflow bench logprobs --tokens 4096        # vs naive, TRL, liger, torch chunked
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Paths (``backend=``):
   "auto"    triton on CUDA when Triton imports, else torch (said once).
 Accumulation is fp32 whatever the input dtype: softmax math in fp32, dW and db accumulated in fp32 buffers.
 
-    python -m bench.bench_logprobs --help
+    hermesflow bench logprobs --help
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def default_chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
     up (rows ≥ ~1,950, so 512 rows is at most ~0.26 of them) a chunk's logits are then about 1/4 of the (rows, V) fp32
     logits or less, which the naive path holds 3.0–3.7 times over (CPU fp32, bench/results/logprobs.csv), so the fused
     ops' extra memory stays under 1/8 of the naive path's: measured 0.069–0.089 at H=1024/2048,
-    V=32768/58498/151936; ``python -m bench.bench_logprobs --grid --plan`` models every head of the grid. A fixed
+    V=32768/58498/151936; ``hermesflow bench logprobs --grid --plan`` models every head of the grid. A fixed
     byte budget (256 MiB before) held half of all rows at H=1024, V=32768, 4096 tokens. The floor of 512 rows keeps
     the GEMMs efficient; below 2048 tokens it means one or two chunks.
     """

@@ -16,7 +16,7 @@ needs (full logits included); the fast paths in ``hermesflow_fast.ops`` and ``ke
     nearest code (VQ), per row x_n of x (N, D) over codebook (K, D):
         index_n = argmin_k ||c_k||² − 2 ⟨x_n, c_k⟩     (= argmin_k ||x_n − c_k||²), the lowest k on ties
 
-Used by: tests/ops/*, bench/bench_logprobs.py, and the CPU fallback of ``ops.lfq``.
+Used by: tests/ops/*, hermesflow_fast/benchmarks/logprobs.py, and the CPU fallback of ``ops.lfq``.
 """
 
 from __future__ import annotations

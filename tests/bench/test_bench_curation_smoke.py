@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import bench_curation, utils  # noqa: E402
+from bench import bench_curation  # noqa: E402
+from hermesflow_fast.benchmarks import harness  # noqa: E402
 
 
 def test_preset_world_keeps_the_world_and_swaps_the_model():
@@ -38,7 +39,7 @@ def test_bf16_tiny_preset_rows(tmp_path):
     finally:
         torch.set_grad_enabled(True)
     assert [r["kernel_provider"] for r in rows] == ["hermesflow", "ours"]
-    got = utils.read_rows(out)
+    got = harness.read_rows(out)
     assert len(got) == 2 and all(r["dtype"] == "bf16" and float(r["y_value_50"]) > 0 for r in got)
     cfg = json.loads(got[0]["extra_benchmark_config_str"])
     assert cfg["preset"] == "tiny" and cfg["image_tokens"] == 256 and cfg["d"] == 64

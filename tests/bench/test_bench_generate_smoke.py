@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import bench_generate, utils  # noqa: E402
+from bench import bench_generate  # noqa: E402
+from hermesflow_fast.benchmarks import harness  # noqa: E402
 
 
 def test_generate_bench_writes_rows_and_plot(tmp_path):
@@ -18,5 +19,5 @@ def test_generate_bench_writes_rows_and_plot(tmp_path):
     rows = bench_generate.main(argv)
     assert {r["kernel_provider"] for r in rows} == {"original", "recompute", "kv_cache", "kv_cache_batched", "two_pass",
                                                     "batched_cfg", "ours"}
-    assert len(utils.read_rows(out)) == 7 and png.stat().st_size > 0
+    assert len(harness.read_rows(out)) == 7 and png.stat().st_size > 0
     assert all(float(r["y_value_50"]) > 0 for r in rows)

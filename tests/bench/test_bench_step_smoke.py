@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import bench_step, hermesflow_step, utils  # noqa: E402
+from bench import bench_step, hermesflow_step  # noqa: E402
+from hermesflow_fast.benchmarks import harness  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +48,7 @@ def test_step_bench_rows_and_plot(tmp_path):
                                           "--out", str(out), "--plot", str(png)])
     names = ["hermesflow", "+token_cache", "+packing", "+fused_head"]
     assert [r["provider"] for r in results] == names  # +compile is off on CPU unless --compile
-    rows = utils.read_rows(out)
+    rows = harness.read_rows(out)
     assert {(r["kernel_provider"], r["metric_name"]) for r in rows} == {
         (n, m) for n in names for m in ("pairs_per_s", "memory_extra")}
     for r in rows:

@@ -1,21 +1,15 @@
-"""Smoke test of bench/bench_nearest_code.py: the sweep in process at tiny sizes, its CSV, the check, the worker
-process and the plot.
+"""Smoke test of hermesflow_fast.benchmarks.nearest: the sweep in process at tiny sizes, its CSV, the check, the
+worker process and the plot.
 
-    python -m pytest -q tests/bench/test_bench_nearest_code_smoke.py
+    python -m pytest -q tests/benchmarks/test_benchmarks_nearest.py
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
-    sys.path.insert(0, str(ROOT))
-
-from bench import bench_nearest_code as bn  # noqa: E402
-from bench import utils  # noqa: E402
+from hermesflow_fast.benchmarks import harness
+from hermesflow_fast.benchmarks import nearest as bn
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +23,9 @@ def sweep(tmp_path_factory):
 
 def test_sweep_rows_for_every_provider(sweep):
     results, out, _ = sweep
-    rows = utils.read_rows(out)
+    rows = harness.read_rows(out)
     with open(out) as f:
-        assert tuple(f.readline().strip().split(",")) == utils.CSV_COLUMNS
+        assert tuple(f.readline().strip().split(",")) == harness.CSV_COLUMNS
     assert {r["provider"] for r in results} == set(bn.DEFAULT_PROVIDERS)
     assert len(results) == 4 * 2 * 2 and len(rows) == 2 * len(results)
     for r in rows:
@@ -48,9 +42,9 @@ def test_sweep_rows_for_every_provider(sweep):
 
 def test_table_and_plot(sweep):
     results, _, png = sweep
-    cfg = bn.parse_args(["--N", "256", "--K", "64,512", "--D", "8,13", "--reps", "1"])
-    table = bn.format_table(results, cfg)
-    assert "×ours" in table and "cdist_argmin" in table and "onehot_full" in table
+    cfg = bn.SWEEP.parse_args(["--N", "256", "--K", "64,512", "--D", "8,13", "--reps", "1"])
+    text = bn.SWEEP.format_table(results, cfg)
+    assert "×ours" in text and "cdist_argmin" in text and "onehot_full" in text
     assert png.stat().st_size > 0
 
 
@@ -65,6 +59,6 @@ def test_providers_agree():
 def test_worker_process_measures_memory():
     """The CPU path: one fresh process, peak RSS via /proc/self/clear_refs, JSON back on stdout."""
     p = bn.Problem(N=512, K=4096, D=8)
-    r = bn.measure_in_subprocess(p, "cdist_argmin", reps=1, warmup=1, threads=1, timeout=120)
-    assert r["provider"] == "cdist_argmin" and r["time"][0] > 0
+    r = bn.SWEEP.measure_in_subprocess(p, "cdist_argmin", reps=1, warmup=1, threads=1, timeout=120)
+    assert r["time"][0] > 0
     assert r["mem_extra"] >= 512 * 4096 * 4 * 0.9  # the (N, K) float32 distance matrix, at least

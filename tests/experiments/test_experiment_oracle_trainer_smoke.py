@@ -1,5 +1,6 @@
-"""Smoke test of bench/oracle_trainer.py at tiny sizes: both arms run from the shipped base (the t2i pretraining loop
-and the real Trainer with a multi-mask per-slot estimator), and one row per arm lands in the CSV with its settings."""
+"""Smoke test of experiments/oracle_trainer.py at tiny sizes: both arms run from the shipped base (the t2i pretraining
+loop and the real Trainer with a multi-mask per-slot estimator), and one row per arm lands in the CSV with its
+settings."""
 
 import argparse
 import json
@@ -9,10 +10,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
+if str(ROOT) not in sys.path:  # experiments/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import oracle_trainer, utils  # noqa: E402
+from experiments import oracle_trainer  # noqa: E402
+from hermesflow_fast.benchmarks import harness  # noqa: E402
 
 
 def test_estimator_spec_sets_the_trainer_keys(tmp_path):
@@ -35,7 +37,7 @@ def test_tiny_run_writes_one_row_per_arm(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert list(res) == ["base", "pretrain t2i", "trainer 2:mean"]
-    rows = utils.read_rows(out)
+    rows = harness.read_rows(out)
     assert [r["kernel_provider"] for r in rows] == list(res)
     assert [int(r["x_value"]) for r in rows] == [0, 2, 2]
     assert all(0.0 <= float(r["y_value_50"]) <= 1.0 and r["metric_name"] == "gen" for r in rows)

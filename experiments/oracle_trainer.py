@@ -16,7 +16,8 @@ baseline is the pretraining loss of that side on the same records; the caption /
 for reasons of their own. If ``trainer`` raises gen at least as much as ``pretrain``, the trainer's generation term
 trains what the sampler draws; if not, the estimator (masks, per-slot normalisation, β), not the pairs, is what to fix.
 
-    python -m bench.oracle_trainer --model hermesflow_fast/world/base --steps 60 --estimator 1:sum --estimator 4:mean
+    python -m experiments.oracle_trainer --model hermesflow_fast/world/base --steps 60 \\
+        --estimator 1:sum --estimator 4:mean
 
 Rows append to ``bench/results/oracle_trainer.csv``: per arm the held-out gen (y50 = mean over evaluation seeds,
 y20/y80 = min/max), x = optimizer steps, with the settings, machine and commit.
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from bench import utils
+from experiments import BENCH_DIR
+from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.batching import TokenizedPair
 from hermesflow_fast.data.text import prompt_ids
 from hermesflow_fast.model.generate import generate_images
@@ -63,8 +65,8 @@ def gt_pairs(wm, records, seed: int, sample_steps: int, guidance: float,
 
 
 def judge_pairs(wm, round_dir: Path, seed: int, threshold: float) -> tuple[list[TokenizedPair], dict]:
-    """The judge's best vs worst candidate of each record of a finished round (``bench.oracle_gen_dpo``'s rule)."""
-    from bench.oracle_gen_dpo import judged_candidates, make_pairs
+    """The judge's best vs worst candidate of each record of a finished round (``oracle_gen_dpo``'s rule)."""
+    from experiments.oracle_gen_dpo import judged_candidates, make_pairs
 
     pairs, drops = make_pairs(judged_candidates(wm, Path(round_dir), seed), "judge", threshold)
     tok, cut = wm.text_tokenizer, wm.layout.t2i_text_len - 3
@@ -113,7 +115,7 @@ def pretrain_arm(wm, data, t: TrainConfig, steps: int, seed: int, text_dropout: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench.oracle_trainer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.oracle_trainer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="world base folder (default: the shipped base)")
     ap.add_argument("--pairs", choices=("gt", "judge"), default="gt")
     ap.add_argument("--round-dir", default=None, help="with --pairs judge: a finished round folder")
@@ -139,12 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                                           "the eval (the demo's recipe: 30, g 0)")
     ap.add_argument("--seed", type=int, default=0, help="world seed (records) and training seed")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(utils.RESULTS_DIR / "oracle_trainer.csv"), help="CSV ('' for none)")
+    hb.add_output_args(ap, "oracle_trainer", BENCH_DIR)
     args = ap.parse_args(argv)
     if args.pairs == "judge" and not args.round_dir:
         ap.error("--pairs judge needs --round-dir")
-    threads = utils.set_threads(args.threads)
-    stamps = utils.run_stamps("cpu")
+    threads = hb.set_threads(args.threads)
+    rec = hb.Recorder(hb.output_path(args, "oracle_trainer", BENCH_DIR), "cpu", kernel_name="oracle_trainer",
+                      metric="gen", unit="fraction", x_name="steps")
     t0 = time.perf_counter()
     base = load_base(args.model)
     held = make_records(args.heldout, args.seed, "heldout")
@@ -195,20 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
             say(f"{name}: gen {_fmt(r['gen'])}, {len(pairs)} pairs, chosen NLL/token {r['nll_first']:.3f} → "
                 f"{r['nll_last']:.3f}, margin {r['margin_last']:+.3f}")
     say(f"{time.perf_counter() - t0:.0f} s")
-    if args.out:
+    if rec.path:
         config = {k: getattr(args, k) for k in ("model", "pairs", "round_dir", "records", "batch", "lr", "beta",
                                                  "rpo_alpha", "text_dropout", "warmup_ratio", "heldout",
                                                  "sample_steps", "guidance", "noise_temperature", "seed")}
         config.update(model=args.model or "shipped base", eval_seeds=seeds, threads=threads,
                       image_tokens=base.num_image_tokens, codes=base.vocab.num_image_codes)
-        rows = []
         for name, r in results.items():
             g = r["gen"]
             extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("gen",)}
-            rows.append(utils.make_row(kernel_name="oracle_trainer", provider=name, metric="gen", unit="fraction",
-                                       x_name="steps", x_value=r["steps"], y=(sum(g) / len(g), min(g), max(g)),
-                                       config={**config, **extra}, device="cpu", dtype="fp32", stamps=stamps))
-        say(f"appended {len(rows)} rows to {utils.append_rows(args.out, rows)}")
+            rec.add(provider=name, x_value=r["steps"], y=(sum(g) / len(g), min(g), max(g)), config={**config, **extra})
+        rec.done()
     return results
 
 

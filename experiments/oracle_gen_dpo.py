@@ -10,7 +10,7 @@ image at Show-o's cosine mask ratio (chosen and rejected share the mask), ``--ma
 inside the DPO term, AdamW, ``--epochs`` over the pairs. If even the judge's pairs leave ``gen`` where it was, the
 scorer is not the only thing between this base and the method's effect.
 
-    python -m bench.oracle_gen_dpo runs/demo/round-1 [--model hermesflow_fast/world/base] [--beta 0.2 --lr 1e-4]
+    python -m experiments.oracle_gen_dpo runs/demo/round-1 [--model hermesflow_fast/world/base] [--beta 0.2 --lr 1e-4]
 
 Rows append to ``bench/results/oracle_gen_dpo.csv`` (per source: gen before and after, the judge's accuracy on the
 pairs' chosen and rejected images, the number of pairs), with the machine, the settings and the commit.
@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from bench import utils
-from bench.selfvqa_vs_judge import round_records
+from experiments import BENCH_DIR
+from experiments.selfvqa_vs_judge import round_records
+from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.text import prompt_ids
 from hermesflow_fast.ops.dpo import dpo_losses
 from hermesflow_fast.selfplay.diagnose import judge_grids
@@ -109,7 +110,7 @@ def train_gen_dpo(wm, pairs: list[dict], beta: float, lr: float, epochs: int, ba
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench.oracle_gen_dpo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.oracle_gen_dpo", description=__doc__.split("\n\n")[0])
     ap.add_argument("round_dir", help="a finished round folder (gen_candidates.jsonl, gen_scores.jsonl)")
     ap.add_argument("--model", default=None, help="the model that curated it (default: the shipped base)")
     ap.add_argument("--sources", default="self,judge", help="comma-separated: self, judge")
@@ -125,10 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-images", type=int, default=2, help="generated images per held-out prompt")
     ap.add_argument("--seed", type=int, default=0, help="world.seed of the run")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(utils.RESULTS_DIR / "oracle_gen_dpo.csv"), help="CSV ('' for none)")
+    hb.add_output_args(ap, "oracle_gen_dpo", BENCH_DIR)
     args = ap.parse_args(argv)
-    threads = utils.set_threads(args.threads)
-    stamps = utils.run_stamps("cpu")
+    threads = hb.set_threads(args.threads)
+    rec = hb.Recorder(hb.output_path(args, "oracle_gen_dpo", BENCH_DIR), "cpu", kernel_name="oracle_gen_dpo",
+                      x_name="pairs", unit="fraction")
     t0 = time.perf_counter()
     wm = load_base(args.model)
     held = make_records(args.heldout, args.seed, "heldout")
@@ -155,19 +157,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{source:>6}: {len(pairs)} pairs (judge: chosen {jw:.3f}, rejected {jl:.3f}), {steps} steps → "
               f"gen {before:.3f} → {after:.3f} ({after - before:+.3f})")
     print(f"{time.perf_counter() - t0:.0f} s")
-    if args.out:
+    if rec.path:
         config = {"round_dir": str(args.round_dir), "model": args.model or "shipped base", "beta": args.beta,
                   "lr": args.lr, "epochs": args.epochs, "batch": args.batch, "mask_samples": args.mask_samples,
                   "threshold": args.threshold, "rpo_alpha": args.rpo_alpha, "heldout": args.heldout,
                   "eval_images": args.eval_images, "records": len(cands), "threads": threads}
-        common = dict(kernel_name="oracle_gen_dpo", x_name="pairs", device="cpu", dtype="fp32", stamps=stamps,
-                      unit="fraction")
-        rows = [utils.make_row(provider="base", metric="gen", x_value=0, y=(before,), config=config, **common)]
+        rec.add(provider="base", metric="gen", x_value=0, y=(before,), config=config)
         for source, v in out["sources"].items():
             for metric in ("gen_after", "judge_chosen", "judge_rejected"):
-                rows.append(utils.make_row(provider=source, metric=metric, x_value=v["pairs"], y=(v[metric],),
-                                           config={**config, "steps": v["steps"]}, **common))
-        print(f"appended {len(rows)} rows to {utils.append_rows(args.out, rows)}")
+                rec.add(provider=source, metric=metric, x_value=v["pairs"], y=(v[metric],),
+                        config={**config, "steps": v["steps"]})
+        rec.done()
     return out
 
 

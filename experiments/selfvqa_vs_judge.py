@@ -4,7 +4,7 @@
 accuracies, how often they agree, their correlation; and the judge's accuracy on the images self-VQA picked as winner
 and loser. Self-play can only raise ``gen`` if self-VQA ranks images the way the judge does.
 
-    python -m bench.selfvqa_vs_judge runs/demo/round-1 [--model hermesflow_fast/world/base] [--records 60]
+    python -m experiments.selfvqa_vs_judge runs/demo/round-1 [--model hermesflow_fast/world/base] [--records 60]
 
 Rows append to ``bench/results/selfvqa_judge.csv`` (per category: self_vqa, judge, agree, corr; and the judge's
 accuracy on self-VQA's winners and losers), with the machine and commit.
@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import utils
+from experiments import BENCH_DIR
+from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.text import und_prompt_ids
 from hermesflow_fast.model.generate import generate_text
 from hermesflow_fast.selfplay.diagnose import world_records
@@ -35,13 +36,12 @@ def round_records(cands: list[dict], seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.selfvqa_vs_judge", description=__doc__.split("\n\n")[0])
     ap.add_argument("round_dir", help="a finished round folder (gen_candidates.jsonl)")
     ap.add_argument("--model", default=None, help="the model that curated it (default: the shipped base)")
     ap.add_argument("--records", type=int, default=60, help="first N records of the round")
     ap.add_argument("--seed", type=int, default=0, help="world.seed of the run")
-    ap.add_argument("--out", default=str(utils.RESULTS_DIR / "selfvqa_judge.csv"),
-                    help="CSV to append to ('' for none)")
+    hb.add_output_args(ap, "selfvqa_judge", BENCH_DIR)
     args = ap.parse_args(argv)
     wm = load_base(args.model)
     cands = [json.loads(line) for line in (Path(args.round_dir) / "gen_candidates.jsonl").read_text().splitlines()]
@@ -84,28 +84,25 @@ def main(argv: list[str] | None = None) -> dict:
             lose.append(judged[lo])
     out["judge_of_winners"], out["judge_of_losers"], out["records_with_a_pair"] = (
         float(np.mean(win)), float(np.mean(lose)), len(win))
-    print(f"{'category':<14} {'questions':>9} {'self-VQA':>9} {'judge':>7} {'agree':>7} {'corr':>7}")
-    for cat, v in out["categories"].items():
-        print(f"{cat:<14} {v['questions']:>9} {v['self']:>9.3f} {v['judge']:>7.3f} {v['agree']:>7.3f} "
-              f"{v['corr']:>7.3f}")
+    print("\n".join(hb.align(["category", "questions", "self-VQA", "judge", "agree", "corr"], [
+        [cat, str(v["questions"]), *(f"{v[k]:.3f}" for k in ("self", "judge", "agree", "corr"))]
+        for cat, v in out["categories"].items()], left=(0,))))
     print(f"judge's accuracy on self-VQA's winners {out['judge_of_winners']:.3f}, on its losers "
           f"{out['judge_of_losers']:.3f} ({len(win)} records)")
-    if args.out:
-        stamps = utils.run_stamps("cpu")
+    out_csv = hb.output_path(args, "selfvqa_judge", BENCH_DIR)
+    if out_csv:
+        rec = hb.Recorder(out_csv, "cpu", kernel_name="selfvqa_vs_judge", x_name="records", x_value=len(cands),
+                          unit="fraction")
         images = sum(len(c["images"]) for c in cands)
         config = {"round_dir": str(args.round_dir), "model": args.model or "shipped base", "records": len(cands),
                   "images": images, "seed": args.seed}
-        common = dict(kernel_name="selfvqa_vs_judge", x_name="records", x_value=len(cands), device="cpu",
-                      dtype="fp32", stamps=stamps, unit="fraction")
-        rows = []
         for cat, v in out["categories"].items():
             for metric in ("self", "judge", "agree", "corr"):
-                rows.append(utils.make_row(provider=cat, metric=metric, y=(v[metric],),
-                                           config={**config, "questions": v["questions"]}, **common))
+                rec.add(provider=cat, metric=metric, y=(v[metric],), config={**config, "questions": v["questions"]})
         for side in ("winners", "losers"):
-            rows.append(utils.make_row(provider="pairs", metric=f"judge_of_{side}", y=(out[f"judge_of_{side}"],),
-                                       config={**config, "records_with_a_pair": len(win)}, **common))
-        print(f"appended {len(rows)} rows to {utils.append_rows(args.out, rows)}")
+            rec.add(provider="pairs", metric=f"judge_of_{side}", y=(out[f"judge_of_{side}"],),
+                    config={**config, "records_with_a_pair": len(win)})
+        rec.done()
     return out
 
 

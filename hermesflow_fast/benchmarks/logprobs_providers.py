@@ -1,8 +1,9 @@
-"""The workload of bench/bench_logprobs.py: the problem's shapes (``Problem``), its deterministic inputs
-(``build_inputs``), the chunking ours plans for it (``planned_chunks``, ``plan_table``), and each provider's forward
-(``PROVIDERS``: naive, TRL, liger, torch's chunked cross-entropy, ours, and the GEMM floor) with its memory estimate.
+"""The problem and providers of the fused head + DPO benchmark (``benchmarks.logprobs``): the problem's shapes
+(``Problem``), its deterministic inputs (``build_inputs``), the chunking ours plans for it (``planned_chunks``,
+``plan_table``), each provider's forward (``PROVIDERS``: naive, TRL, liger, torch's chunked cross-entropy, ours,
+and the GEMM floor) with its memory estimate, and the check that they agree (``check_providers``).
 
-    python -m pytest -q tests/bench/test_bench_smoke.py
+    python -m pytest -q tests/benchmarks/test_benchmarks_logprobs.py
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench import utils
+from hermesflow_fast.benchmarks.measure import DTYPES, MB
 from hermesflow_fast.ops import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss, reference
 from hermesflow_fast.ops.fused_dpo import _pair_chunks
 from hermesflow_fast.ops.logprobs import default_chunk_rows
@@ -55,7 +56,7 @@ class Problem:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return utils.DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -116,9 +117,9 @@ def plan_table(problems: list[Problem]) -> str:
     for p in problems:
         rows, chunks = planned_chunks(p)
         big = max(chunks)
-        chunk_mb = big * p.V * 4 / utils.MB
-        ours = chunk_mb + 2 * big * p.H * 4 / utils.MB
-        naive = NAIVE_EXTRA_MIN * p.tokens * p.V * 4 / utils.MB
+        chunk_mb = big * p.V * 4 / MB
+        ours = chunk_mb + 2 * big * p.H * 4 / MB
+        naive = NAIVE_EXTRA_MIN * p.tokens * p.V * 4 / MB
         lines.append(f"{p.H:>5} {p.V:>7} {p.tokens:>6} {rows:>6} {len(chunks):>6} {big:>7} {chunk_mb:>9,.0f} "
                      f"{ours:>8,.0f} {naive:>9,.0f} {ours / naive:>10.3f}")
     return "\n".join(lines)
@@ -272,4 +273,33 @@ def estimate_bytes(name: str, p: Problem) -> int:
         "ours": 4 * chunk + 2 * v * h * 4,
         "ours_twopass": 4 * chunk + 2 * v * h * 4,
     }[name]
-    return inputs + grads + held + 400 * utils.MB  # + torch itself
+    return inputs + grads + held + 400 * MB  # + torch itself
+
+
+def check_providers(providers, device: str = "cpu", rtol: float = 1e-4) -> dict[str, float]:
+    """Every provider's loss, and its hidden/weight/bias gradients, against ``naive`` at a tiny fp32 shape.
+
+    Raises AssertionError naming the providers that disagree by more than ``rtol`` (relative to the largest
+    magnitude of the naive value). Returns the losses.
+    """
+    inp = build_inputs(Problem.make(tokens=128, seq=32, H=64, V=500, device=device))
+    names = ["naive"] + [n for n in providers if n not in TIME_ONLY and n != "naive"]
+    losses, grads = {}, {}
+    for name in names:
+        inp.zero_grads()
+        loss = PROVIDERS[name](inp)()
+        loss.backward()
+        losses[name] = float(loss.detach())
+        grads[name] = [t.grad.detach().clone() for t in (inp.x, inp.w, inp.b) if t is not None]
+    bad = []
+    base = losses["naive"]
+    for name in names[1:]:
+        if abs(losses[name] - base) > rtol * abs(base):
+            bad.append(f"{name}: loss {losses[name]:.8g} vs naive {base:.8g}")
+        for label, g, g0 in zip(("hidden", "weight", "bias"), grads[name], grads["naive"], strict=True):
+            err, scale = (g.float() - g0.float()).abs().max().item(), g0.float().abs().max().item()
+            if err > rtol * scale:
+                bad.append(f"{name}: {label}.grad max err {err:.3g} vs max |grad| {scale:.3g}")
+    if bad:
+        raise AssertionError("providers disagree with naive at a tiny shape:\n  " + "\n  ".join(bad))
+    return losses

@@ -1,6 +1,6 @@
-"""Smoke tests of the self-play benches at tiny sizes: the ablation's three arms differ only in their generation pairs
-(the understanding pairs and everything else stay), each arm trains and is evaluated through the real pipeline; the
-sampler headroom and the demo's rows land in their CSVs."""
+"""Smoke tests of the self-play experiments at tiny sizes: the ablation's three arms differ only in their generation
+pairs (the understanding pairs and everything else stay), each arm trains and is evaluated through the real pipeline;
+the sampler headroom's rows land in their CSV."""
 
 import json
 import sys
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # bench/ is a top-level folder, not part of the installed package
+if str(ROOT) not in sys.path:  # experiments/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import demo_rows, sampler_headroom, selfplay_ablation, utils  # noqa: E402
+from experiments import sampler_headroom, selfplay_ablation  # noqa: E402
+from hermesflow_fast.benchmarks import harness  # noqa: E402
 
 TINY = ["world.train_records=12", "world.heldout_records=6", "curation.images_per_prompt=3", "eval.seeds=2",
         "eval.steps=2", "curation.steps=2", "curation.caption_grid=[[1,0.0],[2,0.7]]"]
@@ -56,7 +57,7 @@ def test_ablation_arms_differ_only_in_generation_pairs(tmp_path):
     # world's records are refused, not silently judged against the wrong questions
     with pytest.raises(SystemExit, match="not the round's world"):
         selfplay_ablation.rewrite_pairs(tmp_path / "w" / "seed1-judge" / "round-1", "judge", wm_for_test(), 7, 1, 0.6)
-    rows = utils.read_rows(tmp_path / "a.csv")
+    rows = harness.read_rows(tmp_path / "a.csv")
     assert [r["kernel_provider"] for r in rows] == ["base", "self", "random", "judge"]
     cfg = json.loads(rows[3]["extra_benchmark_config_str"])
     assert cfg["judge_chosen"] > cfg["judge_rejected"] and cfg["train_seed"] == 1 and rows[0]["x_value"] == "1"
@@ -71,22 +72,5 @@ def test_sampler_headroom_rows(tmp_path):
         torch.set_num_threads(threads)
     out = res["2:0.0:30.0"]
     assert out["all"][2] == 6 and all(0 <= p1 <= pm <= 1 for p1, pm, _ in out.values())
-    rows = utils.read_rows(tmp_path / "s.csv")
+    rows = harness.read_rows(tmp_path / "s.csv")
     assert {r["x_value"] for r in rows} == set(out)
-
-
-def test_demo_rows_read_a_finished_run(tmp_path):
-    from hermesflow_fast.selfplay.config import SelfPlayConfig
-    from hermesflow_fast.train.config import load_config, save_config
-
-    run = tmp_path / "run"
-    run.mkdir()
-    save_config(load_config(None, [], schema=SelfPlayConfig), run / "config.yaml")
-    rounds = [{"round": 0, "und": 0.9, "gen": 0.6, "gap": 0.3, "gen_std": 0.01},
-              {"round": 1, "und": 0.9, "gen": 0.7, "gap": 0.2, "gen_std": 0.02}]
-    (run / "summary.json").write_text(json.dumps({"rounds": rounds}))
-    rows = demo_rows.main([str(run), "--out", str(tmp_path / "d.csv"), "--wall-s", "300"])
-    assert [(r["kernel_provider"], r["metric_name"]) for r in rows][:3] == [("round 0", "und"), ("round 0", "gen"),
-                                                                           ("round 0", "gap")]
-    gen1 = next(r for r in rows if r["kernel_provider"] == "round 1" and r["metric_name"] == "gen")
-    assert (gen1["y_value_50"], gen1["y_value_20"], gen1["y_value_80"]) == (0.7, 0.7 - 0.02, 0.7 + 0.02)

@@ -11,7 +11,7 @@ difference between arms is what the ranking of generated images is worth. Per tr
 once (``--stop-after pairs``), copied per arm, its ``pairs.jsonl`` rewritten, and the run resumed to train and
 evaluate (held-out und / gen, mean ± std over ``eval.seeds`` evaluation seeds).
 
-    python -m bench.selfplay_ablation [--seeds 0,1,2] [--work runs/ablation] [dotted overrides of the recipe]
+    python -m experiments.selfplay_ablation [--seeds 0,1,2] [--work runs/ablation] [dotted overrides of the recipe]
 
 Rows append to ``bench/results/selfplay_ablation.csv``: per arm and seed the held-out gen (y50 = mean over
 evaluation seeds, y20/y80 = mean ∓ std) and und, the base's row, the pairs, machine and commit.
@@ -26,13 +26,14 @@ import shutil
 import time
 from pathlib import Path
 
-from bench import utils
+from experiments import BENCH_DIR
+from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.selfplay.config import SelfPlayConfig
 from hermesflow_fast.selfplay.pairs import first_round_pair
 from hermesflow_fast.selfplay.rounds import run_selfplay
 from hermesflow_fast.train.config import load_config
 
-RECIPE = utils.ROOT / "configs" / "selfplay-shapes.yaml"
+RECIPE = BENCH_DIR.parent / "configs" / "selfplay-shapes.yaml"
 ARMS = ("self", "random", "judge")
 
 
@@ -40,7 +41,7 @@ def rewrite_pairs(round_dir: Path, arm: str, wm, world_seed: int, seed: int, thr
     """Replace the generation side of ``round_dir/pairs.jsonl`` for ``arm`` (the file stays in the round's format);
     the judge reads the candidates against the records of ``world_seed`` (the run's world.seed), ``seed`` draws the
     random arm's pairs. Returns the judge's mean score of the chosen and rejected images and the pair count."""
-    from bench.oracle_gen_dpo import judged_candidates
+    from experiments.oracle_gen_dpo import judged_candidates
 
     cands = {c["id"]: c for c in judged_candidates(wm, round_dir, world_seed)}
     rng = random.Random(seed)
@@ -74,20 +75,22 @@ def rewrite_pairs(round_dir: Path, arm: str, wm, world_seed: int, seed: int, thr
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.selfplay_ablation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(RECIPE), help="self-play recipe (default: the demo's)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (run.seed of each round)")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--work", default="runs/ablation", help="folder for the runs (one per seed and arm)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(utils.RESULTS_DIR / "selfplay_ablation.csv"), help="CSV ('' for none)")
+    hb.add_output_args(ap, "selfplay_ablation", BENCH_DIR)
     ap.add_argument("overrides", nargs="*", help="dotted overrides of the recipe")
     args = ap.parse_args(argv)
     arms = args.arms.split(",")
     if any(a not in ARMS for a in arms):
         ap.error(f"--arms: each of {ARMS}")
-    threads = utils.set_threads(args.threads)
-    stamps = utils.run_stamps("cpu")
+    threads = hb.set_threads(args.threads)
+    rec = hb.Recorder(hb.output_path(args, "selfplay_ablation", BENCH_DIR), "cpu", kernel_name="selfplay_ablation",
+                      metric="gen", unit="fraction", x_name="train_seed")
     work = Path(args.work)
     results: dict[str, dict] = {}
     quiet = lambda m: None  # noqa: E731
@@ -119,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"seed {seed} {arm:6s}: und {r1['und']:.3f} gen {r1['gen']:.3f} ± {r1.get('gen_std', 0):.3f} "
                   f"({info['gen_pairs']} gen pairs, judge {info['judge_chosen']:.2f} vs {info['judge_rejected']:.2f})",
                   flush=True)
-    if args.out:
-        rows = []
+    if rec.path:
         for r in results.values():
             extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                      if k in ("und", "und_std", "gen_std", "gap", "gen_pairs", "judge_chosen", "judge_rejected",
@@ -128,10 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
             g, s = r["gen"], r.get("gen_std", 0.0)
             config = {"recipe": str(Path(args.config).name), "overrides": args.overrides, "train_seed": r["seed"],
                       "threads": threads, **extra}
-            rows.append(utils.make_row(kernel_name="selfplay_ablation", provider=r["arm"], metric="gen",
-                                       unit="fraction", x_name="train_seed", x_value=r["seed"], y=(g, g - s, g + s),
-                                       config=config, device="cpu", dtype="fp32", stamps=stamps))
-        print(f"appended {len(rows)} rows to {utils.append_rows(args.out, rows)}")
+            rec.add(provider=r["arm"], x_value=r["seed"], y=(g, g - s, g + s), config=config)
+        rec.done()
     return results
 
 

@@ -3,7 +3,7 @@ images per held-out prompt from a world base, read by the judge: pass@1 (a sampl
 M fully right), pass@M − pass@1 (the headroom best-of-M can find) per category, and the mean number of objects
 drawn beyond the prompt's (overgeneration).
 
-    python -m bench.sampler_headroom [--model hermesflow_fast/world/base] [--records 120] [--images 6]
+    python -m experiments.sampler_headroom [--model hermesflow_fast/world/base] [--records 120] [--images 6]
         [--setting 16:3.0:1.0 --setting 16:0.0:30.0 ...]      # steps:guidance:noise_temperature
 
 Rows append to ``bench/results/sampler_headroom.csv``: per setting and category pass@1 (y50) with pass@M in the
@@ -18,7 +18,8 @@ from collections import defaultdict
 
 import torch
 
-from bench import utils
+from experiments import BENCH_DIR
+from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.text import prompt_ids
 from hermesflow_fast.model.generate import generate_images
 from hermesflow_fast.world import make_records
@@ -29,21 +30,23 @@ DEFAULT_SETTINGS = ("12:3.0:1.0", "16:1.0:1.0", "16:0.0:1.0", "16:0.0:30.0")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.sampler_headroom", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="world base folder (default: the shipped base)")
     ap.add_argument("--records", type=int, default=120, help="held-out records (every category alike)")
     ap.add_argument("--images", type=int, default=6, help="images per prompt (M)")
     ap.add_argument("--setting", action="append", default=None, metavar="STEPS:G:TAU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(utils.RESULTS_DIR / "sampler_headroom.csv"), help="CSV ('' for none)")
+    hb.add_output_args(ap, "sampler_headroom", BENCH_DIR)
     args = ap.parse_args(argv)
-    threads = utils.set_threads(args.threads)
-    stamps = utils.run_stamps("cpu")
+    threads = hb.set_threads(args.threads)
+    rec = hb.Recorder(hb.output_path(args, "sampler_headroom", BENCH_DIR), "cpu", kernel_name="sampler_headroom",
+                      metric="pass@1", unit="fraction", x_name="category")
     wm = load_base(args.model)
     recs = make_records(args.records, args.seed, "heldout")
     texts = [prompt_ids(wm.text_tokenizer, r.prompt) for r in recs]
-    M, results, rows = args.images, {}, []
+    M, results = args.images, {}
     for setting in args.setting or DEFAULT_SETTINGS:
         steps, g, tau = setting.split(":")
         t0 = time.perf_counter()
@@ -71,11 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "records": n, "images": M, f"pass@{M}": round(pm, 4), "headroom": round(pm - p1, 4),
                       "extra_objects": round(sum(extra) / len(extra), 3), "model": args.model or "shipped base",
                       "seed": args.seed, "threads": threads}
-            rows.append(utils.make_row(kernel_name="sampler_headroom", provider=setting, metric="pass@1",
-                                       unit="fraction", x_name="category", x_value=c, y=(p1,), config=config,
-                                       device="cpu", dtype="fp32", stamps=stamps))
-    if args.out:
-        print(f"appended {len(rows)} rows to {utils.append_rows(args.out, rows)}")
+            rec.add(provider=setting, x_value=c, y=(p1,), config=config)
+    rec.done()
     return results
 
 
