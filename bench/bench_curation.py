@@ -25,16 +25,19 @@ import torch
 from bench import BENCH_DIR
 from bench.hermesflow_curation import hermesflow_curation_pass
 from hermesflow_fast.benchmarks import harness as hb
+from hermesflow_fast.config import load_config
+from hermesflow_fast.model.bundle import ModelBundle
 from hermesflow_fast.model.config import ModelConfig
 from hermesflow_fast.model.layout import Layout
 from hermesflow_fast.model.tokenizer_vq import PatchVQConfig, PatchVQTokenizer
 from hermesflow_fast.model.transformer import UnifiedTransformer
+from hermesflow_fast.selfplay.config import CurationSection, SelfPlayConfig
 from hermesflow_fast.selfplay.journal import Journal
-from hermesflow_fast.selfplay.rounds import world_curation_records
-from hermesflow_fast.selfplay.stages import CurationRecord, CurationSettings, gen_candidates, gen_scores, und_candidates
+from hermesflow_fast.selfplay.record_source import world_curation_records
+from hermesflow_fast.selfplay.stages import CurationRecord, gen_candidates, gen_scores, und_candidates
 from hermesflow_fast.world import make_records
-from hermesflow_fast.world.base import WorldModel, load_base
 from hermesflow_fast.world.scoring import answer_match
+from hermesflow_fast.world.shipped import load_base
 
 # model and image-grid sizes; "tiny" is for tests
 PRESETS = {
@@ -44,7 +47,7 @@ PRESETS = {
 PATCH = 4
 
 
-def preset_world(wm: WorldModel, d: int, layers: int, heads: int, grid: int, codes: int, seed: int = 0) -> WorldModel:
+def preset_world(wm: ModelBundle, d: int, layers: int, heads: int, grid: int, codes: int, seed: int = 0) -> ModelBundle:
     """The world's vocabulary and tokenizer around a random ``d``-wide, ``layers``-deep model over ``codes`` image
     codes on a ``grid``×``grid`` grid (a random patch VQ over (PATCH·grid)-pixel images)."""
     g = torch.Generator().manual_seed(seed)
@@ -58,10 +61,10 @@ def preset_world(wm: WorldModel, d: int, layers: int, heads: int, grid: int, cod
         model = UnifiedTransformer(ModelConfig(vocab_size=vocab.vocab_size, hidden_size=d, intermediate_size=4 * d,
                                                num_hidden_layers=layers, num_attention_heads=heads,
                                                max_position_embeddings=1 << (longest - 1).bit_length()))
-    return WorldModel(model.eval(), vocab, layout, wm.text_tokenizer, vq)
+    return ModelBundle(model.eval(), vocab, layout, wm.text_tokenizer, vq)
 
 
-def curation_records(wm: WorldModel, records) -> list[CurationRecord]:
+def curation_records(wm: ModelBundle, records) -> list[CurationRecord]:
     """World records → curation records, each image rendered at the image tokenizer's size and encoded once."""
     size = wm.image_tokenizer.image_size[0]
     imgs = torch.stack([torch.from_numpy(r.render(size)).permute(2, 0, 1).float() / 127.5 - 1 for r in records])
@@ -69,14 +72,27 @@ def curation_records(wm: WorldModel, records) -> list[CurationRecord]:
     return [CurationRecord(r.id, r.prompt, c, list(r.questions), r.scene) for r, c in zip(records, codes)]
 
 
+def sampling_settings(cfg: argparse.Namespace) -> CurationSection:
+    """The curation knobs of the pass: with ``--preset show_o_512`` the original's (the ``selfplay-real`` recipe:
+    16 images, 50 steps, CFG 5, 100-token captions and answers, its prompts, self-VQA on re-encoded images), else the
+    schema's defaults; ``--images`` / ``--steps`` / ``--batch`` / ``--captions two`` override them."""
+    base = (load_config("selfplay-real", schema=SelfPlayConfig).curation if cfg.preset == "show_o_512"
+            else CurationSection())
+    given = {"images_per_prompt": cfg.images, "steps": cfg.steps, "batch_size": cfg.batch}
+    over = {k: v for k, v in given.items() if v is not None}
+    if cfg.captions == "two":
+        over["caption_grid"] = [[1, 0.0], [3, 0.7]]
+    return dataclasses.replace(base, **over)
+
+
 def ours_pass(wm, records, settings, tmp, stages: dict[str, float] | None = None) -> None:
     """The three curation stages as a round runs them; ``stages`` receives each one's seconds (the names of the
     baseline's: captions, images, self_vqa)."""
     stages = {} if stages is None else stages
     with hb.stage_timer(stages, "captions", wm.device):
-        und_candidates(wm, records, Journal(tmp / "u.jsonl"), settings, 1)
+        und_candidates(wm, records, Journal(tmp / "u.jsonl"), settings, 1, 0)
     with hb.stage_timer(stages, "images", wm.device):
-        gc = gen_candidates(wm, records, Journal(tmp / "g.jsonl"), settings, 1)
+        gc = gen_candidates(wm, records, Journal(tmp / "g.jsonl"), settings, 1, 0)
     with hb.stage_timer(stages, "self_vqa", wm.device):
         gen_scores(wm, records, gc, Journal(tmp / "s.jsonl"), settings, answer_match)
 
@@ -88,10 +104,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_curation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default=None, help="world model folder (default: the shipped base)")
     ap.add_argument("--records", type=int, default=32)
-    ap.add_argument("--images", type=int, default=8, help="images per prompt (M)")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--images", type=int, default=None,
+                    help="images per prompt (M)  [default: curation.images_per_prompt of the sampling settings]")
+    ap.add_argument("--steps", type=int, default=None, help="MaskGIT steps  [default: curation.steps, as --images]")
     ap.add_argument("--captions", choices=("paper", "two"), default="paper", help="the 10-caption grid or 2")
-    ap.add_argument("--batch", type=int, default=32, help="ours: records per generation call")
+    ap.add_argument("--batch", type=int, default=None, help="ours: records per generation call  [default: "
+                                                            "curation.batch_size]")
     hb.add_run_args(ap, reps=None, warmup=None, devices=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one untimed pass of each on one record")
@@ -115,11 +133,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     wm.model.to(hb.DTYPES[cfg.dtype])
     world = make_records(cfg.records, 123, "train")
     recs = curation_records(wm, world) if cfg.preset else world_curation_records(wm, world)
-    grid = CurationSettings().caption_grid if cfg.captions == "paper" else ((1, 0.0), (3, 0.7))
-    s = CurationSettings(caption_grid=grid, images_per_prompt=cfg.images, steps=cfg.steps, batch_size=cfg.batch)
+    s = sampling_settings(cfg)
+    grid = s.caption_grid
     rec = hb.Recorder(hb.output_path(cfg, "curation", BENCH_DIR), cfg.device, kernel_name="curation_pass",
                       metric="records_per_s", unit="1/s", x_name="records", dtype=cfg.dtype)
-    shape = {"records": cfg.records, "captions": len(grid), "images_per_prompt": cfg.images, "steps": cfg.steps,
+    shape = {"records": cfg.records, "captions": len(grid), "images_per_prompt": s.images_per_prompt, "steps": s.steps,
              "questions": sum(len(r.questions) for r in recs), "image_tokens": int(recs[0].image_codes.numel()),
              "params": sum(p.numel() for p in wm.model.parameters()), "threads": threads, "device": cfg.device,
              "warmup": cfg.warmup, "preset": cfg.preset or "base", "d": wm.model.config.hidden_size,

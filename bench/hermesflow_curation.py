@@ -1,4 +1,4 @@
-"""A HermesFlow-style curation pass, written from the spec's description (§3.2–3.5), as the curation benchmark's
+"""A HermesFlow-style curation pass, written from a description of the original's scripts, as the curation benchmark's
 baseline. Per record, batch 1 throughout:
 
 - captions: for each (top_k, temperature) of the grid, token by token WITHOUT a KV cache, the whole sequence and
@@ -25,6 +25,7 @@ from PIL import Image
 from hermesflow_fast.benchmarks.measure import stage_timer
 from hermesflow_fast.data.text import und_prompt_ids
 from hermesflow_fast.model.generate import generate_images
+from hermesflow_fast.selfplay.stages import vqa_question
 
 __all__ = ["hermesflow_curation_pass"]
 
@@ -95,19 +96,21 @@ def _pass(wm, records, settings, answer_match, seed: int, stages: dict[str, floa
     from hermesflow_fast.data.text import prompt_ids
 
     tok, dev = wm.text_tokenizer, wm.device
-    q = und_prompt_ids(tok, settings.question)
+    q = und_prompt_ids(tok, settings.caption_question)
     gen = torch.Generator(dev).manual_seed(seed)
     results = []
     for r in records:
         caps = []
         with stage_timer(stages, "captions", dev):
-            for k, t in settings.caption_grid:
+            for k, t in settings.grid():
                 ids = _decode_uncached(wm, r.image_codes, q, settings.caption_tokens, t, None if t <= 0 else k, gen)
                 caps.append(tok.decode(ids, skip_special_tokens=True).strip())
         with stage_timer(stages, "images", dev):
             codes = generate_images(wm.model, wm.layout, [prompt_ids(tok, r.prompt)], int(r.image_codes.numel()),
                                     images_per_prompt=settings.images_per_prompt, steps=settings.steps,
-                                    guidance_scale=settings.guidance_scale, generator=gen, use_text_cache=False,
+                                    guidance_scale=settings.guidance_scale,
+                                    noise_temperature=settings.noise_temperature,
+                                    compounding_noise=settings.compounding_noise, generator=gen, use_text_cache=False,
                                     cfg_batched=cfg_batched)
         with stage_timer(stages, "self_vqa", dev):
             codes = _png_roundtrip(wm, codes)
@@ -115,7 +118,8 @@ def _pass(wm, records, settings, answer_match, seed: int, stages: dict[str, floa
             for img in codes:
                 right = 0
                 for qu in r.questions:
-                    ids = _decode_uncached(wm, img, und_prompt_ids(tok, qu.prompt), settings.answer_tokens, 0.0,
+                    ids = _decode_uncached(wm, img, und_prompt_ids(tok, vqa_question(qu, settings.vqa_prompt)),
+                                           settings.answer_tokens, 0.0,
                                            None, gen)
                     said = tok.decode(ids, skip_special_tokens=True).strip()
                     right += int(answer_match(said, qu.choices) == qu.answer)

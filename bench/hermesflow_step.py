@@ -1,11 +1,11 @@
 """HermesFlow's Pair-DPO training step as the original code computes it: the baseline of ``bench/bench_step.py``.
 
-Written from the description in hermesflow-spec.md §2.2 and §5.3–5.5 (no code of HermesFlow, Show-o or TRL was
-copied). Per step, for a batch of B homologous pairs whose pixels are inputs (the generated win / lose images and the
+Written from a description of the original's training step (no code of HermesFlow, Show-o or TRL was copied).
+ Per step, for a batch of B homologous pairs whose pixels are inputs (the generated win / lose images and the
 real image, (B, 3, H, W) in [−1, 1] each, already on the device, as a dataloader hands them over):
 
     1. encode      the VQ tokenizer (MAGVIT-v2) encodes the win, the lose and the real images: three encoder calls of
-                   B images, every step, under the step's autocast (bf16 on CUDA; the original runs it in fp32, B8)
+                   B images, every step, under the step's autocast (bf16 on CUDA; the original runs it in fp32)
                    (without ``vq``/``pixels`` it takes the pairs' cached codes instead: the +token_cache row)
     2. sequences   UNPACKED rows, built for win and for lose separately with ``Layout.t2i`` / ``Layout.mmu``:
                      t2i  [pad…][t2i][bos] prompt [eos] [soi] masked image [eoi]        text part left-padded to 129
@@ -19,16 +19,16 @@ real image, (B, 3, H, W) in [−1, 1] each, already on the device, as a dataload
                    the float mask, the LM head on every position → full logits (2B, T, V)
     4. log-probs   ``log_softmax`` over the full vocabulary (fp32) of all (2B, T, V) logits, then gather:
                      S_t2i  t2i rows, positions ≥ 129, no shift (mask-token prediction at its own slot), masked slots
-                     S_mmu  mmu rows only (B1 off), next-token shift (logits[:, :-1] vs labels[:, 1:]), caption + eos
-                   summed per pair (B2 off: not over the batch)
+                     S_mmu  mmu rows only (not all rows), next-token shift (logits[:, :-1] vs labels[:, 1:]), caption + eos
+                   summed per pair (the original's whole-batch sum off)
     5. loss        ``ops.reference.pair_dpo_loss`` (β = 0.2, sigmoid, coefficients 1 / 1), backward, gradient clipping
                    (max norm 1.0), AdamW step, zero_grad
 
-Bugs and quirks of the original switched off, so that this step and ours compute the same loss on the same batch:
-B1 (mmu sum over all rows), B2 (whole-batch sums), B3 (grey understanding image: the real image is encoded and
-used), B6 (independent text dropout: no dropout), and the two soi/eoi identity terms of S_t2i (§2.2 d, scored by the
-original; leaving them out changes two gathers, not the cost). Kept as the original (§2.4 B9: its gradient
-checkpointing is never enabled, so none here either): every image re-encoded each step, unpacked padded rows, four
+Bugs and quirks of the original switched off (docs/differences.md), so that this step and ours compute the same loss
+on the same batch: the mmu sum over all rows, whole-batch sums, the grey understanding image (the real image is
+encoded and used), independent text dropout (no dropout), and the two soi/eoi identity terms of S_t2i (scored by the
+original; leaving them out changes two gathers, not the cost). Kept as the original (its gradient checkpointing is
+never enabled, so none here either): every image re-encoded each step, unpacked padded rows, four
 forwards, a dense float mask, full (2B, T, V) logits and a full-vocabulary log_softmax kept for backward.
 
     from bench.hermesflow_step import HermesFlowStep
@@ -202,7 +202,7 @@ class HermesFlowStep:
         with torch.profiler.record_function("hf.log_softmax"):
             logp = torch.log_softmax(logits.float(), dim=-1)  # (2B, T, V), fp32
             s_t2i = _gather_sum(logp[:B, t0:], batch.t2i_labels[:, t0:])  # no shift
-            s_mmu = _gather_sum(logp[B:, :-1], batch.mmu_labels[:, 1:])  # next-token shift, mmu rows only (B1 off)
+            s_mmu = _gather_sum(logp[B:, :-1], batch.mmu_labels[:, 1:])  # next-token shift, mmu rows only
         return s_t2i, s_mmu
 
     def loss(self, pairs: list[TokenizedPair], epoch: int) -> tuple[Tensor, dict[str, Tensor]]:

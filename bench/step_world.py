@@ -30,7 +30,7 @@ from hermesflow_fast.train.objective import SIDES, PairDPOObjective, gather_side
 from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_cosine
 from hermesflow_fast.train.trainer import Trainer
 
-SHOW_O_MATMUL_PARAMS = 1.328e9  # phi-1.5 blocks 1.208 B + the 58,498 × 2048 head (perf-anchors §1.1)
+SHOW_O_MATMUL_PARAMS = 1.328e9  # phi-1.5 blocks 1.208 B + the 58,498 × 2048 head
 QUESTION_LEN = 13  # "USER: Give a detailed caption for this image. ASSISTANT:" in phi-1.5 tokens
 PERTURB = 0.01  # policy = reference + PERTURB · N(0, 1) per weight
 
@@ -216,7 +216,8 @@ def train_config(p: Problem, compile_blocks: bool) -> TrainConfig:
     return load_config(None, [
         f"run.seed={p.seed}", f"model.dtype={'bf16' if p.dtype == 'bf16' else 'fp32'}",
         f"model.compile={str(compile_blocks).lower()}", "model.attn_backend=auto",
-        f"data.token_budget={p.token_budget}", f"data.t2i_text_len={p.text_len + 1}", f"data.max_caption_tokens={p.text_len}",
+        f"data.token_budget={p.token_budget}", f"data.t2i_text_len={p.text_len + 1}",
+        f"data.max_caption_tokens={p.text_len}",
         f"train.batch_size={p.pairs}", "train.max_steps=1000000", "train.warmup_ratio=0.0",
     ])
 

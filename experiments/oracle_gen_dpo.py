@@ -33,11 +33,11 @@ from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.text import prompt_ids
 from hermesflow_fast.ops.dpo import dpo_losses
 from hermesflow_fast.selfplay.diagnose import judge_grids
-from hermesflow_fast.selfplay.evaluate import evaluate
-from hermesflow_fast.selfplay.pairs import self_play_pair
+from hermesflow_fast.selfplay.pair_rules import self_play_pair
 from hermesflow_fast.world import make_records
-from hermesflow_fast.world.base import load_base
+from hermesflow_fast.world.evaluate import evaluate
 from hermesflow_fast.world.pretrain import mask_slots, target_logprobs
+from hermesflow_fast.world.shipped import load_base
 
 
 def judged_candidates(wm, round_dir: Path, seed: int) -> list[dict]:

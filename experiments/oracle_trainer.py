@@ -1,6 +1,6 @@
 """Does the Pair-DPO trainer's generation term train what the sampler draws? Two arms from the same world base, the
 same number S of optimizer steps, the same lr, batch size, warm-up + cosine schedule, AdamW, clipping and prompt
-dropout, each followed by the held-out generation score (``selfplay.evaluate``, the judge on generated images):
+dropout, each followed by the held-out generation score (``world.evaluate``, the judge on generated images):
 
     pretrain   S steps of the world's own t2i pretraining loss (``world.pretrain.build_batch`` rows, the t2i term
                only: mean CE over Show-o's cosine-masked slots of ground-truth renders, fresh masks every step)
@@ -38,15 +38,15 @@ from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.batching import TokenizedPair
 from hermesflow_fast.data.text import prompt_ids
 from hermesflow_fast.model.generate import generate_images
-from hermesflow_fast.selfplay.evaluate import encode_records, evaluate
-from hermesflow_fast.selfplay.stages import record_generator
+from hermesflow_fast.selfplay.stages import curation_generator
 from hermesflow_fast.train.config import TrainConfig
 from hermesflow_fast.train.dataset import TrainData
 from hermesflow_fast.train.optim import build_optimizer, resolve_warmup, warmup_cosine
 from hermesflow_fast.train.trainer import Trainer
 from hermesflow_fast.world import make_records
-from hermesflow_fast.world.base import BASE_DIR, load_base
+from hermesflow_fast.world.evaluate import encode_records, evaluate
 from hermesflow_fast.world.pretrain import PretrainConfig, build_batch, target_logprobs, world_data
+from hermesflow_fast.world.shipped import BASE_DIR, load_base
 
 
 def gt_pairs(wm, records, seed: int, sample_steps: int, guidance: float,
@@ -55,7 +55,7 @@ def gt_pairs(wm, records, seed: int, sample_steps: int, guidance: float,
     tok, lay, N = wm.text_tokenizer, wm.layout, wm.num_image_tokens
     real = encode_records(wm, records)
     texts = [prompt_ids(tok, r.prompt)[: lay.t2i_text_len - 3] for r in records]
-    gens = [record_generator(r.id, 0, "oracle-rejected", seed) for r in records]
+    gens = [curation_generator(r.id, 0, "oracle-rejected", seed) for r in records]
     with torch.no_grad():
         own = generate_images(wm.model.eval(), lay, texts, N, steps=sample_steps, guidance_scale=guidance,
                               noise_temperature=noise_temperature,

@@ -23,8 +23,8 @@ from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.text import prompt_ids
 from hermesflow_fast.model.generate import generate_images
 from hermesflow_fast.world import make_records
-from hermesflow_fast.world.base import load_base
 from hermesflow_fast.world.judge import JUDGE
+from hermesflow_fast.world.shipped import load_base
 
 DEFAULT_SETTINGS = ("12:3.0:1.0", "16:1.0:1.0", "16:0.0:1.0", "16:0.0:30.0")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from experiments import BENCH_DIR
 from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.selfplay.config import SelfPlayConfig
-from hermesflow_fast.selfplay.pairs import first_round_pair
+from hermesflow_fast.selfplay.pair_rules import first_round_pair
 from hermesflow_fast.selfplay.rounds import run_selfplay
 from hermesflow_fast.train.config import load_config
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work)
     results: dict[str, dict] = {}
     quiet = lambda m: None  # noqa: E731
-    from hermesflow_fast.world.base import load_base
+    from hermesflow_fast.world.shipped import load_base
 
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = load_config(args.config, [*args.overrides, f"run.seed={seed}", "log.progress=false"],

@@ -25,9 +25,9 @@ from hermesflow_fast.benchmarks import harness as hb
 from hermesflow_fast.data.text import und_prompt_ids
 from hermesflow_fast.model.generate import generate_text
 from hermesflow_fast.selfplay.diagnose import world_records
-from hermesflow_fast.world.base import load_base
 from hermesflow_fast.world.judge import JUDGE
 from hermesflow_fast.world.scoring import answer_match
+from hermesflow_fast.world.shipped import load_base
 
 
 def round_records(cands: list[dict], seed: int) -> dict:

@@ -1,6 +1,6 @@
 """Fused LM head + log-softmax + gather + DPO loss, fwd+bwd of policy and reference: ours vs naive, TRL, liger, torch.
 
-Workload (Show-o Pair-DPO's head, perf-anchors §2). At x = T_policy tokens per step (chosen + rejected):
+Workload (Show-o Pair-DPO's head). At x = T_policy tokens per step (chosen + rejected):
     B = T_policy / (2·seq) pairs of ``seq``-token sequences (256 by default; shorter when T_policy < 2·seq),
     hidden (2B, seq, H) with grad, head weight (V, H) and bias (V,) with grad (Show-o's head has a bias),
     reference hidden (2B, seq, H) without grad through the same head (the same tensors, detached),

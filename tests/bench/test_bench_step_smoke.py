@@ -35,7 +35,8 @@ def test_check_agrees_and_catches_batch_sums(toy, monkeypatch):
     assert set(losses) == {"hermesflow", "+packing", "+fused_head"}
     assert max(losses.values()) - min(losses.values()) <= 1e-4 * losses["hermesflow"]
     whole = hermesflow_step._gather_sum
-    # HermesFlow's bug B2 switched on: the log-probs summed over the whole batch, the same sum for every pair
+    # the original's whole-batch sum switched on (docs/differences.md): the log-probs summed over the whole batch,
+    # the same sum for every pair
     monkeypatch.setattr(hermesflow_step, "_gather_sum",
                         lambda logp, labels: whole(logp, labels).sum().expand(labels.shape[0]))
     with pytest.raises(AssertionError, match="disagree"):
