@@ -19,7 +19,7 @@ real image, (B, 3, H, W) in [−1, 1] each, already on the device, as a dataload
                    the float mask, the LM head on every position → full logits (2B, T, V)
     4. log-probs   ``log_softmax`` over the full vocabulary (fp32) of all (2B, T, V) logits, then gather:
                      S_t2i  t2i rows, positions ≥ 129, no shift (mask-token prediction at its own slot), masked slots
-                     S_mmu  mmu rows only (not all rows), next-token shift (logits[:, :-1] vs labels[:, 1:]), caption + eos
+                     S_mmu  mmu rows only, next-token shift (logits[:, :-1] vs labels[:, 1:]), caption + eos
                    summed per pair (the original's whole-batch sum off)
     5. loss        ``ops.reference.pair_dpo_loss`` (β = 0.2, sigmoid, coefficients 1 / 1), backward, gradient clipping
                    (max norm 1.0), AdamW step, zero_grad
