@@ -12,6 +12,7 @@
     hermesflow pretrain --world shapes   pretrain the shapes world's base model (world/pretrain.py)
     hermesflow eval --checkpoint P ...   understanding / generation / gap on held-out world records (Table 4)
     hermesflow selfplay --run-dir D ...  self-play rounds on the shapes world (curate → pairs → train → evaluate)
+    hermesflow bundle --model M ...      a model + its tokenizers as one folder self-play starts from (Show-o's too)
     hermesflow images ROUND_DIR          a round's generated candidates as PNGs (ROUND_DIR/images/<id>/<k>.png)
     hermesflow diagnose ROUND_DIR        why a round helped or not: pass@k by judge and self-VQA, agreement, pairs
     hermesflow bench curation [ARGS...]  one curation pass vs a HermesFlow-style one (checkout: bench_curation.py)
@@ -31,6 +32,7 @@ import click
 
 from hermesflow_fast.config import knob_options, options_to_overrides
 from hermesflow_fast.selfplay.config import SelfPlayConfig
+from hermesflow_fast.train.config import TrainConfig
 from hermesflow_fast.world.config import PretrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -290,6 +292,35 @@ def eval_command(checkpoint: str, run_dir: str, recipe: str, device: str, **give
     click.echo(f"over {len(runs)} seed(s): und {format_score(summary, 'und')}  gen {format_score(summary, 'gen')}  "
                f"gap {format_score(summary, 'gap', '+.3f')}")
     click.echo(f"wrote {out / 'eval.json'} and {out / 'samples.png'}")
+
+
+_BUNDLE_OPTIONS = {"--t2i-text-len": "data.t2i_text_len", "--mmu-text-len": "data.max_caption_tokens"}
+
+
+@main.command("bundle")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="transformer folder: Show-o's (e.g. show-o-512x512, `showo.` keys), HF Phi, or ours")
+@click.option("--image-tokenizer", required=True, type=click.Path(exists=True, file_okay=False),
+              help="image tokenizer folder: MAGVIT-v2 as Show-o publishes it (magvitv2), or a patch-VQ save")
+@click.option("--text-tokenizer", required=True, type=click.Path(exists=True, file_okay=False),
+              help="HF tokenizer folder (phi-1_5 for Show-o)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="the bundle folder to write")
+@knob_options(TrainConfig, _BUNDLE_OPTIONS)
+@click.option("--device", default="cpu", show_default=True)
+def bundle_command(model_dir: str, image_tokenizer: str, text_tokenizer: str, out_dir: str, device: str,
+                   **given) -> None:
+    """One folder holding a model, its tokenizers, vocabulary and token layout (model/bundle.py), what self-play
+    starts from: `hermesflow selfplay --config selfplay-real world.base=OUT …`."""
+    from hermesflow_fast.config import load_config
+    from hermesflow_fast.model.bundle import assemble_bundle
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise click.BadParameter(f"{out} is not empty; choose a new folder", param_hint="--out")
+    d = load_config(None, options_to_overrides(_BUNDLE_OPTIONS, given), schema=TrainConfig).data
+    b = assemble_bundle(model_dir, image_tokenizer, text_tokenizer, d.t2i_text_len, d.max_caption_tokens, device)
+    b.save(out)
+    click.echo(f"{b}\nwrote {out}")
 
 
 @main.command("images")

@@ -31,7 +31,7 @@ from hermesflow_fast.model.layout import Layout, Vocabulary
 from hermesflow_fast.model.tokenizer_vq import ImageTokenizer, load_image_tokenizer
 from hermesflow_fast.model.transformer import UnifiedTransformer
 
-__all__ = ["ModelBundle", "load_bundle"]
+__all__ = ["ModelBundle", "assemble_bundle", "load_bundle"]
 
 _FILES = ("config.json", "model.safetensors", "vocab.json", "tokenizer", "vq")
 
@@ -126,3 +126,26 @@ def load_bundle(path: str | os.PathLike, device: torch.device | str = "cpu",
         raise ValueError(f"{path / 'config.json'}: no hermesflow.layout (t2i_text_len, mmu_text_len) and no default")
     layout = Layout(vocab, t2i_text_len=int(lens["t2i_text_len"]), mmu_text_len=int(lens["mmu_text_len"]))
     return ModelBundle(model.to(device), vocab, layout, text_tokenizer, image_tokenizer, path)
+
+
+def assemble_bundle(model: str | os.PathLike, image_tokenizer: str | os.PathLike, text_tokenizer: str | os.PathLike,
+                    t2i_text_len: int, mmu_text_len: int, device: torch.device | str = "cpu") -> ModelBundle:
+    """A bundle from its parts as published: ``model`` a transformer folder (HF Phi, Show-o's layout with its
+    ``showo.`` keys, or ours), ``image_tokenizer`` an image tokenizer folder (MAGVIT-v2 as Show-o saves it, or a
+    patch-VQ save), ``text_tokenizer`` a HF tokenizer folder (phi-1.5's for Show-o; [PAD] and Show-o's specials are
+    added as Show-o adds them). ValueError when the pieces disagree (the model's vocabulary size against the
+    tokenizer's ids plus the image codes), naming both."""
+    from hermesflow_fast.data.text import load_text_tokenizer
+    from hermesflow_fast.errors import UserError
+
+    image_tok = load_image_tokenizer(image_tokenizer, device=device)
+    text_tok = load_text_tokenizer(text_tokenizer)
+    vocab = Vocabulary.from_tokenizer(text_tok, num_image_codes=image_tok.num_codes)
+    net = UnifiedTransformer.from_pretrained(model)
+    if net.config.vocab_size != vocab.vocab_size:
+        raise UserError(f"{model}: vocab_size {net.config.vocab_size}, but the tokenizer in {text_tokenizer} "
+                        f"({len(text_tok)} ids with [PAD] and Show-o's specials) and the {image_tok.num_codes} codes "
+                        f"of {image_tokenizer} (+ [MASK]) give {vocab.vocab_size}")
+    net.eval().requires_grad_(False)
+    layout = Layout(vocab, t2i_text_len=t2i_text_len, mmu_text_len=mmu_text_len)
+    return ModelBundle(net.to(device), vocab, layout, text_tok, image_tok)

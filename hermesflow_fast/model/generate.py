@@ -55,7 +55,8 @@ from hermesflow_fast.model.layout import Layout, Sequences
 from hermesflow_fast.model.masks import OmniMask
 from hermesflow_fast.model.transformer import UnifiedTransformer
 
-__all__ = ["cosine_schedule", "generate_answers", "generate_images", "generate_text", "scheduled_masks"]
+__all__ = ["cosine_schedule", "generate_answers", "generate_images", "generate_text", "noise_schedule",
+           "scheduled_masks"]
 
 _CPU_CHUNK_TOKENS = 2048  # tokens per forward on CPU in the per-prompt sampler (see _chunk_images)
 
@@ -71,6 +72,17 @@ def scheduled_masks(num_tokens: int, step: int, steps: int) -> int:
     clamped to [1, #unknown − 1]."""
     ratio = torch.tensor(1.0 * (step + 1) / steps, dtype=torch.float32)
     return int((num_tokens * torch.cos(ratio * math.pi * 0.5)).floor())
+
+
+def noise_schedule(noise_temperature: float, steps: int, compounding: bool = False) -> list[float]:
+    """τ_s of each step s: τ₀·(1 − r_s) (MaskGIT's), or with ``compounding`` Show-o's τ_s = τ_{s−1}·(1 − r_s)
+    (its ``t2i_generate`` reassigns ``temperature`` every step), r_s = (s + 1)/steps."""
+    out, tau = [], noise_temperature
+    for s in range(steps):
+        ratio = (s + 1) / steps
+        tau = tau * (1 - ratio) if compounding else noise_temperature * (1 - ratio)
+        out.append(tau)
+    return out
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -260,13 +272,11 @@ def _maskgit_per_prompt(model: UnifiedTransformer, layout: Layout, seqs: Sequenc
     copies = 2 if g != 0 else 1
     parts = 1 if (cfg_batched or g == 0) else 2
     chunks = []
-    tau = noise_temperature
+    taus = noise_schedule(noise_temperature, steps, compounding_noise)
     for s in range(steps):
         u = torch.stack([torch.rand((M, 2, N), generator=gp, device=gp.device, dtype=torch.float64).to(dev)
                          for gp in gens]).view(R, 2, N)  # per (image, slot): the draw's uniform, the Gumbel noise's
-        ratio = (s + 1) / steps
-        n_sched = scheduled_masks(N, s, steps)
-        tau = tau * (1 - ratio) if compounding_noise else noise_temperature * (1 - ratio)
+        n_sched, tau = scheduled_masks(N, s, steps), taus[s]
         if s == 0:
             codes, unknown = _first_step(model, seqs, P, M, L0, N, u, head, g, n_sched, tau)
             continue
@@ -342,7 +352,7 @@ def generate_images(
         else:
             caches.append(None)
 
-    tau = noise_temperature
+    taus = noise_schedule(noise_temperature, steps, compounding_noise)
     sampled = torch.zeros(R, N, dtype=torch.long, device=dev)
     for s in range(steps):
         logits = torch.cat([code_logits(p, c) for p, c in zip(parts, caches)], 0)
@@ -353,10 +363,9 @@ def generate_images(
         cur = ids[:R, slots]
         unknown = cur == v.mask
         sampled = torch.where(unknown, draw, cur - v.image_offset)
-        ratio = (s + 1) / steps
         n_unknown = int(unknown.sum(-1).max())
         n_mask = max(1, min(scheduled_masks(N, s, steps), n_unknown - 1))
-        tau = tau * (1 - ratio) if compounding_noise else noise_temperature * (1 - ratio)
+        tau = taus[s]
         p_sel = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1).double()
         conf = torch.log(p_sel.clamp_min(1e-30)) + tau * _gumbel((R, N), generator, gens, dev)
         conf = conf.masked_fill(~unknown, float("inf"))

@@ -98,12 +98,12 @@ def check_data(cfg: SelfPlayConfig) -> None:
         return
     wants = (("records", "a records file (JSONL)", Path.is_file), ("questions", "a TIFA question file", Path.is_file),
              ("scorer_model", "a local text-embedder model folder", Path.is_dir))
-    if d.answer_model is not None and not Path(d.answer_model).is_dir():
-        raise ConfigError(f"'data.answer_model' = {d.answer_model!r} does not exist or is not a local text-embedder "
-                          f"model folder")
     for key, what, ok in wants:
         value = getattr(d, key)
         if value is None:
             raise ConfigError(f"'data.{key}' is required when 'data.records' is set: {what}")
         if not ok(Path(value)):
             raise ConfigError(f"'data.{key}' = {value!r} does not exist or is not {what}")
+    if d.answer_model is not None and not Path(d.answer_model).is_dir():
+        raise ConfigError(f"'data.answer_model' = {d.answer_model!r} does not exist or is not a local text-embedder "
+                          f"model folder")

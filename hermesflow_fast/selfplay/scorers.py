@@ -40,7 +40,7 @@ class TextEmbedder:
     """Sentence embeddings (n, d), L2-normalized, from a local model folder."""
 
     def __init__(self, path: str | os.PathLike, kind: str = "sbert", device: str | torch.device = "cpu",
-                 batch_size: int = 64, max_length: int = 512):
+                 batch_size: int = 64, max_length: int | None = None):
         if kind not in KINDS:
             raise UserError(f"TextEmbedder: kind must be one of {KINDS}, got {kind!r}")
         path = Path(path)
@@ -77,6 +77,8 @@ class TextEmbedder:
             if self._tok.pad_token is None:
                 self._tok.pad_token = self._tok.eos_token or self._tok.unk_token
             self._drop_types = "token_type_ids" not in inspect.signature(self._model.forward).parameters
+            if self.max_length is None:  # the model's own limit: BERT-large's 512, where the original truncates
+                self.max_length = int(getattr(self._model.config, "max_position_embeddings", 512))
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> Tensor:
