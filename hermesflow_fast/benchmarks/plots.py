@@ -148,8 +148,8 @@ def plot_bars(rows: list[dict], path: str | Path, panels: Sequence[tuple[str, st
         if baseline in by:
             base = float(by[baseline]["y_value_50"])
             for b, v in zip(bars, vals, strict=True):
-                ax.annotate(f"{v / base:.2f}×", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom",
-                            fontsize=8)
+                text = f"{v / base:.2f}×" if base else "n/a"  # a baseline of 0 (e.g. no extra memory) has no ratio
+                ax.annotate(text, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{kernel} ({by[names[0]]['device_name']}, {by[names[0]]['commit']})", fontsize=9)
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(labelsize=8)

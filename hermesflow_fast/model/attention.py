@@ -20,10 +20,14 @@ Backends (``BACKENDS``):
            forward only (torch has no CPU backward for it), so a CPU call that needs gradients takes "sdpa" (said
            once). Compiled CPU flex is not used (inside a compiled model on CPU "flex" runs as "sdpa"): in torch
            2.13 inductor's CPU flex kernel returned wrong values / NaN for some lengths below the block size.
-  "flash"  flash-attention varlen (FA2 ``flash_attn.flash_attn_varlen_func``; FA4 ``flash_attn.cute`` when that is
-           the one installed), CUDA, bf16/fp16, OmniMask only, exact (no mask tensor at all: model/mask_plan.py).
+  "varlen" torch's own ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 inside; no extra package), CUDA,
+           bf16/fp16, OmniMask only, exact: the mask decomposed into one causal call (``window_size=(-1, 0)``) and
+           one bidirectional call over cumulative sequence offsets (no mask tensor at all: model/mask_plan.py).
+  "flash"  the same decomposition on flash-attention's varlen kernel (FA2 ``flash_attn.flash_attn_varlen_func``; FA4
+           ``flash_attn.cute`` when that is the one installed), for a torch without ``varlen_attn``.
   "eager"  matmul + softmax in fp32: the dense reference the tests compare against.
-  "auto"   CUDA: "flash" for an OmniMask when flash-attn imports and the dtype is 16-bit, "sdpa" without a mask,
+  "auto"   CUDA: for an OmniMask in 16 bits "varlen" (or "flash" where torch lacks it and flash-attn imports; the
+           choice is printed once), "sdpa" without a mask,
            else "flex", except that a KV-cached step (Tq < Tk) under "flex" runs "sdpa": decoding meets a new Tk
            every token, and flex would rebuild its block mask and re-specialize its compiled kernel each time;
            CPU: "sdpa". ``resolve_backend`` applies this (and the fallbacks) for a model config.
@@ -59,9 +63,9 @@ from hermesflow_fast.model.masks import OmniMask
 # the mask plans live in model/mask_plan.py; their names stay importable from here
 __all__ = ["BACKENDS", "SPLIT_MAX_WORK", "GroupPlan", "MaskPlan", "VarlenPlan", "attend", "block_mask_from_dense",
            "eager_attention", "flash_available", "flex_available", "prepare", "resolve_backend", "split_attention",
-           "varlen_attention"]
+           "torch_varlen_available", "varlen_attention"]
 
-BACKENDS = ("auto", "sdpa", "flex", "flash", "eager")
+BACKENDS = ("auto", "sdpa", "flex", "varlen", "flash", "eager")
 _HALF = (torch.float16, torch.bfloat16)
 _FLASH_INSTALL = "pip install flash-attn --no-build-isolation"
 
@@ -148,6 +152,46 @@ def _wrap_flash(kernel: Callable, name: str) -> Callable:
     return varlen
 
 
+_TORCH_VARLEN: list = []  # [varlen fn or None], resolved on first use
+
+
+def _load_torch_varlen() -> Callable | None:
+    """torch's own varlen attention (``torch.nn.attention.varlen.varlen_attn``: FlashAttention-2 inside, CUDA,
+    16-bit) wrapped to ``_varlen_reference``'s signature, or None when this torch has none."""
+    if not _TORCH_VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        _TORCH_VARLEN.append(None if varlen_attn is None else _wrap_torch_varlen(varlen_attn))
+    return _TORCH_VARLEN[0]
+
+
+def torch_varlen_available() -> bool:
+    """torch's built-in varlen attention can run here (the module imports and CUDA is present)."""
+    return _load_torch_varlen() is not None and torch.cuda.is_available()
+
+
+def _wrap_torch_varlen(kernel: Callable, check: bool = True) -> Callable:
+    """``kernel`` (``varlen_attn``'s signature) as ``_varlen_reference``'s; ``check=False`` skips the CUDA / 16-bit
+    checks (tests drive the translation on CPU with a stand-in kernel)."""
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, softmax_scale=None):
+        if not check:
+            pass
+        elif q.dtype not in _HALF:
+            raise ValueError(f"backend='varlen' (torch varlen_attn) needs bf16/fp16 q/k/v, got {q.dtype}; cast the "
+                             f"model to bf16, or use backend='flex' or 'sdpa' for fp32")
+        elif not q.is_cuda:
+            raise ValueError(f"backend='varlen' (torch varlen_attn) needs CUDA tensors, got {q.device}")
+        # FA2's causal is bottom-right aligned, as window (-1, 0) is; (-1, -1) is full attention
+        return kernel(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
+                      int(max_seqlen_k), scale=softmax_scale, window_size=(-1, 0) if causal else (-1, -1))
+
+    varlen.kernel_name = "torch varlen_attn"
+    return varlen
+
+
 def _varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                       max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
                       softmax_scale: float | None = None) -> Tensor:
@@ -224,14 +268,16 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, plan: GroupPlan, scale: flo
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, mask: OmniMask | MaskPlan | None = None,
                      scale: float | None = None, varlen_fn: Callable | None = None) -> Tensor:
-    """The flash path: ``mask`` decomposed into two varlen calls of ``varlen_fn`` (the installed flash-attention by
-    default; ``_varlen_reference`` runs the same decomposition in plain torch). Pad query rows get 0."""
+    """The varlen path: ``mask`` decomposed into a causal and a non-causal varlen call of ``varlen_fn`` (default:
+    torch's own ``varlen_attn`` where it runs, else the installed flash-attention; ``_varlen_reference`` runs the same
+    decomposition in plain torch). Pad query rows get 0."""
     B, H, Tq, D = q.shape
     Tk = k.shape[-2]
     if varlen_fn is None:
-        varlen_fn = _load_flash_varlen()
+        varlen_fn = _load_torch_varlen() if torch_varlen_available() else _load_flash_varlen()
         if varlen_fn is None:
-            raise RuntimeError(f"backend='flash' needs flash-attention: {_FLASH_INSTALL}")
+            raise RuntimeError(f"the varlen path needs torch's varlen_attn (CUDA) or flash-attention: "
+                               f"{_FLASH_INSTALL}")
     plan = prepare(mask) or MaskPlan(None)
     vp = plan.varlen(B, Tq, Tk, q.device)
     qf, kf, vf = _rows(q), _rows(k), _rows(v)
@@ -240,6 +286,12 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, mask: OmniMask | MaskPlan 
         outs.append(varlen_fn(qf.index_select(0, q_idx), kf.index_select(0, k_idx), vf.index_select(0, k_idx),
                               cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scale))
     return _scatter_rows(outs, vp.q_rows, q, v)
+
+
+@torch.compiler.disable
+def _varlen_outside_graph(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan | None, scale: float | None,
+                          fn: Callable | None) -> Tensor:
+    return varlen_attention(q, k, v, plan, scale, fn)
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float | None) -> Tensor:
@@ -269,9 +321,26 @@ def resolve_backend(backend: str, device: torch.device | str, mask=None, dtype: 
     if backend == "auto":
         if not cuda or m is None:
             return "sdpa"  # no mask: SDPA picks its own flash kernel
-        if structured and half and flash_available():
-            return "flash"
-        return "flex" if flex_available() else "sdpa"
+        if structured and half and torch_varlen_available():
+            name, why = "varlen", "torch's varlen_attn (FlashAttention-2) on the OmniMask's causal/bidirectional runs"
+        elif structured and half and flash_available():
+            name, why = "flash", "flash-attention varlen on the OmniMask's runs (torch has no varlen_attn)"
+        else:
+            name = "flex" if flex_available() else "sdpa"
+            why = ("a dense mask" if not structured else "fp32 q/k/v" if not half else "no varlen kernel")
+        _say_choice(name, why)
+        return name
+    if backend == "varlen":
+        fallback = "flex" if cuda and flex_available() else "sdpa"
+        if not cuda or not torch_varlen_available():
+            say_once("attn-varlen-missing", f"attention backend 'varlen' needs torch's varlen_attn on CUDA; using "
+                     f"'{fallback}'")
+            return fallback
+        if not structured:
+            say_once("attn-varlen-dense", f"attention backend 'varlen' needs an OmniMask, got a dense boolean mask; "
+                     f"using '{fallback}'")
+            return fallback
+        return "varlen"
     if backend == "flash":
         if not cuda:
             say_once("attn-flash-cpu", "attention backend 'flash' needs CUDA; using 'sdpa' on this device")
@@ -290,6 +359,18 @@ def resolve_backend(backend: str, device: torch.device | str, mask=None, dtype: 
         say_once("attn-flex-missing", "attention backend 'flex': this torch has no FlexAttention; using 'sdpa'")
         return "sdpa"
     return backend
+
+
+_CHOSEN: set[str] = set()
+
+
+def _say_choice(name: str, why: str) -> None:
+    """Print which backend ``auto`` runs, once per process and backend (stderr)."""
+    if name not in _CHOSEN:
+        _CHOSEN.add(name)
+        import sys
+
+        print(f"attention: auto → '{name}' ({why})", file=sys.stderr)
 
 
 def attend(
@@ -323,8 +404,12 @@ def attend(
             say_once("attn-flex-cpu-backward", "attention backend 'flex' has no backward on CPU (torch); using "
                      "'sdpa' where gradients are needed")
             name = "sdpa"
-    if name == "flash":
-        return varlen_attention(q, k, v, plan, scale)
+    if name in ("varlen", "flash"):
+        fn = _load_torch_varlen() if name == "varlen" else _load_flash_varlen()
+        # outside the compiled graph: the plan's offsets and lengths change with every batch, and tracing them would
+        # specialize (recompile) the block on each; the kernel is one fused call either way
+        return _varlen_outside_graph(q, k, v, plan, scale, fn) if compiling else varlen_attention(q, k, v, plan,
+                                                                                                   scale, fn)
     if name == "flex":
         return _flex(q, k, v, plan.block_mask(B, Tq, Tk, q.device) if plan is not None else None, scale)
     if name == "sdpa" and plan is not None and Tq == Tk and not compiling:

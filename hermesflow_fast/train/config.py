@@ -49,7 +49,8 @@ class ModelSection:
     init_from: str | None = knob(None, "folder with weights in HF Phi, Show-o or our layout; None → random init")
     config: Literal["tiny", "show_o_512"] | None = knob(None, "named architecture when init_from has no config")
     vocab: str | None = knob(None, "vocabulary JSON (token layout); None → the one next to the weights")
-    attn_backend: Literal["auto", "sdpa", "flex", "flash", "eager"] = knob("auto", "attention backend")
+    attn_backend: Literal["auto", "sdpa", "flex", "varlen", "flash", "eager"] = knob(
+        "auto", "attention backend (model/attention.py); auto → varlen on CUDA for packed pairs")
     dtype: Literal["auto", "fp32", "bf16"] = knob("auto", "compute dtype; auto → bf16 autocast on CUDA, fp32 on CPU")
     compile: bool | None = knob(None, "torch.compile the blocks; None → on for CUDA")
     activation_checkpointing: bool = knob(False, "recompute block activations in backward (saves memory)")

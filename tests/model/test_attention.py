@@ -418,3 +418,109 @@ def test_flash_loader_prefers_fa2_then_fa4(monkeypatch):
     q = torch.randn(4, 2, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="needs CUDA"):
         fn(q, q, q, None, None, 4, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# "varlen": torch's own varlen_attn
+
+
+def _stand_in_varlen_attn(calls):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn with its semantics (window (-1, 0) = causal, bottom-right;
+    (-1, -1) = full), recording what it was given."""
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        calls.append((cu_q.dtype, cu_k.dtype, type(max_q), window_size, scale))
+        assert window_size in ((-1, 0), (-1, -1))
+        return A._varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal=window_size == (-1, 0),
+                                   softmax_scale=scale)
+
+    return kernel
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_torch_varlen_translation_matches_eager(name):
+    """The OmniMask decomposition through torch's varlen_attn signature (int32 offsets, window_size for causal)
+    gives the dense reference: one causal and one bidirectional call."""
+    calls = []
+    fn = A._wrap_torch_varlen(_stand_in_varlen_attn(calls), check=False)
+    mask = MASKS[name]()
+    q, k, v = qkv(mask.shape[0], T, T)
+    keep = valid_rows(mask, T)
+    out = A.varlen_attention(q, k, v, mask, scale=0.3, varlen_fn=fn)
+    torch.testing.assert_close(out * keep, A.eager_attention(q, k, v, P.prepare(mask).dense(mask.shape[0], T, T,
+                                                                                              q.device), 0.3) * keep,
+                               atol=1e-5, rtol=1e-5)
+    assert calls and all(c[:3] == (torch.int32, torch.int32, int) and c[4] == 0.3 for c in calls)
+    assert {c[3] for c in calls} <= {(-1, 0), (-1, -1)}
+
+
+def test_torch_varlen_refuses_fp32_and_cpu():
+    fn = A._wrap_torch_varlen(_stand_in_varlen_attn([]))
+    q = torch.randn(4, 2, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        fn(q, q, q, cu, cu, 4, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        fn(q.bfloat16(), q.bfloat16(), q.bfloat16(), cu, cu, 4, 4)
+
+
+def test_auto_picks_torch_varlen_on_cuda_and_says_so_once(monkeypatch, capsys, fresh_notices):
+    monkeypatch.setattr(A, "_CHOSEN", set())
+    monkeypatch.setattr(A, "torch_varlen_available", lambda: True)
+    mask = mask_mixed(3)
+    for _ in range(3):  # every layer asks; the choice is printed once
+        assert A.resolve_backend("auto", "cuda", mask, torch.bfloat16) == "varlen"
+    assert capsys.readouterr().err.count("attention: auto → 'varlen'") == 1
+    assert A.resolve_backend("auto", "cuda", None, torch.bfloat16) == "sdpa"  # no mask: SDPA's own flash
+    assert A.resolve_backend("auto", "cpu", mask, torch.float32) == "sdpa"
+    assert A.resolve_backend("varlen", "cuda", mask, torch.bfloat16) == "varlen"
+    monkeypatch.setattr(A, "torch_varlen_available", lambda: False)
+    monkeypatch.setattr(A, "flash_available", lambda: False)
+    assert A.resolve_backend("auto", "cuda", mask, torch.bfloat16) in ("flex", "sdpa")
+    with pytest.warns(FallbackWarning, match="varlen_attn"):
+        assert A.resolve_backend("varlen", "cuda", mask, torch.bfloat16) in ("flex", "sdpa")
+
+
+def test_attend_varlen_path_with_injected_kernel(monkeypatch, fresh_notices):
+    """attend(backend='varlen') end to end on CPU: the resolution pretends CUDA, the stand-in runs the calls."""
+    monkeypatch.setattr(A, "resolve_backend", lambda backend, device, mask=None, dtype=None: "varlen")
+    monkeypatch.setattr(A, "_load_torch_varlen", lambda: A._wrap_torch_varlen(_stand_in_varlen_attn([]), False))
+    mask = mask_mixed(3)
+    q, k, v = qkv(6, T, T)
+    out = A.attend(q, k, v, mask, backend="varlen")
+    keep = valid_rows(mask, T)
+    torch.testing.assert_close(out * keep, reference(q, k, v, mask) * keep, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_blocks_do_not_recompile_across_packed_batches(monkeypatch, fresh_notices):
+    """Per-block torch.compile with the varlen path: the plan's offsets change with every batch, yet after the
+    warm-up shapes (the first, the one that makes the shapes dynamic, and a one-row batch, which dynamo
+    specializes) new batches of other lengths and row counts compile nothing (dynamo only: backend "eager")."""
+    from torch._dynamo.utils import counters
+
+    from hermesflow_fast.model import Layout, ModelConfig, UnifiedTransformer, Vocabulary
+
+    monkeypatch.setattr(A, "resolve_backend", lambda backend, device, mask=None, dtype=None: "varlen")
+    monkeypatch.setattr(A, "_load_torch_varlen", lambda: A._wrap_torch_varlen(_stand_in_varlen_attn([]), False))
+    vocab = Vocabulary.build(text_vocab_size=200, eos=2, num_image_codes=64)
+    lay = Layout(vocab, t2i_text_len=24, mmu_text_len=32)
+    torch.manual_seed(0)
+    model = UnifiedTransformer(ModelConfig.tiny(vocab_size=vocab.vocab_size))
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = torch.compile(layer, backend="eager")
+    g = torch.Generator().manual_seed(0)
+
+    def step(texts, n):
+        rows = len(texts)
+        s = lay.t2i_pair(texts, torch.randint(0, 64, (rows, n), generator=g), torch.randint(0, 64, (rows, n),
+                         generator=g), torch.rand(rows, n, generator=g) < 0.5)
+        model(s.input_ids, s.mask, s.position_ids).sum().backward()
+
+    torch._dynamo.reset()
+    counters.clear()
+    for texts, n in (([[5, 6, 7], [8]], 16), ([[5] * 9, [8], [9, 10]], 25), ([[7] * 5], 16)):  # warm-up
+        step(texts, n)
+    warm = counters["stats"]["unique_graphs"]
+    for texts, n in (([[5] * 4, [8] * 6], 9), ([[5], [8] * 3, [9] * 12, [3, 4]], 36), ([[4] * 2], 25)):
+        step(texts, n)
+    assert counters["stats"]["unique_graphs"] == warm

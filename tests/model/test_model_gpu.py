@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hermesflow_fast.model import Layout, ModelConfig, UnifiedTransformer, Vocabulary
-from hermesflow_fast.model.attention import flash_available
+from hermesflow_fast.model.attention import flash_available, torch_varlen_available
 from hermesflow_fast.model.generate import generate_images, generate_text
 
 pytestmark = pytest.mark.gpu
@@ -20,10 +20,12 @@ def _pair_batch():
     return lay, lay.t2i_pair([[5, 6, 7], [8], [9, 10], [11] * 12], cw, cl, masked).to("cuda")
 
 
-@pytest.mark.parametrize("backend", ["flex", "flash"])
+@pytest.mark.parametrize("backend", ["flex", "varlen", "flash"])
 def test_fast_backends_match_sdpa_on_packed_pairs(backend):
     if backend == "flash" and not flash_available():
         pytest.skip("flash-attn is not installed")
+    if backend == "varlen" and not torch_varlen_available():
+        pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn")
     torch.manual_seed(0)
     cfg = ModelConfig.tiny(vocab_size=VOCAB.vocab_size, hidden_size=256, num_attention_heads=4)
     model = UnifiedTransformer(cfg).cuda()
@@ -88,3 +90,36 @@ def test_sampled_captions_on_cuda_with_cpu_generators():
     draws = _multinomial(p.expand(20000, 4), None, [torch.Generator().manual_seed(1)], per_row=20000)
     freq = torch.bincount(draws.cpu(), minlength=4).double() / 20000
     assert freq[1] == 0 and torch.allclose(freq, p.cpu().double(), atol=0.015)
+
+
+def test_compiled_varlen_blocks_do_not_recompile_across_steps():
+    """Per-block torch.compile (inductor) with torch's varlen path: after the warm-up shapes, packed batches of
+    other lengths and row counts compile nothing."""
+    if not torch_varlen_available():
+        pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn")
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.tiny(vocab_size=VOCAB.vocab_size, hidden_size=256, num_attention_heads=4)
+    model = UnifiedTransformer(cfg).cuda()
+    model.config.attn_backend = "varlen"
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i] = torch.compile(layer)
+    lay = Layout(VOCAB, t2i_text_len=16, mmu_text_len=32)
+    g = torch.Generator().manual_seed(0)
+
+    def step(texts, n):
+        rows = len(texts)
+        s = lay.t2i_pair(texts, torch.randint(0, 64, (rows, n), generator=g), torch.randint(0, 64, (rows, n),
+                         generator=g), torch.rand(rows, n, generator=g) < 0.5).to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(s.input_ids, s.mask, s.position_ids).float().square().mean().backward()
+
+    torch._dynamo.reset()
+    counters.clear()
+    for texts, n in (([[5, 6, 7], [8]], 64), ([[5] * 9, [8], [9, 10]], 100), ([[7] * 5], 64)):
+        step(texts, n)
+    warm = counters["stats"]["unique_graphs"]
+    for texts, n in (([[5] * 4, [8] * 6], 36), ([[5], [8] * 3, [9] * 12, [3, 4]], 144), ([[4] * 2], 100)):
+        step(texts, n)
+    assert counters["stats"]["unique_graphs"] == warm
