@@ -200,7 +200,8 @@ class UnifiedTransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> UnifiedTransformer:
-        """A folder in HF Phi layout (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) or Show-o's."""
+        """A folder in HF Phi layout (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) or as Show-o's
+        ``save_pretrained`` writes it (``pytorch_model.safetensors`` …); model/weights.py lists every name read."""
         from hermesflow_fast.model.weights import load_pretrained
 
         return load_pretrained(cls, path, **kwargs)
