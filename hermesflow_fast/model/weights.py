@@ -117,9 +117,10 @@ def read_state_dict(path: str | os.PathLike, files: dict[str, Path] | None = Non
     return _read_files([found], files)
 
 
-def weights_file(folder: Path) -> Path:
+def weights_file(folder: str | os.PathLike) -> Path:
     """The weights file (or shard index) ``read_state_dict`` reads in ``folder``: the first of WEIGHT_FILES there,
     else the one variant (``save_pretrained(variant=…)``) of them there; CheckpointError naming what was looked for."""
+    folder = Path(folder)
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
