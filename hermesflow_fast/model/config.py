@@ -110,23 +110,36 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> ModelConfig:
-        """Ours / HF Phi / Show-o's wrapper config (a Show-o config names no Phi sizes: phi-1.5's are used)."""
+        """Ours / HF Phi / Show-o's wrapper config (a Show-o config names no Phi sizes: phi-1.5's are used).
+
+        Read as transformers' ``PhiConfig`` reads them: ``"num_key_value_heads": null`` (what microsoft/phi-1_5
+        publishes) means one key/value head per attention head. Refused: grouped-query attention, tied embeddings,
+        RoPE scaling (``rope_scaling``, or a ``rope_parameters.rope_type`` other than ``default``) and a null for any
+        size this config holds, each a ``ValueError`` naming ``where`` and the key."""
         d = dict(d)
         if d.get("model_type") not in (None, "phi") and "llm_model_path" not in d:
             raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not a Phi model")
-        if d.get("num_key_value_heads", d.get("num_attention_heads")) != d.get("num_attention_heads"):
-            raise ValueError(f"{where}: grouped-query attention (num_key_value_heads != num_attention_heads) "
-                             "is not part of the Phi/Show-o architecture")
+        heads = d.get("num_attention_heads", cls.num_attention_heads)
+        kv_heads = d.get("num_key_value_heads")
+        if kv_heads is not None and kv_heads != heads:
+            raise ValueError(f"{where}: grouped-query attention (num_key_value_heads {kv_heads} != "
+                             f"num_attention_heads {heads}) is not part of the Phi/Show-o architecture")
         if d.get("tie_word_embeddings"):
             raise ValueError(f"{where}: tie_word_embeddings=True; Show-o's LM head is untied")
         rope = d.get("rope_parameters") or {}
+        if d.get("rope_scaling") is not None or rope.get("rope_type", "default") != "default":
+            scaling = d.get("rope_scaling") if d.get("rope_scaling") is not None else rope
+            raise ValueError(f"{where}: RoPE scaling {scaling!r} is not supported; Show-o's Phi uses the default "
+                             "rotary embedding (rope_scaling null)")
         kw: dict[str, Any] = {}
         names = {f.name for f in fields(cls)} - {"extra", "attn_backend"}
-        for name in names:
+        for name in sorted(names):
             if name in d:
+                if d[name] is None:
+                    raise ValueError(f"{where}: {name} is null; it must be a value")
                 kw[name] = d[name]
         for name in ("rope_theta", "partial_rotary_factor"):
-            if name in rope:
+            if rope.get(name) is not None:
                 kw[name] = rope[name]
         ours = d.get("hermesflow") or {}
         if "attn_backend" in ours:

@@ -2,24 +2,29 @@
 
     encode:  x (B, 3, H, W) in [−1, 1]
              → conv_in (3→ch) → L levels of res-blocks, a stride-2 conv after each level but the last (stride 2^(L−1))
-             → mid res-blocks → GroupNorm → swish → conv_out (→ z_channels) → quant_conv (1×1)   z (B, C, h, w)
+             → mid: res-block, [self-attention], res-block → GroupNorm → swish → conv_out (→ z_channels)
+             → quant_conv (1×1)                                                                    z (B, C, h, w)
              → LFQ: index = Σ_c [z_c > 0] · 2^(C−1−c), channel 0 the most significant bit         (B, h, w) int64
              → flattened row-major over (h, w)                                                    (B, h·w)
     decode:  codes (B, N) → ±1 code vectors (lfq_codes) (B, C, h, w), h = w = √N unless shape=(h, w) is given
-             → [post_quant_conv] → conv_in (C→ch·mult[−1]) → mid res-blocks → L levels of res-blocks, nearest ×2
-             upsampling + 3×3 conv after each level but the finest → GroupNorm → swish → conv_out (→ 3) → clamp [−1, 1]
+             → [post_quant_conv (1×1)] → conv_in (C→ch·mult[−1]) → mid: res-block, [self-attention], res-block
+             → L levels of res-blocks, nearest ×2 upsampling + 3×3 conv after each level but the finest
+             → GroupNorm → swish → conv_out (→ 3) → clamp [−1, 1]
 
 Res-block: h = conv2(swish(norm2(conv1(swish(norm1(x)))))); out = shortcut(x) + h, the shortcut a 1×1 conv
-(``nin_shortcut``) where the channel count changes. Down-sampling pads right/bottom by one then runs a 3×3 stride-2
-conv without padding; GroupNorm has eps 1e-6. Show-o's sizes, the default config: ch 128, encoder
-multipliers (1, 2, 2, 4, 4) with (4, 3, 4, 3, 4) res-blocks, decoder multipliers (1, 1, 2, 2, 4) with (4, 4, 3, 4, 3)
-res-blocks, C = 13 (8192 codes), stride 16: 256² → 16×16 = 256 codes, 512² → 32×32 = 1024 codes.
+(``nin_shortcut``) where the channel count changes. Self-attention (``mid.attn_1``): one head over the h·w positions,
+q, k, v and proj_out 1×1 convs after a GroupNorm, scale C^−½, added to its input. Down-sampling pads right/bottom by
+one then runs a 3×3 stride-2 conv without padding; GroupNorm has 32 groups and eps 1e-6. Show-o's tokenizer, the
+default config (bracketed parts included): ch 128, encoder multipliers (1, 2, 2, 4, 4) with (4, 3, 4, 3, 4)
+res-blocks, decoder multipliers (1, 1, 2, 2, 4) with (4, 4, 3, 4, 3) res-blocks, C = 13 (8192 codes), stride 16:
+256² → 16×16 = 256 codes, 512² → 32×32 = 1024 codes.
 
-Checkpoints (model/magvit_checkpoint.py): the module names are the state-dict keys of the released
-VQGAN-style layout; ``MAGVITv2.from_pretrained(path)`` maps known key variants onto them and loads strictly, and
-``save_pretrained`` writes our config.json + model.safetensors in that layout.
+Checkpoints (model/magvit_checkpoint.py): the module names are the state-dict keys of Show-o's release but for
+``quant_conv`` / ``post_quant_conv``, which sit at the top level here (``encoder.quant_conv`` /
+``decoder.post_quant_conv`` there); ``MAGVITv2.from_pretrained(path)`` maps the known key variants onto our names and
+loads strictly, and ``save_pretrained`` writes our config.json + model.safetensors.
 
-    python -m pytest -q tests/model/test_magvit.py
+    python -m pytest -q tests/model/test_magvit.py tests/model/test_magvit_published.py
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from hermesflow_fast.model.magvit_checkpoint import (
     IGNORED_PREFIXES,
     TOKENIZER_TYPE,
     WEIGHTS_FILE,
+    check_lfq_buffers,
     load_magvit_state_dict,
     map_key,
     map_magvit_keys,
@@ -64,6 +70,10 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# the sizes MAGVITv2Config.from_state_dict reads off a checkpoint's tensors
+_READ_OFF_TENSORS = ("ch", "in_channels", "encoder_ch_mult", "encoder_num_res_blocks", "decoder_ch_mult",
+                     "decoder_num_res_blocks", "num_mid_blocks", "mid_attention", "z_channels", "conv_out_kernel",
+                     "post_quant_conv", "out_channels")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -73,7 +83,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class MAGVITv2Config:
-    """Sizes of the tokenizer; the defaults are Show-o's ``showlab/magvitv2``."""
+    """Sizes of the tokenizer; the defaults are Show-o's ``showlab/magvitv2`` exactly: its ``MAGVITv2()`` builds
+    ``VQGANEncoder()`` / ``VQGANDecoder()`` with their default arguments (models/modeling_magvitv2.py), which have
+    a self-attention block between the two mid res-blocks of the encoder and of the decoder, a 1×1 ``quant_conv``
+    after the encoder and a 1×1 ``post_quant_conv`` before the decoder, and no attention inside the levels
+    (``attn_resolutions=[5]`` matches none of 256, 128, 64, 32, 16). Folders saved with other flags (our config.json
+    says so, or the tensors do) load as they were written."""
 
     ch: int = 128
     encoder_ch_mult: tuple[int, ...] = (1, 2, 2, 4, 4)
@@ -81,10 +96,10 @@ class MAGVITv2Config:
     decoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     decoder_num_res_blocks: tuple[int, ...] = (4, 4, 3, 4, 3)
     num_mid_blocks: int = 2
-    mid_attention: bool = False  # VQGAN's mid.attn_1 between mid.block_1 and mid.block_2; Show-o's has none
+    mid_attention: bool = True  # mid.attn_1 between mid.block_1 and mid.block_2, in the encoder and the decoder
     z_channels: int = 13  # LFQ bits: 2^13 = 8192 codes
     conv_out_kernel: int = 3  # encoder.conv_out kernel size (1 or 3); from_state_dict reads it off the weight
-    post_quant_conv: bool = False  # a 1×1 conv on the ±1 codes before the decoder
+    post_quant_conv: bool = True  # a 1×1 conv on the ±1 codes before the decoder (Show-o's decoder.post_quant_conv)
     in_channels: int = 3
     out_channels: int = 3
     norm_groups: int = 32
@@ -170,10 +185,15 @@ class MAGVITv2Config:
         enc_mult, enc_blocks = levels("encoder", "down")
         dec_mult, dec_blocks = levels("decoder", "up")
         mids = {int(m[1]) for k in sd if (m := re.match(r"^encoder\.mid\.block_(\d+)\.", k))}
+        attn = {part: any(k.startswith(f"{part}.mid.attn_1.") for k in sd) for part in ("encoder", "decoder")}
+        if attn["encoder"] != attn["decoder"]:
+            only = "encoder" if attn["encoder"] else "decoder"
+            raise CheckpointError(f"MAGVITv2Config.from_state_dict: mid.attn_1 only in the {only}; this tokenizer has "
+                                  f"mid attention in both the encoder and the decoder (Show-o's) or in neither")
         found: dict[str, Any] = dict(
             ch=ch, in_channels=int(conv_in.shape[1]), encoder_ch_mult=enc_mult, encoder_num_res_blocks=enc_blocks,
             decoder_ch_mult=dec_mult, decoder_num_res_blocks=dec_blocks, num_mid_blocks=len(mids),
-            mid_attention=any(k.startswith("encoder.mid.attn_1.") for k in sd), z_channels=int(conv_out.shape[0]),
+            mid_attention=attn["encoder"], z_channels=int(conv_out.shape[0]),
             conv_out_kernel=int(conv_out.shape[-1]), post_quant_conv="post_quant_conv.weight" in sd,
             out_channels=int(dec_out.shape[0]),
         )
@@ -423,12 +443,19 @@ class MAGVITv2(nn.Module):
         files: dict[str, Path] = {}
         raw = read_state_dict(path, files)
         check_finite({k: v for k, v in raw.items() if not map_key(k).startswith(IGNORED_PREFIXES)}, files)
-        sd = map_magvit_keys(raw)
+        sd = map_magvit_keys(raw, str(path))
         if config is None:
             saved = read_magvit_config(path)
-            config = MAGVITv2Config.from_dict(saved, str(path / CONFIG_FILE)) if saved is not None \
-                else MAGVITv2Config.from_state_dict(sd)
+            if saved is None:
+                config = MAGVITv2Config.from_state_dict(sd)
+            else:  # what our config.json names it says; a size it does not name is read off the tensors
+                unnamed = [k for k in _READ_OFF_TENSORS if k not in saved]
+                if unnamed:
+                    found = MAGVITv2Config.from_state_dict(sd)
+                    saved = {**saved, **{k: getattr(found, k) for k in unnamed}}
+                config = MAGVITv2Config.from_dict(saved, str(path / CONFIG_FILE))
         model = cls(config)
+        check_lfq_buffers(raw, config.z_channels, source=str(path))  # sd no longer holds them
         load_magvit_state_dict(model, sd, source=str(path))
         return model.to(device=device, dtype=dtype)
 

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hermesflow_fast.model.attention import attend, prepare, resolve_backend
+from hermesflow_fast.model.attention import MaskPlan, attend, prepare, resolve_backend
 from hermesflow_fast.model.config import ModelConfig
 from hermesflow_fast.model.masks import OmniMask, as_dense_mask
 
 __all__ = ["KVCache", "UnifiedTransformer"]
+
+_Mask = OmniMask | Tensor | MaskPlan | None  # what a layer passes to attention.attend
 
 
 class KVCache:
@@ -39,7 +42,8 @@ class KVCache:
     the cache keeps the per-token mask tags of what it holds so later steps can attend correctly.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+                 ) -> None:
         shape = (cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len, cfg.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
@@ -76,7 +80,7 @@ class KVCache:
 
 
 class PhiAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, H = cfg.hidden_size, cfg.num_attention_heads
         self.num_heads, self.head_dim, self.rotary_dim = H, cfg.head_dim, cfg.rotary_dim
@@ -99,7 +103,7 @@ class PhiAttention(nn.Module):
         rotated = torch.cat((-x2, x1), dim=-1)
         return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask, backend: str, cache: KVCache | None,
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: _Mask, backend: str, cache: KVCache | None,
                 layer: int, keep: Tensor | None = None) -> Tensor:
         """(B, T, d) → (B, T, d); with ``keep`` (B, U) only those queries: (B, U, d) (keys/values still all T, and
         ``mask`` then covers the kept queries only)."""
@@ -121,7 +125,7 @@ class PhiAttention(nn.Module):
 
 
 class PhiMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
@@ -135,13 +139,13 @@ class PhiMLP(nn.Module):
 
 
 class PhiLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = PhiAttention(cfg)
         self.mlp = PhiMLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, backend: str, cache: KVCache | None = None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: _Mask, backend: str, cache: KVCache | None = None,
                 layer: int = 0, keep: Tensor | None = None) -> Tensor:
         h = self.input_layernorm(x)
         a = self.self_attn(h, cos, sin, mask, backend, cache, layer, keep)
@@ -160,7 +164,7 @@ def _take(t: Tensor, index: Tensor, dim: int) -> Tensor:
 
 
 class PhiBackbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(PhiLayer(cfg) for _ in range(cfg.num_hidden_layers))
@@ -170,7 +174,7 @@ class PhiBackbone(nn.Module):
 class UnifiedTransformer(nn.Module):
     """Show-o's backbone. ``forward`` → hidden states (B, T, d); ``logits`` → (B, T, V)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = PhiBackbone(config)
@@ -195,13 +199,14 @@ class UnifiedTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> UnifiedTransformer:
-        """A folder in HF Phi layout (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) or Show-o's."""
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> UnifiedTransformer:
+        """A folder in HF Phi layout (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) or as Show-o's
+        ``save_pretrained`` writes it (``pytorch_model.safetensors`` …); model/weights.py lists every name read."""
         from hermesflow_fast.model.weights import load_pretrained
 
         return load_pretrained(cls, path, **kwargs)
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path: str | os.PathLike) -> None:
         """``config.json`` + ``model.safetensors`` (loadable by ``transformers.PhiForCausalLM`` too)."""
         from hermesflow_fast.model.weights import save_pretrained
 
