@@ -28,7 +28,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     qk_layernorm: bool = False
     hidden_act: str = "gelu_new"
-    attn_backend: str = "auto"  # auto | sdpa | flex | flash | eager (model/attention.py)
+    attn_backend: str = "auto"  # auto | sdpa | flex | varlen | flash | eager (model/attention.py)
     extra: dict[str, Any] = field(default_factory=dict)  # carried through config.json (e.g. the token layout)
 
     def __post_init__(self) -> None:
