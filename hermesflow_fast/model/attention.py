@@ -330,34 +330,32 @@ def resolve_backend(backend: str, device: torch.device | str, mask=None, dtype: 
             why = ("a dense mask" if not structured else "fp32 q/k/v" if not half else "no varlen kernel")
         _say_choice(name, why)
         return name
-    if backend == "varlen":
-        fallback = "flex" if cuda and flex_available() else "sdpa"
-        if not cuda or not torch_varlen_available():
-            say_once("attn-varlen-missing", f"attention backend 'varlen' needs torch's varlen_attn on CUDA; using "
-                     f"'{fallback}'")
-            return fallback
-        if not structured:
-            say_once("attn-varlen-dense", f"attention backend 'varlen' needs an OmniMask, got a dense boolean mask; "
-                     f"using '{fallback}'")
-            return fallback
-        return "varlen"
-    if backend == "flash":
-        if not cuda:
-            say_once("attn-flash-cpu", "attention backend 'flash' needs CUDA; using 'sdpa' on this device")
-            return "sdpa"
-        fallback = "flex" if flex_available() else "sdpa"
-        if not flash_available():
-            say_once("attn-flash-missing", f"attention backend 'flash': flash-attention is not installed "
-                     f"({_FLASH_INSTALL}); using '{fallback}'")
-            return fallback
-        if not structured:
-            say_once("attn-flash-dense", f"attention backend 'flash' needs an OmniMask, got a dense boolean mask; "
-                     f"using '{fallback}'")
-            return fallback
-        return "flash"
+    if backend in ("varlen", "flash"):
+        return _varlen_or_fallback(backend, cuda, structured)
     if backend == "flex" and not flex_available():
         say_once("attn-flex-missing", "attention backend 'flex': this torch has no FlexAttention; using 'sdpa'")
         return "sdpa"
+    return backend
+
+
+def _varlen_or_fallback(backend: str, cuda: bool, structured: bool) -> str:
+    """``backend`` ("varlen" or "flash") where it can run, else the fallback, said once."""
+    if not cuda:
+        say_once(f"attn-{backend}-cpu", f"attention backend '{backend}' needs CUDA; using 'sdpa' on this device")
+        return "sdpa"
+    fallback = "flex" if flex_available() else "sdpa"
+    if backend == "varlen" and not torch_varlen_available():
+        say_once("attn-varlen-missing", f"attention backend 'varlen': this torch has no varlen_attn "
+                 f"(torch.nn.attention.varlen); using '{fallback}'")
+        return fallback
+    if backend == "flash" and not flash_available():
+        say_once("attn-flash-missing", f"attention backend 'flash': flash-attention is not installed "
+                 f"({_FLASH_INSTALL}); using '{fallback}'")
+        return fallback
+    if not structured:
+        say_once(f"attn-{backend}-dense", f"attention backend '{backend}' needs an OmniMask, got a dense boolean "
+                 f"mask; using '{fallback}'")
+        return fallback
     return backend
 
 

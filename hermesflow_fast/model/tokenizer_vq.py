@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from hermesflow_fast.model.magvit import TOKENIZER_TYPE as MAGVIT_TYPE
 from hermesflow_fast.model.magvit import MAGVITv2, check_code_grid, images_to_uint8
-from hermesflow_fast.model.weights import CheckpointError, check_finite, load_state_dict_file
+from hermesflow_fast.model.weights import CheckpointError, check_finite, load_state_dict_file, read_json_object
 from hermesflow_fast.ops import nearest_code
 
 __all__ = [
@@ -108,7 +108,7 @@ def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "
     config = path / _CONFIG_FILE
     kind = None
     if path.is_dir() and config.is_file():
-        kind = _read_json(config).get("tokenizer_type")
+        kind = read_json_object(config).get("tokenizer_type")
     if kind == TOKENIZER_TYPE:
         return PatchVQTokenizer.from_pretrained(path).to(device)
     if kind in (MAGVIT_TYPE, None) and path.exists():
@@ -298,7 +298,7 @@ class PatchVQTokenizer(nn.Module):
         if not cfg_file.is_file() or not weights.is_file():
             raise CheckpointError(f"PatchVQTokenizer.from_pretrained: {path} needs {_CONFIG_FILE} and "
                                   f"{_WEIGHTS_FILE}")
-        d = _read_json(cfg_file)
+        d = read_json_object(cfg_file)
         if d.get("tokenizer_type") != TOKENIZER_TYPE:
             raise CheckpointError(f"{cfg_file}: tokenizer_type is {d.get('tokenizer_type')!r}, not "
                                   f"{TOKENIZER_TYPE!r}")
@@ -318,16 +318,6 @@ class PatchVQTokenizer(nn.Module):
         return cls(config, cb)
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
-    return d
 
 
 def _kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:

@@ -48,7 +48,7 @@ from hermesflow_fast.model.config import ModelConfig
 
 __all__ = ["CLIP_PROJECTOR_PREFIX", "IGNORED_SUFFIXES", "WEIGHT_FILES", "CheckpointError", "check_finite",
            "load_pretrained", "load_state_dict_file", "map_keys", "read_model_config", "read_state_dict",
-           "save_pretrained", "weights_file"]
+           "read_json_object", "save_pretrained", "weights_file"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -235,13 +235,14 @@ def map_keys(sd: Mapping[str, Tensor], where: str = "checkpoint", files: Mapping
     return ours, layout, sorted(ignored)
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON object read from ``file``; CheckpointError naming file and line when it is not one."""
     try:
         d = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        raise CheckpointError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
     except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{file}: not UTF-8 text ({exc})") from exc
+        raise CheckpointError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(d, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
     return d
@@ -257,7 +258,7 @@ def _llm_config(raw: dict[str, Any], file: Path) -> tuple[dict[str, Any], str]:
     llm = str(raw.get("llm_model_path") or "")
     local = Path(llm).expanduser() / "config.json" if llm else None
     if local is not None and local.is_file():
-        phi = _read_json(local)
+        phi = read_json_object(local)
         if "vocab_size" in raw:
             phi["vocab_size"] = raw["vocab_size"]
         return phi, f"{local} (llm_model_path of {file})"
@@ -276,7 +277,7 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{path}: no config.json beside the weights; pass config=ModelConfig(...)")
-    raw = _read_json(file)
+    raw = read_json_object(file)
     if raw.get("w_clip_vit"):
         raise CheckpointError(f"{file}: w_clip_vit is true: a Show-o CLIP-ViT checkpoint, whose "
                               f"{CLIP_PROJECTOR_PREFIX}* weights (the CLIP-ViT projector) this loader would drop: "
