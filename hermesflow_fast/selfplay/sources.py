@@ -244,7 +244,7 @@ def load_real_records(path: str | os.PathLike, questions: str | os.PathLike, ima
 
 
 def real_scorers(model: str | os.PathLike, kind: str, min_similarity: float, device: str | torch.device,
-                 answer_model: str | os.PathLike | None = None, answer_kind: str | None = None) -> tuple[Any, Any]:
+                 answer_model: str | os.PathLike | None, answer_kind: str | None) -> tuple[Any, Any]:
     """(caption_scorer, answer_match) for real data: ``EmbeddingCaptionScorer`` over a ``TextEmbedder`` of the
     local folder ``model`` for ``und_scores``, ``EmbeddingAnswerMatcher`` for ``gen_scores`` over the same embedder,
     or over ``answer_model`` (kind ``answer_kind``, default ``kind``) when given (the original scores captions with
