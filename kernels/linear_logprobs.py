@@ -87,7 +87,7 @@ Launch tuning (`_launch_config`), unmeasured starting points until a GPU sweep r
     row pass's 896-row chunks give only 7 × 16 dx tiles per launch (< 132 SMs): the first thing a GPU sweep
     should look at (smaller BLOCK_H, or a larger row chunk).
   * No `triton.autotune`: N changes every step in a trainer and would retune on each new value, and the backward
-    atomics would need reset_to_zero between trials. Under the interpreter tiles are 16/32/16 (BLOCK_H 16) to
+    atomics would need reset_to_zero between trials. Under the interpreter tiles are 16/32/16 (BLOCK_H 32) to
     keep it fast, bf16 MMA operands are widened to fp32 and bf16 stores rounded by hand (`_mma`, `_cast`: the
     interpreter's bf16 `tl.dot` multiplies raw bits and its fp32 -> bf16 cast truncates).
 
@@ -451,7 +451,7 @@ def _cdiv(a: int, b: int) -> int:
 def _launch_config(n: int, dtype: torch.dtype) -> LaunchConfig:
     """Tile sizes for N rows of ``dtype`` (see the module docstring for why these numbers). Pure Python."""
     if _interpreting():
-        return LaunchConfig(16, 32, 16, block_h=16)
+        return LaunchConfig(16, 32, 16, block_h=32)
     fit_m = max(16, _next_pow2(max(n, 1)))
     if dtype == torch.float32:
         return LaunchConfig(min(64, fit_m), 64, 32, num_warps=4, num_stages=2, block_h=64)
@@ -716,6 +716,46 @@ def _launch_dx(dz, weight, g, out, row0, col0, accumulate: bool, cfg: LaunchConf
     )
 
 
+def _vocab_pass(x, weight, bias, targets, lse, g, dx, dw, db, plan: OwnedPlan, cfg: LaunchConfig, common: dict):
+    """dW and db (those not None) by chunks of Vc vocabulary columns, and dx if given through an fp32 accumulator.
+    Its scratch dies with the call (a view left in a loop variable would keep it alive into the row pass)."""
+    n, h = x.shape
+    v = weight.shape[0]
+    vc = min(plan.vocab_chunk, v)
+    scratch = torch.empty((n, vc), device=x.device, dtype=x.dtype)
+    partial = torch.empty((triton.cdiv(n, cfg.block_m), vc), device=x.device, dtype=torch.float32) if db is not None \
+        else None
+    acc = torch.zeros((n, h), device=x.device, dtype=torch.float32) if dx is not None else None
+    for c0 in range(0, v, vc):
+        nc = min(vc, v - c0)
+        dz = scratch[:, :nc]
+        dbp = partial[:, :nc] if db is not None else None
+        _launch_dz(x, weight, bias, targets, lse, g, dz, dbp, 0, c0, cfg, common)
+        if dw is not None:
+            grid = (triton.cdiv(nc, cfg.block_n) * triton.cdiv(h, cfg.block_h),)
+            _dw_kernel[grid](
+                dz, x, g, dw, n, h, c0, nc, dz.stride(0), x.stride(0), dw.stride(0),
+                BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_k, GROUP_M=cfg.group_m, **common,
+            )
+        if db is not None:
+            db[c0 : c0 + nc] = dbp.sum(0)
+        if dx is not None:
+            _launch_dx(dz, weight, g, acc, 0, c0, True, cfg, common)
+    if dx is not None:
+        dx.copy_(acc)
+
+
+def _row_pass(x, weight, bias, targets, lse, g, dx, plan: OwnedPlan, cfg: LaunchConfig, common: dict):
+    """dx by chunks of Nr rows, each chunk's dz recomputed over the whole vocabulary and contracted with W once."""
+    n = x.shape[0]
+    nr = min(plan.row_chunk, n)
+    scratch = torch.empty((nr, weight.shape[0]), device=x.device, dtype=x.dtype)
+    for r0 in range(0, n, nr):
+        dz = scratch[: min(nr, n - r0)]
+        _launch_dz(x, weight, bias, targets, lse, g, dz, None, r0, 0, cfg, common)
+        _launch_dx(dz, weight, g, dx, r0, 0, False, cfg, common)
+
+
 def _backward_owned(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg: LaunchConfig,
                     plan: OwnedPlan | None = None):
     """dx, dW, db with every output tile written once (module docstring, "owned"); allocations as
@@ -741,39 +781,10 @@ def _backward_owned(x, weight, targets, lse, grad_logp, bias, ignore_index, need
               "num_stages": cfg.num_stages}
     dx_in_vocab_pass = need_dx and plan.dx_in_vocab_pass
     with _device_guard(x):
-        if need_dw or need_db or dx_in_vocab_pass:  # the vocabulary pass: dW and db (and maybe dx) by chunks of Vc
-            vc = min(plan.vocab_chunk, v)
-            scratch = torch.empty((n, vc), device=x.device, dtype=x.dtype)
-            partial = (torch.empty((triton.cdiv(n, cfg.block_m), vc), device=x.device, dtype=torch.float32)
-                       if need_db else None)
-            acc = torch.zeros((n, h), device=x.device, dtype=torch.float32) if dx_in_vocab_pass else None
-            for c0 in range(0, v, vc):
-                nc = min(vc, v - c0)
-                dz = scratch[:, :nc]
-                dbp = partial[:, :nc] if need_db else None
-                _launch_dz(x, weight, bias, targets, lse, g, dz, dbp, 0, c0, cfg, common)
-                if need_dw:
-                    grid = (triton.cdiv(nc, cfg.block_n) * triton.cdiv(h, cfg.block_h),)
-                    _dw_kernel[grid](
-                        dz, x, g, dw, n, h, c0, nc, dz.stride(0), x.stride(0), dw.stride(0),
-                        BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_k, GROUP_M=cfg.group_m, **common,
-                    )
-                if need_db:
-                    db[c0 : c0 + nc] = dbp.sum(0)
-                if dx_in_vocab_pass:
-                    _launch_dx(dz, weight, g, acc, 0, c0, True, cfg, common)
-            del scratch, partial
-            if dx_in_vocab_pass:
-                dx.copy_(acc)
-                del acc
-        if need_dx and not dx_in_vocab_pass:  # the row pass: dx by chunks of Nr rows, each over the whole vocab
-            nr = min(plan.row_chunk, n)
-            scratch = torch.empty((nr, v), device=x.device, dtype=x.dtype)
-            for r0 in range(0, n, nr):
-                dz = scratch[: min(nr, n - r0)]
-                _launch_dz(x, weight, bias, targets, lse, g, dz, None, r0, 0, cfg, common)
-                _launch_dx(dz, weight, g, dx, r0, 0, False, cfg, common)
-            del scratch
+        if need_dw or need_db or dx_in_vocab_pass:
+            _vocab_pass(x, weight, bias, targets, lse, g, dx if dx_in_vocab_pass else None, dw, db, plan, cfg, common)
+        if need_dx and not dx_in_vocab_pass:
+            _row_pass(x, weight, bias, targets, lse, g, dx, plan, cfg, common)
     return dx, dw, db
 
 
