@@ -276,7 +276,8 @@ def estimate_bytes(name: str, p: Problem) -> int:
     """Rough peak of one measurement process: inputs + grads + what the provider holds at its peak.
 
     Factors on L (fp32 logits of all policy rows) are rounded up from CPU fp32 measurements: naive and trl
-    needed 2.7 L extra at H=256, V=16000, 2048 tokens (L = 131 MB); ours 120 MB and liger 125 MB there.
+    needed 2.7 L extra at H=256, V=16000, 2048 tokens (L = 131 MB); ours 120 MB and liger 125 MB there. On CUDA the
+    twopass providers use the Triton backward's model (``kernels.linear_logprobs.backward_extra_bytes``) + 64 MB.
     """
     elt = p.torch_dtype.itemsize
     n, h, v = p.tokens, p.H, p.V
@@ -295,6 +296,11 @@ def estimate_bytes(name: str, p: Problem) -> int:
         "ours_twopass": 4 * chunk + 2 * v * h * 4,
         "ours_twopass_atomic": 4 * chunk + 2 * v * h * 4,
     }[name]
+    if name.startswith("ours_twopass") and p.device == "cuda":  # the Triton backward's own model
+        from hermesflow_fast.kernels.linear_logprobs import backward_extra_bytes
+
+        mode = "atomic" if name == "ours_twopass_atomic" else "auto"
+        held = backward_extra_bytes(n, h, v, p.torch_dtype, bias=p.bias, dw_mode=mode) + 64 * MB
     return inputs + grads + held + 400 * MB  # + torch itself
 
 
