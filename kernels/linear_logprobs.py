@@ -44,7 +44,7 @@ poison dW), and their dx rows are exactly 0. G below is one N×H×V GEMM, 2·N·
       dx, one of (`plan_owned_backward` picks):
         one pass  when an fp32 (N, H) accumulator fits the budget: acc += dz[:, c] W[c] after each chunk
               (`_dx_kernel` ACCUMULATE), cast to dx once at the end. +1 G, and 8·N·H bytes of read-modify-write
-              per chunk, which beats recomputing the logits while Vc > 4·FLOP/s ÷ bytes/s ≈ 900 on an H100
+              per chunk, which beats recomputing the logits while Vc > 4·FLOP/s ÷ bytes/s ≈ 790 on an H100
               (~660 TFLOP/s reached, 3.35 TB/s): hence ONE_PASS_MIN_COLS = 1024.
         row pass  otherwise: for Nr-row chunks r, dz[r, :] (Nr, V) is recomputed over the whole vocabulary and
               dx[r] = dz[r, :] W is one tile loop over all V (`_dx_kernel`), written once. +2 G.
@@ -55,7 +55,7 @@ poison dW), and their dx rows are exactly 0. G below is one N×H×V GEMM, 2·N·
 Why these and not the alternatives, at the H100 shape N = 16,384, H = 2048, V = 58,498, bf16 (G = 3.93 TFLOP;
 inputs + gradients 613.7 MB, so the ≤ 0.2× target is 122.7 MB of extra memory):
   * a program that owns a (vocab tile, H block) of dW and recomputes its logits tile per H block: ×H/BLOCK_H
-    logits GEMMs (16 at 128-wide blocks), ~17 G for the backward instead of 3–4.
+    logits GEMMs (16 at 128-wide blocks): ~16 G of recomputation alone, against 3–4 G for the whole backward.
   * a program that owns a row block of dx over the whole vocabulary: its (BLOCK_M, H) fp32 accumulator is 1 MB at
     BLOCK_M = 128, H = 2048, far beyond registers or shared memory, so it too would recompute per H block.
   * dx by atomics (as "atomic") or summed over vocab chunks, in one fp32 (N, H) buffer: 134.2 MB = 0.219× on its
@@ -91,8 +91,9 @@ Launch tuning (`_launch_config`), unmeasured starting points until a GPU sweep r
     keep it fast, bf16 MMA operands are widened to fp32 and bf16 stores rounded by hand (`_mma`, `_cast`: the
     interpreter's bf16 `tl.dot` multiplies raw bits and its fp32 -> bf16 cast truncates).
 
-Tests:   TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m interpret tests/kernels/test_linear_logprobs.py
-         .venv/bin/python -m pytest -q -m gpu tests/kernels/test_linear_logprobs.py       (CUDA, bf16 vs fp64)
+Tests:   TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m interpret tests/kernels/test_linear_logprobs*.py
+         .venv/bin/python -m pytest -q -m "not interpret" tests/kernels/test_linear_logprobs_owned.py  (plan, model)
+         .venv/bin/python -m pytest -q -m gpu tests/kernels/test_linear_logprobs.py   (CUDA: bf16 vs fp64, peak memory)
 Bench:   make bench   (hermesflow bench logprobs; reference in hermesflow_fast/ops/reference.py)
 """
 
