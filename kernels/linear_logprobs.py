@@ -50,7 +50,8 @@ poison dW), and their dx rows are exactly 0. G below is one N×H×V GEMM, 2·N·
               dx[r] = dz[r, :] W is one tile loop over all V (`_dx_kernel`), written once. +2 G.
       Chunks are as large as the scratch budget allows, BUDGET_FRACTION = 0.18 of the inputs + gradients (x, W, b,
       dx, dW, db), evened out over the vocabulary / rows and rounded to whole tiles; the scratch is allocated once
-      per pass and reused by every chunk. `backward_extra_bytes` is the model of the peak, allocation by allocation.
+      per pass, its rows padded to 64 elements (aligned loads whatever V), and reused by every chunk.
+      `backward_extra_bytes` is the model of the peak, allocation by allocation.
 
 Why these and not the alternatives, at the H100 shape N = 16,384, H = 2048, V = 58,498, bf16 (G = 3.93 TFLOP;
 inputs + gradients 613.7 MB, so the ≤ 0.2× target is 122.7 MB of extra memory):
@@ -59,7 +60,7 @@ inputs + gradients 613.7 MB, so the ≤ 0.2× target is 122.7 MB of extra memory
   * a program that owns a row block of dx over the whole vocabulary: its (BLOCK_M, H) fp32 accumulator is 1 MB at
     BLOCK_M = 128, H = 2048, far beyond registers or shared memory, so it too would recompute per H block.
   * dx by atomics (as "atomic") or summed over vocab chunks, in one fp32 (N, H) buffer: 134.2 MB = 0.219× on its
-    own, over budget before any scratch. Up to ~9.7k tokens at this head it fits, and the one-pass plan uses it.
+    own, over budget before any scratch. Up to ~9.6k tokens at this head it fits, and the one-pass plan uses it.
   * what the plans give (`plan_owned_backward`, `backward_extra_bytes`, `backward_gemm_flops`; FLOPs count the
     forward too, as multiples of the 3 G floor of forward + dx + dW, and of the 4 G floor of the benchmark's DPO
     step, which adds the reference's forward):
@@ -93,6 +94,7 @@ Launch tuning (`_launch_config`), unmeasured starting points until a GPU sweep r
 
 Tests:   TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m interpret tests/kernels/test_linear_logprobs*.py
          .venv/bin/python -m pytest -q -m "not interpret" tests/kernels/test_linear_logprobs_owned.py  (plan, model)
+         .venv/bin/python -m pytest -q tests/kernels/test_linear_logprobs_compile.py   (sm_90 cubins, no GPU needed)
          .venv/bin/python -m pytest -q -m gpu tests/kernels/test_linear_logprobs.py   (CUDA: bf16 vs fp64, peak memory)
 Bench:   make bench   (hermesflow bench logprobs; reference in hermesflow_fast/ops/reference.py)
 """
@@ -296,18 +298,20 @@ if HAS_TRITON:
     @triton.jit
     def _dz_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, dbp_ptr,
-        row0, n_rows, col0, n_cols, H, stride_x, stride_w, stride_dz, stride_dbp,
+        row0, n_rows, col0, n_cols, n_cols_pad, H, stride_x, stride_w, stride_dz, stride_dbp,
         HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """dz[r, c] = g·(onehot − softmax) of rows row0 + r, columns col0 + c, into the scratch in its dtype.
 
-        1-D grid over the (row block, vocab tile) pairs of the n_rows × n_cols window. g is the effective upstream
-        grad (0 on ignored rows); dead rows (g = 0) get dz = 0 and their x is never loaded. COMPUTE_DB: the fp32
-        column sums of the tile go to dbp[pid_m, c] (one row of partial db per row block, summed by the launcher).
+        1-D grid over the (row block, vocab tile) pairs of the n_rows × n_cols_pad window. g is the effective
+        upstream grad (0 on ignored rows); dead rows (g = 0) get dz = 0 and their x is never loaded. Columns
+        [n_cols, n_cols_pad) (the scratch's row padding, n_cols_pad a multiple of SCRATCH_ALIGN) get exact zeros, so
+        that the GEMMs read dz under a mask they can vectorize. COMPUTE_DB: the fp32 column sums of the tile go to
+        dbp[pid_m, c] (one row of partial db per row block, summed by the launcher).
         """
-        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols, BLOCK_N), GROUP_M)
+        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols_pad, BLOCK_N), GROUP_M)
         loc_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         loc_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = loc_r < n_rows
@@ -328,45 +332,68 @@ if HAS_TRITON:
             dz = tl.where(cols[None, :] == y[:, None], 1.0 - p, -p) * g[:, None]
             dz = tl.where(live[:, None], dz, 0.0)  # where, not ·0: a dead row's logits may be NaN
         out = dz_ptr + loc_r.to(tl.int64)[:, None] * stride_dz + loc_c[None, :]
-        tl.store(out, _cast(dz, dz_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out, _cast(dz, dz_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (loc_c < n_cols_pad)[None, :])
         if COMPUTE_DB:
             tl.store(dbp_ptr + pid_m * stride_dbp + loc_c, tl.sum(dz, axis=0), mask=col_ok)
 
     @triton.jit
+    def _dw_sum(
+        dz_ptr, x_ptr, g_ptr, vs, hs, v_in, h_ok, N, stride_dz, stride_x,
+        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, MASK_DEAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """Σ_t dz[t, vs]ᵀ x[t, hs] over all N tokens, fp32 (BLOCK_V, BLOCK_H); v_in: the scratch columns to read
+        (its padding included: zeros). MASK_DEAD: dead tokens' x is not loaded. The mask then depends on a load of
+        the same iteration, which keeps Triton's pipeliner from prefetching x; without it both operands are
+        prefetched."""
+        acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
+        for t0 in range(0, N, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T)
+            t_ok = ts < N
+            if MASK_DEAD:
+                x_rows = (tl.load(g_ptr + ts, mask=t_ok, other=0.0) != 0.0) & t_ok
+            else:
+                x_rows = t_ok
+            a = tl.load(
+                dz_ptr + ts.to(tl.int64)[:, None] * stride_dz + vs[None, :], mask=t_ok[:, None] & v_in[None, :],
+                other=0.0,
+            )  # (BT, BV)
+            xt = tl.load(
+                x_ptr + ts.to(tl.int64)[:, None] * stride_x + hs[None, :], mask=x_rows[:, None] & h_ok[None, :],
+                other=0.0,
+            )  # (BT, BH)
+            acc = _mma(tl.trans(a), xt, acc, DOT_PRECISION, UPCAST)
+        return acc
+
+    @triton.jit
     def _dw_kernel(
-        dz_ptr, x_ptr, g_ptr, dw_ptr, N, H, col0, n_cols, stride_dz, stride_x, stride_dw,
+        dz_ptr, x_ptr, g_ptr, finite_ptr, dw_ptr, N, H, col0, n_cols, n_cols_pad, stride_dz, stride_x, stride_dw,
         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """dW[col0 + v, h] = Σ_t dz[t, v]·x[t, h] over all N tokens for one (BLOCK_V, BLOCK_H) tile.
 
-        The tile owns its output: an fp32 accumulator over every token, one store in W's dtype. Dead tokens' x is
-        not loaded (their dz is 0, and 0·NaN would poison dW)."""
+        The tile owns its output: an fp32 accumulator over every token, one store in W's dtype. Dead tokens have
+        dz = 0, so their x only matters when it is not finite (0·NaN would poison dW): finite_ptr holds 1 when all
+        of x is finite (the usual case: the prefetched loop), else 0 (dead tokens' x is masked off)."""
         pid_v, pid_h = _grouped(tl.program_id(0), tl.cdiv(n_cols, BLOCK_V), tl.cdiv(H, BLOCK_H), GROUP_M)
         vs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
         v_ok = vs < n_cols
+        v_in = vs < n_cols_pad
         h_ok = hs < H
-        acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
-        for t0 in range(0, N, BLOCK_T):
-            ts = t0 + tl.arange(0, BLOCK_T)
-            t_ok = ts < N
-            live = tl.load(g_ptr + ts, mask=t_ok, other=0.0) != 0.0
-            a = tl.load(
-                dz_ptr + ts.to(tl.int64)[:, None] * stride_dz + vs[None, :], mask=t_ok[:, None] & v_ok[None, :],
-                other=0.0,
-            )  # (BT, BV)
-            xt = tl.load(
-                x_ptr + ts.to(tl.int64)[:, None] * stride_x + hs[None, :], mask=live[:, None] & h_ok[None, :],
-                other=0.0,
-            )  # (BT, BH)
-            acc = _mma(tl.trans(a), xt, acc, DOT_PRECISION, UPCAST)
+        if tl.load(finite_ptr) != 0:
+            acc = _dw_sum(dz_ptr, x_ptr, g_ptr, vs, hs, v_in, h_ok, N, stride_dz, stride_x,
+                          BLOCK_V, BLOCK_H, BLOCK_T, False, DOT_PRECISION, UPCAST)
+        else:
+            acc = _dw_sum(dz_ptr, x_ptr, g_ptr, vs, hs, v_in, h_ok, N, stride_dz, stride_x,
+                          BLOCK_V, BLOCK_H, BLOCK_T, True, DOT_PRECISION, UPCAST)
         out = dw_ptr + (col0 + vs).to(tl.int64)[:, None] * stride_dw + hs[None, :]
         tl.store(out, _cast(acc, dw_ptr.dtype.element_ty, UPCAST), mask=v_ok[:, None] & h_ok[None, :])
 
     @triton.jit
     def _dx_kernel(
-        dz_ptr, w_ptr, g_ptr, out_ptr, row0, n_rows, H, col0, n_cols, stride_dz, stride_w, stride_out,
+        dz_ptr, w_ptr, g_ptr, out_ptr, row0, n_rows, H, col0, n_cols, n_cols_pad, stride_dz, stride_w, stride_out,
         ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
         GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_OUT: tl.constexpr,
     ):
@@ -393,9 +420,9 @@ if HAS_TRITON:
                 vs = v0 + tl.arange(0, BLOCK_V)
                 v_ok = vs < n_cols
                 a = tl.load(
-                    dz_ptr + loc.to(tl.int64)[:, None] * stride_dz + vs[None, :], mask=row_ok[:, None] & v_ok[None, :],
-                    other=0.0,
-                )  # (BM, BV)
+                    dz_ptr + loc.to(tl.int64)[:, None] * stride_dz + vs[None, :],
+                    mask=row_ok[:, None] & (vs < n_cols_pad)[None, :], other=0.0,
+                )  # (BM, BV), the padding columns are zeros
                 wt = tl.load(
                     w_ptr + (col0 + vs).to(tl.int64)[:, None] * stride_w + hs[None, :],
                     mask=v_ok[:, None] & h_ok[None, :], other=0.0,
@@ -504,6 +531,7 @@ def _check(x, weight, targets, bias) -> None:
 DW_MODES = ("auto", "owned", "atomic")
 BUDGET_FRACTION = 0.18  # owned-mode scratch budget, a fraction of inputs + gradients (the target is ≤ 0.2)
 ONE_PASS_MIN_COLS = 1024  # one-pass plan only if its vocab chunks are at least this wide (see the module docstring)
+SCRATCH_ALIGN = 64  # dz scratch rows are padded to a multiple of this many elements (aligned, vectorizable loads)
 
 
 def resolve_dw_mode(dw_mode: str, dtype: torch.dtype) -> str:
@@ -535,8 +563,13 @@ def inputs_and_grads_bytes(n: int, h: int, v: int, dtype: torch.dtype, bias: boo
 
 
 def _fixed_bytes(n: int) -> int:
-    """The backward's per-row temporaries: the fp32 effective grad (N,) and the ignore mask (N,) it is built from."""
-    return 5 * n
+    """The backward's per-row temporaries: the fp32 effective grad (N,) and the ignore mask (N,) it is built from,
+    and a few scalars (x's max-norm and its finiteness flag)."""
+    return 5 * n + 64
+
+
+def _padded(width: int) -> int:
+    return _cdiv(width, SCRATCH_ALIGN) * SCRATCH_ALIGN
 
 
 def _balanced(total: int, cap: int, quantum: int) -> int:
@@ -570,17 +603,18 @@ def plan_owned_backward(
     e = dtype.itemsize
     avail = max(0, budget_bytes - _fixed_bytes(n))
     per_col = max(1, n * e + (4 * (_cdiv(n, cfg.block_m) + 1) if need_db else 0))  # scratch + db partials per column
+    pad = n * e * (SCRATCH_ALIGN - 1)  # at most this much padding on the scratch's rows
     vocab_chunk = row_chunk = 0
     one_pass = False
     if need_dw or need_db:
-        left = avail - 4 * n * h
+        left = avail - 4 * n * h - pad
         if need_dx and left >= per_col * min(v, ONE_PASS_MIN_COLS):
             one_pass = True
             vocab_chunk = _balanced(v, left // per_col, cfg.block_n)
         else:
-            vocab_chunk = _balanced(v, avail // per_col, cfg.block_n)
+            vocab_chunk = _balanced(v, (avail - pad) // per_col, cfg.block_n)
     if need_dx and not one_pass:
-        row_chunk = _balanced(max(n, 1), avail // max(1, v * e), cfg.block_m)
+        row_chunk = _balanced(max(n, 1), avail // (_padded(v) * e), cfg.block_m)
     return OwnedPlan(vocab_chunk, row_chunk, one_pass)
 
 
@@ -608,10 +642,10 @@ def backward_extra_bytes(
     vocab = row = 0
     if need_dw or need_db or (need_dx and plan.dx_in_vocab_pass):
         vc = min(plan.vocab_chunk, v)
-        vocab = n * vc * e + (4 * (_cdiv(n, cfg.block_m) + 1) * vc if need_db else 0)
+        vocab = n * _padded(vc) * e + (4 * (_cdiv(n, cfg.block_m) + 1) * vc if need_db else 0)
         vocab += 4 * n * h if need_dx and plan.dx_in_vocab_pass else 0
     if need_dx and not plan.dx_in_vocab_pass:
-        row = min(plan.row_chunk, n) * v * e
+        row = min(plan.row_chunk, n) * _padded(v) * e
     return fixed + max(vocab, row)
 
 
@@ -692,13 +726,14 @@ def _backward_atomic(x, weight, targets, lse, grad_logp, bias, ignore_index, nee
 
 
 def _launch_dz(x, weight, bias, targets, lse, g, dz, dbp, row0, col0, cfg: LaunchConfig, common: dict) -> None:
-    """dz (n_rows, n_cols) view of a scratch <- g·(onehot − softmax) of rows row0.., columns col0..; dbp: the
-    (row blocks, n_cols) partial db view or None."""
+    """dz (n_rows, n_cols) view of a scratch whose rows hold _padded(n_cols) elements <- g·(onehot − softmax) of
+    rows row0.., columns col0.., zeros in the padding; dbp: the (row blocks, n_cols) partial db view or None."""
     n_rows, n_cols = dz.shape
-    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_cols, cfg.block_n),)
+    n_pad = _padded(n_cols)  # ≤ dz.stride(0): the scratch's rows are padded
+    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_pad, cfg.block_n),)
     _dz_kernel[grid](
         x, weight, bias if bias is not None else x, targets, lse, g, dz, dbp if dbp is not None else g,
-        row0, n_rows, col0, n_cols, x.shape[1], x.stride(0), weight.stride(0), dz.stride(0),
+        row0, n_rows, col0, n_cols, n_pad, x.shape[1], x.stride(0), weight.stride(0), dz.stride(0),
         dbp.stride(0) if dbp is not None else 0,
         HAS_BIAS=bias is not None, COMPUTE_DB=dbp is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **common,
@@ -711,19 +746,22 @@ def _launch_dx(dz, weight, g, out, row0, col0, accumulate: bool, cfg: LaunchConf
     h = weight.shape[1]
     grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(h, cfg.block_h),)
     _dx_kernel[grid](
-        dz, weight, g, out, row0, n_rows, h, col0, n_cols, dz.stride(0), weight.stride(0), out.stride(0),
+        dz, weight, g, out, row0, n_rows, h, col0, n_cols, _padded(n_cols), dz.stride(0), weight.stride(0),
+        out.stride(0),
         ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_V=cfg.block_k, GROUP_M=cfg.group_m,
         ROUND_OUT=common["UPCAST"] and not accumulate, **common,
     )
 
 
-def _vocab_pass(x, weight, bias, targets, lse, g, dx, dw, db, plan: OwnedPlan, cfg: LaunchConfig, common: dict):
+def _vocab_pass(x, weight, bias, targets, lse, g, dx, dw, db, plan: OwnedPlan, cfg: LaunchConfig, common: dict,
+                x_finite: torch.Tensor | None = None):
     """dW and db (those not None) by chunks of Vc vocabulary columns, and dx if given through an fp32 accumulator.
-    Its scratch dies with the call (a view left in a loop variable would keep it alive into the row pass)."""
+    x_finite: int32 (1,), 1 when all of x is finite (see `_dw_kernel`). The scratch dies with the call (a view
+    left in a loop variable would keep it alive into the row pass)."""
     n, h = x.shape
     v = weight.shape[0]
     vc = min(plan.vocab_chunk, v)
-    scratch = torch.empty((n, vc), device=x.device, dtype=x.dtype)
+    scratch = torch.empty((n, _padded(vc)), device=x.device, dtype=x.dtype)
     partial = torch.empty((triton.cdiv(n, cfg.block_m), vc), device=x.device, dtype=torch.float32) if db is not None \
         else None
     acc = torch.zeros((n, h), device=x.device, dtype=torch.float32) if dx is not None else None
@@ -735,7 +773,7 @@ def _vocab_pass(x, weight, bias, targets, lse, g, dx, dw, db, plan: OwnedPlan, c
         if dw is not None:
             grid = (triton.cdiv(nc, cfg.block_n) * triton.cdiv(h, cfg.block_h),)
             _dw_kernel[grid](
-                dz, x, g, dw, n, h, c0, nc, dz.stride(0), x.stride(0), dw.stride(0),
+                dz, x, g, x_finite, dw, n, h, c0, nc, _padded(nc), dz.stride(0), x.stride(0), dw.stride(0),
                 BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_k, GROUP_M=cfg.group_m, **common,
             )
         if db is not None:
@@ -750,9 +788,10 @@ def _row_pass(x, weight, bias, targets, lse, g, dx, plan: OwnedPlan, cfg: Launch
     """dx by chunks of Nr rows, each chunk's dz recomputed over the whole vocabulary and contracted with W once."""
     n = x.shape[0]
     nr = min(plan.row_chunk, n)
-    scratch = torch.empty((nr, weight.shape[0]), device=x.device, dtype=x.dtype)
+    v = weight.shape[0]
+    scratch = torch.empty((nr, _padded(v)), device=x.device, dtype=x.dtype)
     for r0 in range(0, n, nr):
-        dz = scratch[: min(nr, n - r0)]
+        dz = scratch[: min(nr, n - r0), :v]
         _launch_dz(x, weight, bias, targets, lse, g, dz, None, r0, 0, cfg, common)
         _launch_dx(dz, weight, g, dx, r0, 0, False, cfg, common)
 
@@ -783,7 +822,11 @@ def _backward_owned(x, weight, targets, lse, grad_logp, bias, ignore_index, need
     dx_in_vocab_pass = need_dx and plan.dx_in_vocab_pass
     with _device_guard(x):
         if need_dw or need_db or dx_in_vocab_pass:
-            _vocab_pass(x, weight, bias, targets, lse, g, dx if dx_in_vocab_pass else None, dw, db, plan, cfg, common)
+            # one read of x, no host sync: the dW kernel masks dead tokens' x only when some of x is not finite
+            x_finite = torch.isfinite(torch.linalg.vector_norm(x, float("inf"))).to(torch.int32).reshape(1) \
+                if need_dw else None
+            _vocab_pass(x, weight, bias, targets, lse, g, dx if dx_in_vocab_pass else None, dw, db, plan, cfg, common,
+                        x_finite)
         if need_dx and not dx_in_vocab_pass:
             _row_pass(x, weight, bias, targets, lse, g, dx, plan, cfg, common)
     return dx, dw, db
