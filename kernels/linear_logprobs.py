@@ -22,8 +22,10 @@ approximation is not safe for DPO's difference of two nearly equal log-likelihoo
               ignored rows. 1 GEMM of N·H·V; only lse (N floats) is kept for backward.
 
 Backward, two designs (``dw_mode``; "auto" picks "owned" for fp16 / bf16 inputs and "atomic" for fp32). In both,
-rows that are ignored or have g = 0 are dead: they add exactly nothing, their x is never loaded (0·NaN would
-poison dW), and their dx rows are exactly 0. G below is one N×H×V GEMM, 2·N·H·V FLOPs.
+rows that are ignored or have g = 0 are dead: they add exactly nothing, even when their hidden state is NaN (their
+x is not loaded where 0·NaN could reach dW: always in "atomic"; in "owned", whose dW loop prefetches better
+without that mask, only when some of x is not finite, a flag computed on the device), and their dx rows are
+exactly 0. G below is one N×H×V GEMM, 2·N·H·V FLOPs.
 
     atomic    `_bwd_kernel`, 1-D grid over (row block, vocab tile) pairs, GROUP_M-swizzled so that concurrent
               programs share W and x tiles in L2. A program recomputes its logits tile (K-loop as above), forms
