@@ -9,8 +9,8 @@ Math (per row t; x (N, H) hidden, W (V, H) LM head, b (V,) optional bias, y (N,)
     dz_t     = g_t · (onehot(y_t) − softmax(z_t)),   0 on ignored rows
     dx = dz W (N, H),   dW = dzᵀ x (V, H),   db = Σ_t dz_t (V,)
 
-Everything is accumulated in fp32 whatever the input dtype: logp and lse come out fp32, dx / dW / db are summed in
-fp32 buffers and cast to x / W / b's dtype once at the end (bf16 running sums of dW degrade training: Liger #512,
+Everything is accumulated in fp32 whatever the input dtype: logp and lse come out fp32, and every element of dx /
+dW / db is an fp32 sum rounded once to x / W / b's dtype (bf16 running sums of dW degrade training: Liger #512,
 #830, #1391). The design is Apple's Cut Cross-Entropy (arXiv 2411.09009) without its gradient filtering, whose
 approximation is not safe for DPO's difference of two nearly equal log-likelihoods (perf-anchors §2.2, §2.5):
 
@@ -20,22 +20,61 @@ approximation is not safe for DPO's difference of two nearly equal log-likelihoo
               rescaling trick — while the target logit is picked when y_t falls in the tile. Each split writes its
               partial lse and target logit; `_combine_kernel` merges the splits (N·splits floats) and zeroes the
               ignored rows. 1 GEMM of N·H·V; only lse (N floats) is kept for backward.
-    backward  `_bwd_kernel`, 1-D grid over (row block, vocab tile) pairs, GROUP_M-swizzled so that concurrent
+
+Backward, two designs (``dw_mode``; "auto" picks "owned" for fp16 / bf16 inputs and "atomic" for fp32). In both,
+rows that are ignored or have g = 0 are dead: they add exactly nothing, even when their hidden state is NaN (their
+x is not loaded where 0·NaN could reach dW: always in "atomic"; in "owned", whose dW loop prefetches better
+without that mask, only when some of x is not finite, a flag computed on the device), and their dx rows are
+exactly 0. G below is one N×H×V GEMM, 2·N·H·V FLOPs.
+
+    atomic    `_bwd_kernel`, 1-D grid over (row block, vocab tile) pairs, GROUP_M-swizzled so that concurrent
               programs share W and x tiles in L2. A program recomputes its logits tile (K-loop as above), forms
               dz = g·(onehot − exp(z − lse)) in registers, then walks H again in BLOCK_K chunks and adds
               dz @ W[tile] into dx[rows] and dzᵀ @ x[rows] into dW[tile] with relaxed fp32 `tl.atomic_add`; db gets
-              a column sum of dz the same way. 3 GEMMs of N·H·V, +33% head FLOPs over grad-in-forward (§2.5),
-              in exchange for any per-row upstream g (a pair's DPO coefficient is only known after its loss).
-              Rows that are ignored or have g = 0 are dead: they add exactly nothing (no atomics to their dx
-              rows, their x never loaded for dW), and a row block with no live row returns before any load.
+              a column sum of dz the same way. 3 G. The fp32 buffers are the price: 4·(N·H + V·H + V) bytes beside
+              the gradients for 16-bit inputs (nothing extra for fp32 inputs, where they are the gradients), and
+              N·H·V·(1/BLOCK_N + 1/BLOCK_M) fp32 atomics into L2 [est: ~15 G adds at N=8192, H=2048, V=58,498,
+              128×128 tiles]; dx / dW are run-to-run nondeterministic in the last fp32 bits.
+    owned     every output tile is produced once, by a program that sums its fp32 accumulator over the whole
+              contraction and stores it once in the gradient's dtype; no atomics, no fp32 (V, H) buffer, and the
+              summation order is fixed (run-to-run deterministic). Two passes over a bounded dz scratch:
+      vocabulary pass, for Vc-column chunks c of the vocabulary (`_dz_kernel`, then `_dw_kernel`):
+              dz[:, c] (N, Vc) = g·(onehot − softmax), recomputed from x, W[c], b[c] and the saved lse, written in
+              the input dtype (the same rounding the atomic kernel applies to its MMA operand); the fp32 column
+              sums of each (row block, tile) go to a (row blocks, Vc) partial buffer, summed into db[c].
+              dW[c] = dz[:, c]ᵀ x: a tile (BLOCK_N, BLOCK_H) of dW loops over all N tokens. 2 G.
+      dx, one of (`plan_owned_backward` picks):
+        one pass  when an fp32 (N, H) accumulator fits the budget: acc += dz[:, c] W[c] after each chunk
+              (`_dx_kernel` ACCUMULATE), cast to dx once at the end. +1 G, and 8·N·H bytes of read-modify-write
+              per chunk, which beats recomputing the logits while Vc > 4·FLOP/s ÷ bytes/s ≈ 790 on an H100
+              (~660 TFLOP/s reached, 3.35 TB/s): hence ONE_PASS_MIN_COLS = 1024.
+        row pass  otherwise: for Nr-row chunks r, dz[r, :] (Nr, V) is recomputed over the whole vocabulary and
+              dx[r] = dz[r, :] W is one tile loop over all V (`_dx_kernel`), written once. +2 G.
+      Chunks are as large as the scratch budget allows, BUDGET_FRACTION = 0.18 of the inputs + gradients (x, W, b,
+      dx, dW, db), evened out over the vocabulary / rows and rounded to whole tiles; the scratch is allocated once
+      per pass, its rows padded to 64 elements (aligned loads whatever V), and reused by every chunk.
+      `backward_extra_bytes` is the model of the peak, allocation by allocation.
 
-Why atomics rather than separate dx and dW kernels: the contraction dimension of dx (V) and of dW (N) is the one
-the program tiles over, so a kernel that owns a dx block would either hold a (BLOCK_M, H) accumulator across all
-vocab tiles (2048 fp32 columns: far beyond registers) or recompute the logits tile once per H block (×H/BLOCK_K
-the forward GEMM). The price of atomics is traffic: N·H·V·(1/BLOCK_N + 1/BLOCK_M) fp32 reductions into L2 [est:
-for N=8192, H=2048, V=58,498 and 128×128 tiles, ~15 G adds ≈ 61 GB of L2 atomics beside ~5.9 TFLOP of GEMMs],
-so backward is likely atomic-bound on H100 until tiles grow; dx atomics are masked off for dead rows. Atomics
-also make dx / dW run-to-run nondeterministic in the last fp32 bits.
+Why these and not the alternatives, at the H100 shape N = 16,384, H = 2048, V = 58,498, bf16 (G = 3.93 TFLOP;
+inputs + gradients 613.7 MB, so the ≤ 0.2× target is 122.7 MB of extra memory):
+  * a program that owns a (vocab tile, H block) of dW and recomputes its logits tile per H block: ×H/BLOCK_H
+    logits GEMMs (16 at 128-wide blocks): ~16 G of recomputation alone, against 3–4 G for the whole backward.
+  * a program that owns a row block of dx over the whole vocabulary: its (BLOCK_M, H) fp32 accumulator is 1 MB at
+    BLOCK_M = 128, H = 2048, far beyond registers or shared memory, so it too would recompute per H block.
+  * dx by atomics (as "atomic") or summed over vocab chunks, in one fp32 (N, H) buffer: 134.2 MB = 0.219× on its
+    own, over budget before any scratch. Up to ~9.6k tokens at this head it fits, and the one-pass plan uses it.
+  * what the plans give (`plan_owned_backward`, `backward_extra_bytes`, `backward_gemm_flops`; FLOPs count the
+    forward too, as multiples of the 3 G floor of forward + dx + dW, and of the 4 G floor of the benchmark's DPO
+    step, which adds the reference's forward):
+
+        tokens  plan                             extra MB  ÷ inputs+grads   op FLOPs ÷ 3G   DPO step ÷ 4G
+        16,384  two-pass, Vc 3200, Nr 896          106.6        0.174           1.67            1.50
+         8,192  one-pass, Vc 1792                   97.0        0.177           1.33            1.25
+         2,048  one-pass, Vc 14,720                 78.1        0.157           1.33            1.25
+        atomic, any N (16,384)                     613.7        1.000           1.33            1.25
+
+    The dz scratch adds traffic: N·V·e bytes written and read back once per pass (1.9 GB each way at 16,384 bf16
+    tokens, ~2.3 ms at 3.35 TB/s over both passes, beside ~24 ms of GEMMs at 660 TFLOP/s).
 
 Launch tuning (`_launch_config`), unmeasured starting points until a GPU sweep replaces them:
   * 16-bit inputs: BLOCK_M = BLOCK_N = 128, BLOCK_K = 64, 8 warps (the usual Hopper/Ampere bf16 GEMM tile;
@@ -46,11 +85,19 @@ Launch tuning (`_launch_config`), unmeasured starting points until a GPU sweep r
   * vocab splits: enough (row block, split) programs for ~2 waves of SMs when N is small (a decode-sized N=64
     gives 1 row block, so V=58,498 is split 115 ways on an H100 instead of running on one SM), but at least 4 vocab
     tiles per split so the online-softmax state is amortized. Large N gets splits = 1.
+  * owned GEMM tiles: dW tiles (BLOCK_N, BLOCK_H) summed over tokens in BLOCK_K steps, dx tiles (BLOCK_M,
+    BLOCK_H) summed over the vocabulary in BLOCK_K steps; BLOCK_H = 128 (16-bit), 64 (fp32). At 16,384 tokens the
+    row pass's 896-row chunks give only 7 × 16 dx tiles per launch (< 132 SMs): the first thing a GPU sweep
+    should look at (smaller BLOCK_H, or a larger row chunk).
   * No `triton.autotune`: N changes every step in a trainer and would retune on each new value, and the backward
-    atomics would need reset_to_zero between trials. Under the interpreter tiles are 16/32/16 to keep it fast.
+    atomics would need reset_to_zero between trials. Under the interpreter tiles are 16/32/16 (BLOCK_H 32) to
+    keep it fast, bf16 MMA operands are widened to fp32 and bf16 stores rounded by hand (`_mma`, `_cast`: the
+    interpreter's bf16 `tl.dot` multiplies raw bits and its fp32 -> bf16 cast truncates).
 
-Tests:   TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m interpret tests/kernels/test_linear_logprobs.py
-         .venv/bin/python -m pytest -q -m gpu tests/kernels/test_linear_logprobs.py       (CUDA, bf16 vs fp64)
+Tests:   TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m interpret tests/kernels/test_linear_logprobs*.py
+         .venv/bin/python -m pytest -q -m "not interpret" tests/kernels/test_linear_logprobs_owned.py  (plan, model)
+         .venv/bin/python -m pytest -q tests/kernels/test_linear_logprobs_compile.py   (sm_90 cubins, no GPU needed)
+         .venv/bin/python -m pytest -q -m gpu tests/kernels/test_linear_logprobs.py   (CUDA: bf16 vs fp64, peak memory)
 Bench:   make bench   (hermesflow bench logprobs; reference in hermesflow_fast/ops/reference.py)
 """
 
@@ -74,11 +121,18 @@ except ImportError:  # CPU-only installs: the module still imports; the ops laye
     HAS_TRITON = False
 
 __all__ = [
+    "DW_MODES",
     "HAS_TRITON",
     "LaunchConfig",
     "LinearLogprobsFunction",
+    "OwnedPlan",
+    "backward_extra_bytes",
+    "backward_gemm_flops",
+    "inputs_and_grads_bytes",
     "linear_logprobs_backward",
     "linear_logprobs_forward",
+    "plan_owned_backward",
+    "resolve_dw_mode",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -88,10 +142,37 @@ __all__ = [
 if HAS_TRITON:
 
     @triton.jit
+    def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b with fp32 accumulation. UPCAST is set only for bf16 under the interpreter (whose bf16 `tl.dot`
+        multiplies raw bits): the operands go to fp32 first, which is exact for bf16 products, so the interpreter
+        still checks the bf16 data path (loads, dz rounded to bf16, stores in bf16)."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32 x in ``dtype``, rounded to nearest even. With UPCAST (bf16 under the interpreter, whose fp32 -> bf16
+        cast truncates) the bits are rounded here first, so that the interpreter rounds as the GPU does."""
+        if UPCAST:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+        return x.to(dtype)
+
+    @triton.jit
+    def _grouped(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of a 1-D program id, GROUP_M row blocks sweeping the columns together (L2 reuse)."""
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+    @triton.jit
     def _logits_tile(
         x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """fp32 (BLOCK_M, BLOCK_N) tile of x[rows] · W[cols]ᵀ + b[cols]; −inf in columns ≥ V."""
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # (BM, 1), int64: N·H may pass 2^31
@@ -102,7 +183,7 @@ if HAS_TRITON:
             k_ok = ks < H
             xt = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             wt = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BK, BN)
-            acc = tl.dot(xt, wt, acc, input_precision=DOT_PRECISION)
+            acc = _mma(xt, wt, acc, DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         return tl.where(col_ok[None, :], acc, float("-inf"))
@@ -112,7 +193,7 @@ if HAS_TRITON:
         x_ptr, w_ptr, b_ptr, y_ptr, lse_part_ptr, tgt_part_ptr,
         N, H, V, stride_x, stride_w, tiles_per_split,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """Partial (lse, target logit) of one row block over one split of the vocab -> part[split, rows]."""
         pid_m = tl.program_id(0)
@@ -130,7 +211,7 @@ if HAS_TRITON:
             cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             z = _logits_tile(
                 x_ptr, w_ptr, b_ptr, rows, cols, row_ok, cols < V, H, stride_x, stride_w,
-                HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+                HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
             )  # (BM, BN)
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
             s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -168,17 +249,11 @@ if HAS_TRITON:
         N, H, V, stride_x, stride_w, ignore_index,
         HAS_BIAS: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """Recompute one (row block, vocab tile) of logits; atomically add its share of dx, dW and db (fp32)."""
         # GROUP_M row blocks sweep the vocab together: their W tiles and x rows stay hot in L2.
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(N, BLOCK_M)
-        per_group = GROUP_M * tl.cdiv(V, BLOCK_N)
-        first_m = (pid // per_group) * GROUP_M
-        group_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_m
-        pid_n = (pid % per_group) // group_m
+        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_N), GROUP_M)
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,7 +267,7 @@ if HAS_TRITON:
         if tl.sum(live.to(tl.int32), axis=0) > 0:
             z = _logits_tile(
                 x_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, H, stride_x, stride_w,
-                HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+                HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
             )  # (BM, BN)
             lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
             p = tl.exp(z - lse[:, None])  # softmax; 0 in columns ≥ V
@@ -201,7 +276,7 @@ if HAS_TRITON:
             if COMPUTE_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
             # MMA operands in the input dtype (as flash-attn's dS), fp32 accumulation and fp32 atomics.
-            dz_op = dz.to(x_ptr.dtype.element_ty)
+            dz_op = _cast(dz, x_ptr.dtype.element_ty, UPCAST)
             dx_rows = dx_ptr + rows.to(tl.int64)[:, None] * H  # (BM, 1)
             dw_cols = dw_ptr + cols.to(tl.int64)[:, None] * H  # (BN, 1)
             x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # (BM, 1)
@@ -211,13 +286,151 @@ if HAS_TRITON:
                 k_ok = ks < H
                 if COMPUTE_DX:
                     wt = tl.load(w_cols + ks, mask=col_ok[:, None] & k_ok, other=0.0)  # (BN, BK)
-                    dxt = tl.dot(dz_op, wt, input_precision=DOT_PRECISION)  # (BM, BK)
+                    dxt = _mma(dz_op, wt, tl.zeros((BLOCK_M, BLOCK_K), tl.float32), DOT_PRECISION, UPCAST)
                     tl.atomic_add(dx_rows + ks, dxt, mask=live[:, None] & k_ok, sem="relaxed")
                 if COMPUTE_DW:
                     # Dead rows are not even loaded: their dz is 0, and 0·NaN would poison dW.
                     xt = tl.load(x_rows + ks, mask=live[:, None] & k_ok, other=0.0)  # (BM, BK)
-                    dwt = tl.dot(tl.trans(dz_op), xt, input_precision=DOT_PRECISION)  # (BN, BK)
+                    dwt = _mma(tl.trans(dz_op), xt, tl.zeros((BLOCK_N, BLOCK_K), tl.float32), DOT_PRECISION,
+                               UPCAST)
                     tl.atomic_add(dw_cols + ks, dwt, mask=col_ok[:, None] & k_ok, sem="relaxed")
+
+    # --- dw_mode="owned": every output tile written once, no atomics -------------------------------------------------
+
+    @triton.jit
+    def _dz_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, dbp_ptr,
+        row0, n_rows, col0, n_cols, n_cols_pad, H, stride_x, stride_w, stride_dz, stride_dbp,
+        HAS_BIAS: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """dz[r, c] = g·(onehot − softmax) of rows row0 + r, columns col0 + c, into the scratch in its dtype.
+
+        1-D grid over the (row block, vocab tile) pairs of the n_rows × n_cols_pad window. g is the effective
+        upstream grad (0 on ignored rows); dead rows (g = 0) get dz = 0 and their x is never loaded. Columns
+        [n_cols, n_cols_pad) (the scratch's row padding, n_cols_pad a multiple of SCRATCH_ALIGN) get exact zeros, so
+        that the GEMMs read dz under a mask they can vectorize. COMPUTE_DB: the fp32 column sums of the tile go to
+        dbp[pid_m, c] (one row of partial db per row block, summed by the launcher).
+        """
+        pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(n_cols_pad, BLOCK_N), GROUP_M)
+        loc_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        loc_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = loc_r < n_rows
+        col_ok = loc_c < n_cols
+        rows = row0 + loc_r
+        cols = col0 + loc_c
+        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)  # (BM,) fp32
+        live = g != 0.0  # NaN != 0: a NaN grad still propagates
+        dz = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if tl.sum(live.to(tl.int32), axis=0) > 0:
+            z = _logits_tile(
+                x_ptr, w_ptr, b_ptr, rows, cols, live, col_ok, H, stride_x, stride_w,
+                HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST,
+            )  # (BM, BN) fp32, −inf past the window
+            y = tl.load(y_ptr + rows, mask=live, other=-1)
+            lse = tl.load(lse_ptr + rows, mask=live, other=0.0)
+            p = tl.exp(z - lse[:, None])
+            dz = tl.where(cols[None, :] == y[:, None], 1.0 - p, -p) * g[:, None]
+            dz = tl.where(live[:, None], dz, 0.0)  # where, not ·0: a dead row's logits may be NaN
+        out = dz_ptr + loc_r.to(tl.int64)[:, None] * stride_dz + loc_c[None, :]
+        tl.store(out, _cast(dz, dz_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (loc_c < n_cols_pad)[None, :])
+        if COMPUTE_DB:
+            tl.store(dbp_ptr + pid_m * stride_dbp + loc_c, tl.sum(dz, axis=0), mask=col_ok)
+
+    @triton.jit
+    def _dw_sum(
+        dz_ptr, x_ptr, g_ptr, vs, hs, v_in, h_ok, N, stride_dz, stride_x,
+        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, MASK_DEAD: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """Σ_t dz[t, vs]ᵀ x[t, hs] over all N tokens, fp32 (BLOCK_V, BLOCK_H); v_in: the scratch columns to read
+        (its padding included: zeros). MASK_DEAD: dead tokens' x is not loaded. The mask then depends on a load of
+        the same iteration, which keeps Triton's pipeliner from prefetching x; without it both operands are
+        prefetched."""
+        acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
+        for t0 in range(0, N, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T)
+            t_ok = ts < N
+            if MASK_DEAD:
+                x_rows = (tl.load(g_ptr + ts, mask=t_ok, other=0.0) != 0.0) & t_ok
+            else:
+                x_rows = t_ok
+            a = tl.load(
+                dz_ptr + ts.to(tl.int64)[:, None] * stride_dz + vs[None, :], mask=t_ok[:, None] & v_in[None, :],
+                other=0.0,
+            )  # (BT, BV)
+            xt = tl.load(
+                x_ptr + ts.to(tl.int64)[:, None] * stride_x + hs[None, :], mask=x_rows[:, None] & h_ok[None, :],
+                other=0.0,
+            )  # (BT, BH)
+            acc = _mma(tl.trans(a), xt, acc, DOT_PRECISION, UPCAST)
+        return acc
+
+    @triton.jit
+    def _dw_kernel(
+        dz_ptr, x_ptr, g_ptr, finite_ptr, dw_ptr, N, H, col0, n_cols, n_cols_pad, stride_dz, stride_x, stride_dw,
+        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """dW[col0 + v, h] = Σ_t dz[t, v]·x[t, h] over all N tokens for one (BLOCK_V, BLOCK_H) tile.
+
+        The tile owns its output: an fp32 accumulator over every token, one store in W's dtype. Dead tokens have
+        dz = 0, so their x only matters when it is not finite (0·NaN would poison dW): finite_ptr holds 1 when all
+        of x is finite (the usual case: the prefetched loop), else 0 (dead tokens' x is masked off)."""
+        pid_v, pid_h = _grouped(tl.program_id(0), tl.cdiv(n_cols, BLOCK_V), tl.cdiv(H, BLOCK_H), GROUP_M)
+        vs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        v_ok = vs < n_cols
+        v_in = vs < n_cols_pad
+        h_ok = hs < H
+        if tl.load(finite_ptr) != 0:
+            acc = _dw_sum(dz_ptr, x_ptr, g_ptr, vs, hs, v_in, h_ok, N, stride_dz, stride_x,
+                          BLOCK_V, BLOCK_H, BLOCK_T, False, DOT_PRECISION, UPCAST)
+        else:
+            acc = _dw_sum(dz_ptr, x_ptr, g_ptr, vs, hs, v_in, h_ok, N, stride_dz, stride_x,
+                          BLOCK_V, BLOCK_H, BLOCK_T, True, DOT_PRECISION, UPCAST)
+        out = dw_ptr + (col0 + vs).to(tl.int64)[:, None] * stride_dw + hs[None, :]
+        tl.store(out, _cast(acc, dw_ptr.dtype.element_ty, UPCAST), mask=v_ok[:, None] & h_ok[None, :])
+
+    @triton.jit
+    def _dx_kernel(
+        dz_ptr, w_ptr, g_ptr, out_ptr, row0, n_rows, H, col0, n_cols, n_cols_pad, stride_dz, stride_w, stride_out,
+        ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
+        GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_OUT: tl.constexpr,
+    ):
+        """out[row0 + m, h] (+)= Σ_v dz[m, v]·W[col0 + v, h] for one (BLOCK_M, BLOCK_H) tile; dead rows get 0.
+
+        ACCUMULATE: out is the fp32 (N, H) accumulator of the one-pass plan, read, added to and written back once
+        per vocab chunk. Else out is dx itself and dz holds every column: the tile is written once, in dx's dtype.
+        """
+        pid_m, pid_h = _grouped(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.cdiv(H, BLOCK_H), GROUP_M)
+        loc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        row_ok = loc < n_rows
+        h_ok = hs < H
+        rows = row0 + loc
+        live = tl.load(g_ptr + rows, mask=row_ok, other=0.0) != 0.0
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + hs[None, :]
+        mask = row_ok[:, None] & h_ok[None, :]
+        if ACCUMULATE:
+            acc = tl.load(out, mask=mask, other=0.0)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        if tl.sum(live.to(tl.int32), axis=0) > 0:
+            for v0 in range(0, n_cols, BLOCK_V):
+                vs = v0 + tl.arange(0, BLOCK_V)
+                v_ok = vs < n_cols
+                a = tl.load(
+                    dz_ptr + loc.to(tl.int64)[:, None] * stride_dz + vs[None, :],
+                    mask=row_ok[:, None] & (vs < n_cols_pad)[None, :], other=0.0,
+                )  # (BM, BV), the padding columns are zeros
+                wt = tl.load(
+                    w_ptr + (col0 + vs).to(tl.int64)[:, None] * stride_w + hs[None, :],
+                    mask=v_ok[:, None] & h_ok[None, :], other=0.0,
+                )  # (BV, BH)
+                acc = _mma(a, wt, acc, DOT_PRECISION, UPCAST)
+        tl.store(out, _cast(tl.where(live[:, None], acc, 0.0), out_ptr.dtype.element_ty, ROUND_OUT), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,7 +443,11 @@ WAVES = 2  # forward programs aimed at per SM when N alone cannot fill the GPU
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes and launch knobs of one call; ``splits=None`` lets the forward choose its vocab split."""
+    """Tile sizes and launch knobs of one call; ``splits=None`` lets the forward choose its vocab split.
+
+    block_m / block_n / block_k: rows, vocab columns and H step of a logits tile (forward, atomic backward, and the
+    owned dz kernel). block_h: the H width of an owned-mode GEMM output tile (dW's (block_n, block_h) tiles, summed
+    over tokens in block_k steps; dx's (block_m, block_h) tiles, summed over the vocab in block_k steps)."""
 
     block_m: int
     block_n: int
@@ -239,6 +456,7 @@ class LaunchConfig:
     num_stages: int = 2
     group_m: int = 8
     splits: int | None = None
+    block_h: int = 128
 
 
 def _interpreting() -> bool:
@@ -252,15 +470,23 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _launch_config(n: int, dtype: torch.dtype) -> LaunchConfig:
-    """Tile sizes for N rows of ``dtype`` (see the module docstring for why these numbers)."""
+    """Tile sizes for N rows of ``dtype`` (see the module docstring for why these numbers). Pure Python."""
     if _interpreting():
-        return LaunchConfig(16, 32, 16)
-    fit_m = max(16, triton.next_power_of_2(max(n, 1)))
+        return LaunchConfig(16, 32, 16, block_h=32)
+    fit_m = max(16, _next_pow2(max(n, 1)))
     if dtype == torch.float32:
-        return LaunchConfig(min(64, fit_m), 64, 32, num_warps=4, num_stages=2)
+        return LaunchConfig(min(64, fit_m), 64, 32, num_warps=4, num_stages=2, block_h=64)
     block_m = min(128, fit_m)
-    return LaunchConfig(block_m, 128, 64, num_warps=8 if block_m == 128 else 4, num_stages=3)
+    return LaunchConfig(block_m, 128, 64, num_warps=8 if block_m == 128 else 4, num_stages=3, block_h=128)
 
 
 def _forward_splits(n: int, v: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
@@ -279,6 +505,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _upcast(dtype: torch.dtype) -> bool:
+    """bf16 MMA operands go through fp32 under the interpreter only (see `_mma`)."""
+    return dtype == torch.bfloat16 and _interpreting()
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
 
@@ -293,6 +524,147 @@ def _check(x, weight, targets, bias) -> None:
     assert x.device == weight.device == targets.device, (x.device, weight.device, targets.device)
     if bias is not None:
         assert bias.shape == (weight.shape[0],) and bias.device == x.device, (bias.shape, bias.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backward modes, the owned mode's plan, and the memory model (pure Python: no tensor, no GPU, no Triton needed)
+# ---------------------------------------------------------------------------------------------------------------------
+
+DW_MODES = ("auto", "owned", "atomic")
+BUDGET_FRACTION = 0.18  # owned-mode scratch budget, a fraction of inputs + gradients (the target is ≤ 0.2)
+ONE_PASS_MIN_COLS = 1024  # one-pass plan only if its vocab chunks are at least this wide (see the module docstring)
+SCRATCH_ALIGN = 64  # dz scratch rows are padded to a multiple of this many elements (aligned, vectorizable loads)
+
+
+def resolve_dw_mode(dw_mode: str, dtype: torch.dtype) -> str:
+    """'auto' -> 'owned' for fp16/bf16 inputs, 'atomic' otherwise. Unknown names raise ValueError."""
+    if dw_mode not in DW_MODES:
+        raise ValueError(f"dw_mode={dw_mode!r} is not one of {DW_MODES}")
+    if dw_mode == "auto":
+        return "owned" if dtype in (torch.float16, torch.bfloat16) else "atomic"
+    return dw_mode
+
+
+@dataclass(frozen=True)
+class OwnedPlan:
+    """How the owned backward cuts its work (see the module docstring).
+
+    vocab_chunk: columns Vc of one step of the vocabulary pass (dz scratch (N, Vc); dW and db of those columns).
+    row_chunk: rows Nr of one step of the row pass (dz scratch (Nr, V); dx of those rows); 0 when there is none.
+    dx_in_vocab_pass: dx is summed over the vocab chunks in an fp32 (N, H) buffer (one pass, no row pass).
+    """
+
+    vocab_chunk: int
+    row_chunk: int
+    dx_in_vocab_pass: bool
+
+
+def inputs_and_grads_bytes(n: int, h: int, v: int, dtype: torch.dtype, bias: bool = True) -> int:
+    """Bytes of x (N, H), W (V, H), b (V,) and of their gradients dx, dW, db, all in ``dtype``."""
+    return 2 * dtype.itemsize * (n * h + v * h + (v if bias else 0))
+
+
+def _fixed_bytes(n: int) -> int:
+    """The backward's per-row temporaries: the fp32 effective grad (N,) and the ignore mask (N,) it is built from,
+    and a few scalars (x's max-norm and its finiteness flag)."""
+    return 5 * n + 64
+
+
+def _padded(width: int) -> int:
+    return _cdiv(width, SCRATCH_ALIGN) * SCRATCH_ALIGN
+
+
+def _balanced(total: int, cap: int, quantum: int) -> int:
+    """The chunk length for cutting ``total`` into the fewest chunks of at most ``cap`` (rounded down to a multiple
+    of ``quantum``, at least ``quantum``), evened out and rounded up to a multiple of ``quantum``."""
+    cap = max(quantum, cap // quantum * quantum)
+    if cap >= total:
+        return total
+    return _cdiv(_cdiv(total, _cdiv(total, cap)), quantum) * quantum
+
+
+def _needs(needs, bias: bool) -> tuple[bool, bool, bool]:
+    need_dx, need_dw, need_db = (bool(t) for t in needs)
+    return need_dx, need_dw, need_db and bias
+
+
+def plan_owned_backward(
+    n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = True, needs=(True, True, True),
+    budget_bytes: int | None = None, cfg: LaunchConfig | None = None,
+) -> OwnedPlan:
+    """The owned backward's chunking for N rows, hidden H, vocab V: its scratch fits ``budget_bytes`` (default
+    BUDGET_FRACTION × :func:`inputs_and_grads_bytes`) unless even one tile-wide chunk does not.
+
+    One pass (3 GEMMs) when dx's fp32 (N, H) accumulator fits beside vocab chunks of ≥ ONE_PASS_MIN_COLS columns,
+    else two passes (4 GEMMs: the row pass recomputes the logits for dx). Chunks are evened out and rounded to
+    whole tiles (block_n columns, block_m rows)."""
+    cfg = cfg or _launch_config(n, dtype)
+    need_dx, need_dw, need_db = _needs(needs, bias)
+    if budget_bytes is None:
+        budget_bytes = int(BUDGET_FRACTION * inputs_and_grads_bytes(n, h, v, dtype, bias))
+    e = dtype.itemsize
+    avail = max(0, budget_bytes - _fixed_bytes(n))
+    per_col = max(1, n * e + (4 * (_cdiv(n, cfg.block_m) + 1) if need_db else 0))  # scratch + db partials per column
+    pad = n * e * (SCRATCH_ALIGN - 1)  # at most this much padding on the scratch's rows
+    vocab_chunk = row_chunk = 0
+    one_pass = False
+    if need_dw or need_db:
+        left = avail - 4 * n * h - pad
+        if need_dx and left >= per_col * min(v, ONE_PASS_MIN_COLS):
+            one_pass = True
+            vocab_chunk = _balanced(v, left // per_col, cfg.block_n)
+        else:
+            vocab_chunk = _balanced(v, (avail - pad) // per_col, cfg.block_n)
+    if need_dx and not one_pass:
+        row_chunk = _balanced(max(n, 1), avail // (_padded(v) * e), cfg.block_m)
+    return OwnedPlan(vocab_chunk, row_chunk, one_pass)
+
+
+def backward_extra_bytes(
+    n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = True, needs=(True, True, True),
+    dw_mode: str = "auto", plan: OwnedPlan | None = None, cfg: LaunchConfig | None = None,
+) -> int:
+    """Peak bytes the backward allocates beyond its inputs and its returned gradients (dx, dW, db in the inputs'
+    dtype), for N rows, hidden H, vocab V of ``dtype``: the model the launchers follow allocation by allocation.
+
+    atomic: fp32 dx, dW, db buffers (for fp32 inputs they are the gradients themselves, so nothing extra).
+    owned: the larger of the vocab pass (dz scratch (N, Vc), db partials, the one-pass plan's fp32 dx) and the row
+    pass (dz scratch (Nr, V)), plus the per-row temporaries."""
+    if n == 0:
+        return 0
+    need_dx, need_dw, need_db = _needs(needs, bias)
+    fixed = _fixed_bytes(n)
+    if resolve_dw_mode(dw_mode, dtype) == "atomic":
+        if dtype == torch.float32:
+            return fixed
+        return fixed + 4 * (need_dx * n * h + need_dw * v * h + need_db * v)
+    cfg = cfg or _launch_config(n, dtype)
+    plan = plan or plan_owned_backward(n, h, v, dtype, bias=bias, needs=needs, cfg=cfg)
+    e = dtype.itemsize
+    vocab = row = 0
+    if need_dw or need_db or (need_dx and plan.dx_in_vocab_pass):
+        vc = min(plan.vocab_chunk, v)
+        vocab = n * _padded(vc) * e + (4 * (_cdiv(n, cfg.block_m) + 1) * vc if need_db else 0)
+        vocab += 4 * n * h if need_dx and plan.dx_in_vocab_pass else 0
+    if need_dx and not plan.dx_in_vocab_pass:
+        row = min(plan.row_chunk, n) * _padded(v) * e
+    return fixed + max(vocab, row)
+
+
+def backward_gemm_flops(n: int, h: int, v: int, *, dw_mode: str = "owned", plan: OwnedPlan | None = None,
+                        needs=(True, True, True)) -> int:
+    """Matmul FLOPs of the backward (multiples of one N×H×V GEMM, 2·N·H·V): atomic 3, owned one-pass 3, owned
+    two-pass 4 (the row pass recomputes the logits), fewer when a gradient is not needed."""
+    need_dx, need_dw, need_db = (bool(t) for t in needs)
+    gemm = 2 * n * h * v
+    if dw_mode == "atomic":
+        return gemm * (1 + need_dx + need_dw)
+    plan = plan or OwnedPlan(v, 0, True)
+    vocab_pass = need_dw or need_db or (need_dx and plan.dx_in_vocab_pass)
+    total = vocab_pass * (1 + need_dw + (need_dx and plan.dx_in_vocab_pass))
+    if need_dx and not plan.dx_in_vocab_pass:
+        total += 2
+    return gemm * total
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -316,7 +688,8 @@ def _forward(x, weight, targets, bias, ignore_index, cfg: LaunchConfig):
             x, weight, b, targets, lse_part, tgt_part,
             n, h, v, x.stride(0), weight.stride(0), per_split,
             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_upcast(x.dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         block = 64 if _interpreting() else 1024
         _combine_kernel[(triton.cdiv(n, block),)](
@@ -325,9 +698,8 @@ def _forward(x, weight, targets, bias, ignore_index, cfg: LaunchConfig):
     return logp, lse
 
 
-def _backward(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg: LaunchConfig):
-    need_dx, need_dw, need_db = needs_input_grad
-    need_db = bool(need_db) and bias is not None
+def _backward_atomic(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg: LaunchConfig):
+    need_dx, need_dw, need_db = _needs(needs_input_grad, bias is not None)
     n, h = x.shape
     v = weight.shape[0]
     dx = torch.zeros((n, h), device=x.device, dtype=torch.float32) if need_dx else None
@@ -343,15 +715,130 @@ def _backward(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_inpu
                 x, weight, b, targets, lse, g,
                 dx if need_dx else g, dw if need_dw else g, db if need_db else g,  # placeholders are never touched
                 n, h, v, x.stride(0), weight.stride(0), ignore_index,
-                HAS_BIAS=bias is not None, COMPUTE_DX=bool(need_dx), COMPUTE_DW=bool(need_dw), COMPUTE_DB=need_db,
+                HAS_BIAS=bias is not None, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_upcast(x.dtype), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
     return (
         dx.to(x.dtype) if dx is not None else None,
         dw.to(weight.dtype) if dw is not None else None,
         db.to(bias.dtype) if db is not None else None,
     )
+
+
+def _launch_dz(x, weight, bias, targets, lse, g, dz, dbp, row0, col0, cfg: LaunchConfig, common: dict) -> None:
+    """dz (n_rows, n_cols) view of a scratch whose rows hold _padded(n_cols) elements <- g·(onehot − softmax) of
+    rows row0.., columns col0.., zeros in the padding; dbp: the (row blocks, n_cols) partial db view or None."""
+    n_rows, n_cols = dz.shape
+    n_pad = _padded(n_cols)  # ≤ dz.stride(0): the scratch's rows are padded
+    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_pad, cfg.block_n),)
+    _dz_kernel[grid](
+        x, weight, bias if bias is not None else x, targets, lse, g, dz, dbp if dbp is not None else g,
+        row0, n_rows, col0, n_cols, n_pad, x.shape[1], x.stride(0), weight.stride(0), dz.stride(0),
+        dbp.stride(0) if dbp is not None else 0,
+        HAS_BIAS=bias is not None, COMPUTE_DB=dbp is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **common,
+    )
+
+
+def _launch_dx(dz, weight, g, out, row0, col0, accumulate: bool, cfg: LaunchConfig, common: dict) -> None:
+    """out[row0 : row0 + n_rows] (+)= dz · W[col0 : col0 + n_cols] (see `_dx_kernel`)."""
+    n_rows, n_cols = dz.shape
+    h = weight.shape[1]
+    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(h, cfg.block_h),)
+    _dx_kernel[grid](
+        dz, weight, g, out, row0, n_rows, h, col0, n_cols, _padded(n_cols), dz.stride(0), weight.stride(0),
+        out.stride(0),
+        ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_V=cfg.block_k, GROUP_M=cfg.group_m,
+        ROUND_OUT=common["UPCAST"] and not accumulate, **common,
+    )
+
+
+def _vocab_pass(x, weight, bias, targets, lse, g, dx, dw, db, plan: OwnedPlan, cfg: LaunchConfig, common: dict,
+                x_finite: torch.Tensor | None = None):
+    """dW and db (those not None) by chunks of Vc vocabulary columns, and dx if given through an fp32 accumulator.
+    x_finite: int32 (1,), 1 when all of x is finite (see `_dw_kernel`). The scratch dies with the call (a view
+    left in a loop variable would keep it alive into the row pass)."""
+    n, h = x.shape
+    v = weight.shape[0]
+    vc = min(plan.vocab_chunk, v)
+    scratch = torch.empty((n, _padded(vc)), device=x.device, dtype=x.dtype)
+    partial = torch.empty((triton.cdiv(n, cfg.block_m), vc), device=x.device, dtype=torch.float32) if db is not None \
+        else None
+    acc = torch.zeros((n, h), device=x.device, dtype=torch.float32) if dx is not None else None
+    for c0 in range(0, v, vc):
+        nc = min(vc, v - c0)
+        dz = scratch[:, :nc]
+        dbp = partial[:, :nc] if db is not None else None
+        _launch_dz(x, weight, bias, targets, lse, g, dz, dbp, 0, c0, cfg, common)
+        if dw is not None:
+            grid = (triton.cdiv(nc, cfg.block_n) * triton.cdiv(h, cfg.block_h),)
+            _dw_kernel[grid](
+                dz, x, g, x_finite, dw, n, h, c0, nc, _padded(nc), dz.stride(0), x.stride(0), dw.stride(0),
+                BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_k, GROUP_M=cfg.group_m, **common,
+            )
+        if db is not None:
+            db[c0 : c0 + nc] = dbp.sum(0)
+        if dx is not None:
+            _launch_dx(dz, weight, g, acc, 0, c0, True, cfg, common)
+    if dx is not None:
+        dx.copy_(acc)
+
+
+def _row_pass(x, weight, bias, targets, lse, g, dx, plan: OwnedPlan, cfg: LaunchConfig, common: dict):
+    """dx by chunks of Nr rows, each chunk's dz recomputed over the whole vocabulary and contracted with W once."""
+    n = x.shape[0]
+    nr = min(plan.row_chunk, n)
+    v = weight.shape[0]
+    scratch = torch.empty((nr, _padded(v)), device=x.device, dtype=x.dtype)
+    for r0 in range(0, n, nr):
+        dz = scratch[: min(nr, n - r0), :v]
+        _launch_dz(x, weight, bias, targets, lse, g, dz, None, r0, 0, cfg, common)
+        _launch_dx(dz, weight, g, dx, r0, 0, False, cfg, common)
+
+
+def _backward_owned(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg: LaunchConfig,
+                    plan: OwnedPlan | None = None):
+    """dx, dW, db with every output tile written once (module docstring, "owned"); allocations as
+    :func:`backward_extra_bytes` models them."""
+    need_dx, need_dw, need_db = _needs(needs_input_grad, bias is not None)
+    n, h = x.shape
+    v = weight.shape[0]
+    dx = torch.empty((n, h), device=x.device, dtype=x.dtype) if need_dx else None
+    dw = torch.empty((v, h), device=x.device, dtype=weight.dtype) if need_dw else None
+    db = torch.empty((v,), device=x.device, dtype=bias.dtype) if need_db else None
+    if n == 0 or not (need_dx or need_dw or need_db):
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+        return dx, dw, db
+    if plan is None:
+        plan = plan_owned_backward(n, h, v, x.dtype, bias=bias is not None, needs=(need_dx, need_dw, need_db),
+                                   cfg=cfg)
+    # the effective upstream grad: 0 on ignored rows, so that a kernel knows a dead row from g alone
+    g = torch.where(targets != ignore_index, grad_logp.to(torch.float32), 0.0)
+    lse = lse.to(torch.float32).contiguous()
+    common = {"DOT_PRECISION": _dot_precision(x.dtype), "UPCAST": _upcast(x.dtype), "num_warps": cfg.num_warps,
+              "num_stages": cfg.num_stages}
+    dx_in_vocab_pass = need_dx and plan.dx_in_vocab_pass
+    with _device_guard(x):
+        if need_dw or need_db or dx_in_vocab_pass:
+            # one read of x, no host sync: the dW kernel masks dead tokens' x only when some of x is not finite
+            x_finite = torch.isfinite(torch.linalg.vector_norm(x, float("inf"))).to(torch.int32).reshape(1) \
+                if need_dw else None
+            _vocab_pass(x, weight, bias, targets, lse, g, dx if dx_in_vocab_pass else None, dw, db, plan, cfg, common,
+                        x_finite)
+        if need_dx and not dx_in_vocab_pass:
+            _row_pass(x, weight, bias, targets, lse, g, dx, plan, cfg, common)
+    return dx, dw, db
+
+
+def _backward(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg: LaunchConfig,
+              dw_mode: str = "auto", plan: OwnedPlan | None = None):
+    if resolve_dw_mode(dw_mode, x.dtype) == "atomic":
+        return _backward_atomic(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg)
+    return _backward_owned(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg, plan)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -369,32 +856,38 @@ def linear_logprobs_forward(x, weight, targets, bias=None, ignore_index=-100) ->
 
 
 def linear_logprobs_backward(
-    x, weight, targets, lse, grad_logp, bias=None, ignore_index=-100, needs_input_grad=(True, True, True)
+    x, weight, targets, lse, grad_logp, bias=None, ignore_index=-100, needs_input_grad=(True, True, True),
+    dw_mode="auto",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """-> (dx (N,H) or None, dW (V,H) or None, db (V,) or None), in x / weight / bias dtype, summed in fp32.
 
     lse is the forward's output; grad_logp (N,) is the upstream grad. Ignored rows and rows with zero grad add
     exactly nothing, even when their hidden state is NaN (torch autograd would spread 0·NaN into dW there).
-    needs_input_grad = (dx, dW, db); db is None without a bias.
+    needs_input_grad = (dx, dW, db); db is None without a bias. dw_mode: "owned" (every output tile written once,
+    deterministic, bounded scratch: :func:`backward_extra_bytes`), "atomic" (fp32 atomics into fp32 dx / dW / db
+    buffers, cast at the end), or "auto" (owned for fp16 / bf16 inputs, atomic for fp32).
     """
     _check(x, weight, targets, bias)
     assert lse.shape == targets.shape == grad_logp.shape, (lse.shape, targets.shape, grad_logp.shape)
     assert len(needs_input_grad) == 3, needs_input_grad
     cfg = _launch_config(x.shape[0], x.dtype)
-    return _backward(x, weight, targets, lse, grad_logp, bias, ignore_index, tuple(needs_input_grad), cfg)
+    return _backward(x, weight, targets, lse, grad_logp, bias, ignore_index, tuple(needs_input_grad), cfg, dw_mode)
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """logp = LinearLogprobsFunction.apply(x, weight, targets, bias, ignore_index); differentiable in x, weight, bias.
+    """logp = LinearLogprobsFunction.apply(x, weight, targets, bias, ignore_index, dw_mode); differentiable in x,
+    weight, bias. dw_mode: "auto" (default), "owned" or "atomic", see :func:`linear_logprobs_backward`.
 
     Saves x, weight, bias, targets and lse (N floats), never the logits; backward recomputes them tile by tile.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, bias=None, ignore_index=-100):
+    def forward(ctx, x, weight, targets, bias=None, ignore_index=-100, dw_mode="auto"):
+        resolve_dw_mode(dw_mode, x.dtype)  # an unknown mode fails here, not in backward
         logp, lse = linear_logprobs_forward(x, weight, targets, bias, ignore_index)
         ctx.save_for_backward(x, weight, bias, targets, lse)
         ctx.ignore_index = ignore_index
+        ctx.dw_mode = dw_mode
         return logp
 
     @staticmethod
@@ -402,6 +895,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp):
         x, weight, bias, targets, lse = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3])
-        dx, dw, db = linear_logprobs_backward(x, weight, targets, lse, grad_logp, bias, ctx.ignore_index, needs)
-        return dx, dw, None, db, None
-
+        dx, dw, db = linear_logprobs_backward(
+            x, weight, targets, lse, grad_logp, bias, ctx.ignore_index, needs, ctx.dw_mode
+        )
+        return dx, dw, None, db, None, None

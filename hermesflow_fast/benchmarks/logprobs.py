@@ -21,7 +21,9 @@ gradients, at a tiny shape):
                    torch's chunked path; logp = −nll, summed per sequence, then ``ops.dpo_loss``.
     ours           ``ops.FusedLinearDPOLoss(backend="chunked")``: gradients computed in forward (the default on CPU).
     ours_twopass   ``ops.fused_linear_dpo_loss(..., backend="twopass")``: linear_logprobs + dpo_loss (the default
-                   on CUDA with Triton: Triton kernels there).
+                   on CUDA with Triton: Triton kernels there, whose backward is dw_mode="owned" for bf16 / fp16).
+    ours_twopass_atomic  the same with the Triton backward's dw_mode="atomic" (fp32 dx / dW buffers and atomics),
+                   for comparison (only via --providers).
 
 Memory ("memory_extra", MB) = peak − (memory with the inputs built) − (sizes of hidden.grad, weight.grad and
 bias.grad in the input dtype), the same subtraction for every provider: the bytes an op needs beyond its inputs and

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hermesflow_fast.benchmarks.measure import DTYPES, MB
-from hermesflow_fast.ops import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss, reference
+from hermesflow_fast.ops import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss, linear_logprobs, reference
 from hermesflow_fast.ops.fused_dpo import _pair_chunks
 from hermesflow_fast.ops.logprobs import default_chunk_rows
 
@@ -225,6 +225,25 @@ def _ours_twopass(inp: Inputs) -> Forward:
     )[0]
 
 
+def _ours_twopass_atomic(inp: Inputs) -> Forward:
+    """ours_twopass with the Triton backward's former default, dw_mode="atomic" (fp32 dx / dW buffers filled by
+    atomics), for comparison with the owned backward that ours_twopass runs for 16-bit inputs. On CPU (the torch
+    path, which has no dw_mode) it is ours_twopass."""
+    n = inp.x.shape[0] // 2
+    rw, rb = _detached(inp)
+
+    def seq_logps(hidden, weight, bias):
+        return linear_logprobs(hidden, weight, inp.y, bias, IGNORE_INDEX, dw_mode="atomic").sum(-1)
+
+    def run():
+        lp = seq_logps(inp.x, inp.w, inp.b)
+        with torch.no_grad():
+            ref = seq_logps(inp.xr, rw, rb)
+        return dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta=BETA)[0]
+
+    return run
+
+
 PROVIDERS: dict[str, Callable[[Inputs], Forward]] = {
     "gemm_floor": _gemm_floor,
     "naive": _naive,
@@ -234,10 +253,12 @@ PROVIDERS: dict[str, Callable[[Inputs], Forward]] = {
     "torch_lce": _torch_lce,
     "ours": _ours,
     "ours_twopass": _ours_twopass,
+    "ours_twopass_atomic": _ours_twopass_atomic,
 }
 DEFAULT_PROVIDERS = ("gemm_floor", "naive", "trl", "liger", "torch_lce", "ours", "ours_twopass")
 TIME_ONLY = ("gemm_floor",)  # no loss, no memory row
-RUN_ORDER = ("gemm_floor", "ours", "ours_twopass", "torch_lce", "liger", "liger_compiled", "trl", "naive")
+RUN_ORDER = ("gemm_floor", "ours", "ours_twopass", "ours_twopass_atomic", "torch_lce", "liger", "liger_compiled",
+             "trl", "naive")
 
 
 def provider_available(name: str) -> tuple[bool, str]:
@@ -255,7 +276,8 @@ def estimate_bytes(name: str, p: Problem) -> int:
     """Rough peak of one measurement process: inputs + grads + what the provider holds at its peak.
 
     Factors on L (fp32 logits of all policy rows) are rounded up from CPU fp32 measurements: naive and trl
-    needed 2.7 L extra at H=256, V=16000, 2048 tokens (L = 131 MB); ours 120 MB and liger 125 MB there.
+    needed 2.7 L extra at H=256, V=16000, 2048 tokens (L = 131 MB); ours 120 MB and liger 125 MB there. On CUDA the
+    twopass providers use the Triton backward's model (``kernels.linear_logprobs.backward_extra_bytes``) + 64 MB.
     """
     elt = p.torch_dtype.itemsize
     n, h, v = p.tokens, p.H, p.V
@@ -272,7 +294,13 @@ def estimate_bytes(name: str, p: Problem) -> int:
         "torch_lce": logits // 2 + 2 * v * h * 4,
         "ours": 4 * chunk + 2 * v * h * 4,
         "ours_twopass": 4 * chunk + 2 * v * h * 4,
+        "ours_twopass_atomic": 4 * chunk + 2 * v * h * 4,
     }[name]
+    if name.startswith("ours_twopass") and p.device == "cuda":  # the Triton backward's own model
+        from hermesflow_fast.kernels.linear_logprobs import backward_extra_bytes
+
+        mode = "atomic" if name == "ours_twopass_atomic" else "auto"
+        held = backward_extra_bytes(n, h, v, p.torch_dtype, bias=p.bias, dw_mode=mode) + 64 * MB
     return inputs + grads + held + 400 * MB  # + torch itself
 
 

@@ -43,6 +43,10 @@ Keyword-only extras: ``cdpo``, precomputed reference log-probs (``ref_chosen_log
 "auto" picks "twopass" on CUDA when Triton is there (measured on an H100 in bf16, bench/results/logprobs_gpu.csv:
 1.42–1.78× the four-GEMM floor and 467–587 MB extra against "chunked"'s 1.86–2.25× and 787–1,132 MB, 1k–16k
 tokens) and "chunked" everywhere else (on CPU it is the faster one, bench/results/logprobs.csv).
+Those twopass numbers predate the Triton backward's dw_mode="owned" (kernels/linear_logprobs.py), now its default
+for 16-bit inputs: no fp32 (V, H) dW buffer, modelled backward extra ≤ 0.18× inputs + gradients (107 MB instead of
+614 MB at 16,384 tokens, H 2048, V 58,498), one more GEMM from ~9.6k tokens up; the benchmark's
+``ours_twopass_atomic`` provider runs the former backward beside it.
 :class:`FusedLinearDPOFunction` always runs "chunked" (gradients in forward, as liger's Function).
 
 The "chunked" path computes gradients during the forward pass, one chunk of whole pairs at a time:

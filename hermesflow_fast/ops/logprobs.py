@@ -5,6 +5,10 @@
 
 Paths (``backend=``):
   "triton"  CUDA: kernels/linear_logprobs.py, tiles of z in SRAM, online logsumexp, recompute in backward.
+            ``dw_mode=`` picks its backward: "owned" (each dW / db / dx tile summed in fp32 and written once, a dz
+            scratch bounded to 0.18× inputs + gradients, deterministic), "atomic" (fp32 atomics into fp32 dx / dW
+            buffers: 1.0× inputs + gradients extra in bf16), "auto" (owned for fp16 / bf16, atomic for fp32).
+            The torch path ignores it.
   "torch"   any device: rows chunked (``chunk_bytes`` of fp32 logits per chunk, or by default a quarter of the rows,
             512 rows at least, see :func:`default_chunk_rows`), one chunk of logits alive; forward keeps only the
             logsumexp (N floats); backward recomputes each chunk's logits (the two-pass design of CCE / torch's
@@ -267,6 +271,12 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------------
 
 _BACKENDS = ("auto", "torch", "triton")
+DW_MODES = ("auto", "owned", "atomic")  # the Triton backward's modes (kernels.linear_logprobs.DW_MODES)
+
+
+def check_dw_mode(dw_mode: str) -> None:
+    if dw_mode not in DW_MODES:
+        raise ValueError(f"dw_mode={dw_mode!r} is not one of {DW_MODES}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -301,6 +311,7 @@ def linear_logprobs(
     *,
     backend: str = "auto",
     chunk_bytes: int | None = None,
+    dw_mode: str = "auto",
 ) -> torch.Tensor:
     """Per-token log p(target) of a linear head, without materializing the [tokens × V] logits.
 
@@ -309,18 +320,20 @@ def linear_logprobs(
         weight: (V, H) LM-head weight. bias: optional (V,).
         targets: (N,) or (B, T) integer ids in [0, V), or ``ignore_index``.
         backend: "auto" | "torch" | "triton" (see module docstring). chunk_bytes: logits budget of the torch path
-            (None: :func:`default_chunk_rows`).
+            (None: :func:`default_chunk_rows`). dw_mode: the Triton backward, "auto" | "owned" | "atomic" (module
+            docstring; ignored by the torch path).
     Returns:
         float32 (float64 for float64 inputs), (N,) or (B, T): log p(target), 0 at ``ignore_index``.
         Differentiable in hidden, weight and bias.
     """
+    check_dw_mode(dw_mode)
     hidden, weight, bias = autocast_cast(hidden, weight, bias)
     check_linear_head("linear_logprobs", hidden, weight, targets, bias, ignore_index)
     with autocast_off(hidden.device):
-        return _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk_bytes)
+        return _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk_bytes, dw_mode)
 
 
-def _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk_bytes) -> torch.Tensor:
+def _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk_bytes, dw_mode) -> torch.Tensor:
     lead = targets.shape
     x = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
@@ -329,7 +342,7 @@ def _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk
         from hermesflow_fast.kernels.linear_logprobs import LinearLogprobsFunction
 
         xc, wc, yc = x.contiguous(), weight.contiguous(), y.long().contiguous()
-        out = LinearLogprobsFunction.apply(xc, wc, yc, bias, ignore_index)
+        out = LinearLogprobsFunction.apply(xc, wc, yc, bias, ignore_index, dw_mode)
     else:
         out = _ChunkedLinearLogprobs.apply(x, weight, bias, y, ignore_index, chunk_bytes)
     return out.reshape(lead)
@@ -338,13 +351,16 @@ def _linear_logprobs(hidden, weight, targets, bias, ignore_index, backend, chunk
 class LinearLogprobs(torch.nn.Module):
     """Module twin of :func:`linear_logprobs`: ``forward(hidden, weight, targets, bias=None)``."""
 
-    def __init__(self, ignore_index: int = -100, backend: str = "auto", chunk_bytes: int | None = None):
+    def __init__(self, ignore_index: int = -100, backend: str = "auto", chunk_bytes: int | None = None,
+                 dw_mode: str = "auto"):
         super().__init__()
         if backend not in _BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}")
-        self.ignore_index, self.backend, self.chunk_bytes = ignore_index, backend, chunk_bytes
+        check_dw_mode(dw_mode)
+        self.ignore_index, self.backend, self.chunk_bytes, self.dw_mode = ignore_index, backend, chunk_bytes, dw_mode
 
     def forward(self, hidden, weight, targets, bias=None):
         return linear_logprobs(
-            hidden, weight, targets, bias, self.ignore_index, backend=self.backend, chunk_bytes=self.chunk_bytes
+            hidden, weight, targets, bias, self.ignore_index, backend=self.backend, chunk_bytes=self.chunk_bytes,
+            dw_mode=self.dw_mode,
         )

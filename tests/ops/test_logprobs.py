@@ -156,6 +156,18 @@ def test_triton_backend_on_cpu_is_a_clear_error():
         linear_logprobs(x, w, y, backend="triton")
 
 
+def test_unknown_dw_mode_is_a_clear_error_on_every_backend():
+    from hermesflow_fast.ops import LinearLogprobs
+
+    x, w, b, y = _inputs((4,), 8, 20, False)
+    with pytest.raises(ValueError, match="dw_mode"):
+        linear_logprobs(x, w, y, dw_mode="fast")
+    with pytest.raises(ValueError, match="dw_mode"):
+        LinearLogprobs(dw_mode="fast")
+    for mode in ("auto", "owned", "atomic"):  # the torch path takes every mode and ignores it
+        torch.testing.assert_close(linear_logprobs(x, w, y, dw_mode=mode), linear_logprobs(x, w, y))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [5, 32, 77])
 def test_logits_stats_blocked_cpu_path_equals_plain(bias, rows):
