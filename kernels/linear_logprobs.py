@@ -55,44 +55,8 @@ exactly 0. G below is one N×H×V GEMM, 2·N·H·V FLOPs.
       per pass, its rows padded to 64 elements (aligned loads whatever V), and reused by every chunk.
       `backward_extra_bytes` is the model of the peak, allocation by allocation.
 
-Why these and not the alternatives, at the H100 shape N = 16,384, H = 2048, V = 58,498, bf16 (G = 3.93 TFLOP;
-inputs + gradients 613.7 MB, so the ≤ 0.2× target is 122.7 MB of extra memory):
-  * a program that owns a (vocab tile, H block) of dW and recomputes its logits tile per H block: ×H/BLOCK_H
-    logits GEMMs (16 at 128-wide blocks): ~16 G of recomputation alone, against 3–4 G for the whole backward.
-  * a program that owns a row block of dx over the whole vocabulary: its (BLOCK_M, H) fp32 accumulator is 1 MB at
-    BLOCK_M = 128, H = 2048, far beyond registers or shared memory, so it too would recompute per H block.
-  * dx by atomics (as "atomic") or summed over vocab chunks, in one fp32 (N, H) buffer: 134.2 MB = 0.219× on its
-    own, over budget before any scratch. Up to ~9.6k tokens at this head it fits, and the one-pass plan uses it.
-  * what the plans give (`plan_owned_backward`, `backward_extra_bytes`, `backward_gemm_flops`; FLOPs count the
-    forward too, as multiples of the 3 G floor of forward + dx + dW, and of the 4 G floor of the benchmark's DPO
-    step, which adds the reference's forward):
-
-        tokens  plan                             extra MB  ÷ inputs+grads   op FLOPs ÷ 3G   DPO step ÷ 4G
-        16,384  two-pass, Vc 3200, Nr 896          106.6        0.174           1.67            1.50
-         8,192  one-pass, Vc 1792                   97.0        0.177           1.33            1.25
-         2,048  one-pass, Vc 14,720                 78.1        0.157           1.33            1.25
-        atomic, any N (16,384)                     613.7        1.000           1.33            1.25
-
-    The dz scratch adds traffic: N·V·e bytes written and read back once per pass (1.9 GB each way at 16,384 bf16
-    tokens, ~2.3 ms at 3.35 TB/s over both passes, beside ~24 ms of GEMMs at 660 TFLOP/s).
-
-Launch tuning (`_launch_config`), unmeasured starting points until a GPU sweep replaces them:
-  * 16-bit inputs: BLOCK_M = BLOCK_N = 128, BLOCK_K = 64, 8 warps (the usual Hopper/Ampere bf16 GEMM tile;
-    bigger tiles also cut the backward atomics above). BLOCK_M shrinks to the next power of two ≥ N (min 16,
-    `tl.dot`'s smallest shape) so tiny N does not waste the tensor cores.
-  * fp32 inputs use `input_precision="ieee"` (exact fp32 products, CUDA-core speed), 64×64×32 tiles, 4 warps:
-    fp32 is the accuracy path for tests, not the training path. TF32 is not used anywhere.
-  * vocab splits: enough (row block, split) programs for ~2 waves of SMs when N is small (a decode-sized N=64
-    gives 1 row block, so V=58,498 is split 115 ways on an H100 instead of running on one SM), but at least 4 vocab
-    tiles per split so the online-softmax state is amortized. Large N gets splits = 1.
-  * owned GEMM tiles: dW tiles (BLOCK_N, BLOCK_H) summed over tokens in BLOCK_K steps, dx tiles (BLOCK_M,
-    BLOCK_H) summed over the vocabulary in BLOCK_K steps; BLOCK_H = 128 (16-bit), 64 (fp32). At 16,384 tokens the
-    row pass's 896-row chunks give only 7 × 16 dx tiles per launch (< 132 SMs): the first thing a GPU sweep
-    should look at (smaller BLOCK_H, or a larger row chunk).
-  * No `triton.autotune`: N changes every step in a trainer and would retune on each new value, and the backward
-    atomics would need reset_to_zero between trials. Under the interpreter tiles are 16/32/16 (BLOCK_H 32) to
-    keep it fast, bf16 MMA operands are widened to fp32 and bf16 stores rounded by hand (`_mma`, `_cast`: the
-    interpreter's bf16 `tl.dot` multiplies raw bits and its fp32 -> bf16 cast truncates).
+See kernels/linear_logprobs_plan.py for the alternatives weighed (with the numbers at the H100 shape) and the
+launch tuning; kernels/linear_logprobs_owned.py for the owned backward's launchers.
 
 Tests:   TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m interpret tests/kernels/test_linear_logprobs*.py
          .venv/bin/python -m pytest -q -m "not interpret" tests/kernels/test_linear_logprobs_owned.py  (plan, model)
@@ -103,10 +67,7 @@ Bench:   make bench   (hermesflow bench logprobs; reference in hermesflow_fast/o
 
 from __future__ import annotations
 
-import functools
-import os
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -119,6 +80,30 @@ try:
 except ImportError:  # CPU-only installs: the module still imports; the ops layer falls back to the reference
     triton = tl = None
     HAS_TRITON = False
+
+from .linear_logprobs_plan import (  # noqa: F401 - the plan's names stay importable from here
+    BUDGET_FRACTION,
+    DW_MODES,
+    MIN_TILES_PER_SPLIT,
+    ONE_PASS_MIN_COLS,
+    SCRATCH_ALIGN,
+    WAVES,
+    LaunchConfig,
+    OwnedPlan,
+    _cdiv,
+    _fixed_bytes,
+    _interpreting,
+    _launch_config,
+    _needs,
+    _next_pow2,
+    _num_sms,
+    _padded,
+    backward_extra_bytes,
+    backward_gemm_flops,
+    inputs_and_grads_bytes,
+    plan_owned_backward,
+    resolve_dw_mode,
+)
 
 __all__ = [
     "DW_MODES",
@@ -433,62 +418,6 @@ if HAS_TRITON:
         tl.store(out, _cast(tl.where(live[:, None], acc, 0.0), out_ptr.dtype.element_ty, ROUND_OUT), mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Launch configuration
-# ---------------------------------------------------------------------------------------------------------------------
-
-MIN_TILES_PER_SPLIT = 4  # vocab tiles a forward split must own before another split is worth a program
-WAVES = 2  # forward programs aimed at per SM when N alone cannot fill the GPU
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Tile sizes and launch knobs of one call; ``splits=None`` lets the forward choose its vocab split.
-
-    block_m / block_n / block_k: rows, vocab columns and H step of a logits tile (forward, atomic backward, and the
-    owned dz kernel). block_h: the H width of an owned-mode GEMM output tile (dW's (block_n, block_h) tiles, summed
-    over tokens in block_k steps; dx's (block_m, block_h) tiles, summed over the vocab in block_k steps)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 2
-    group_m: int = 8
-    splits: int | None = None
-    block_h: int = 128
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a pretend GPU, small enough that the split path is exercised
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _launch_config(n: int, dtype: torch.dtype) -> LaunchConfig:
-    """Tile sizes for N rows of ``dtype`` (see the module docstring for why these numbers). Pure Python."""
-    if _interpreting():
-        return LaunchConfig(16, 32, 16, block_h=32)
-    fit_m = max(16, _next_pow2(max(n, 1)))
-    if dtype == torch.float32:
-        return LaunchConfig(min(64, fit_m), 64, 32, num_warps=4, num_stages=2, block_h=64)
-    block_m = min(128, fit_m)
-    return LaunchConfig(block_m, 128, 64, num_warps=8 if block_m == 128 else 4, num_stages=3, block_h=128)
-
-
 def _forward_splits(n: int, v: int, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
     """(splits, tiles_per_split) with no empty split."""
     row_blocks = triton.cdiv(n, cfg.block_m)
@@ -524,147 +453,6 @@ def _check(x, weight, targets, bias) -> None:
     assert x.device == weight.device == targets.device, (x.device, weight.device, targets.device)
     if bias is not None:
         assert bias.shape == (weight.shape[0],) and bias.device == x.device, (bias.shape, bias.device)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Backward modes, the owned mode's plan, and the memory model (pure Python: no tensor, no GPU, no Triton needed)
-# ---------------------------------------------------------------------------------------------------------------------
-
-DW_MODES = ("auto", "owned", "atomic")
-BUDGET_FRACTION = 0.18  # owned-mode scratch budget, a fraction of inputs + gradients (the target is ≤ 0.2)
-ONE_PASS_MIN_COLS = 1024  # one-pass plan only if its vocab chunks are at least this wide (see the module docstring)
-SCRATCH_ALIGN = 64  # dz scratch rows are padded to a multiple of this many elements (aligned, vectorizable loads)
-
-
-def resolve_dw_mode(dw_mode: str, dtype: torch.dtype) -> str:
-    """'auto' -> 'owned' for fp16/bf16 inputs, 'atomic' otherwise. Unknown names raise ValueError."""
-    if dw_mode not in DW_MODES:
-        raise ValueError(f"dw_mode={dw_mode!r} is not one of {DW_MODES}")
-    if dw_mode == "auto":
-        return "owned" if dtype in (torch.float16, torch.bfloat16) else "atomic"
-    return dw_mode
-
-
-@dataclass(frozen=True)
-class OwnedPlan:
-    """How the owned backward cuts its work (see the module docstring).
-
-    vocab_chunk: columns Vc of one step of the vocabulary pass (dz scratch (N, Vc); dW and db of those columns).
-    row_chunk: rows Nr of one step of the row pass (dz scratch (Nr, V); dx of those rows); 0 when there is none.
-    dx_in_vocab_pass: dx is summed over the vocab chunks in an fp32 (N, H) buffer (one pass, no row pass).
-    """
-
-    vocab_chunk: int
-    row_chunk: int
-    dx_in_vocab_pass: bool
-
-
-def inputs_and_grads_bytes(n: int, h: int, v: int, dtype: torch.dtype, bias: bool = True) -> int:
-    """Bytes of x (N, H), W (V, H), b (V,) and of their gradients dx, dW, db, all in ``dtype``."""
-    return 2 * dtype.itemsize * (n * h + v * h + (v if bias else 0))
-
-
-def _fixed_bytes(n: int) -> int:
-    """The backward's per-row temporaries: the fp32 effective grad (N,) and the ignore mask (N,) it is built from,
-    and a few scalars (x's max-norm and its finiteness flag)."""
-    return 5 * n + 64
-
-
-def _padded(width: int) -> int:
-    return _cdiv(width, SCRATCH_ALIGN) * SCRATCH_ALIGN
-
-
-def _balanced(total: int, cap: int, quantum: int) -> int:
-    """The chunk length for cutting ``total`` into the fewest chunks of at most ``cap`` (rounded down to a multiple
-    of ``quantum``, at least ``quantum``), evened out and rounded up to a multiple of ``quantum``."""
-    cap = max(quantum, cap // quantum * quantum)
-    if cap >= total:
-        return total
-    return _cdiv(_cdiv(total, _cdiv(total, cap)), quantum) * quantum
-
-
-def _needs(needs, bias: bool) -> tuple[bool, bool, bool]:
-    need_dx, need_dw, need_db = (bool(t) for t in needs)
-    return need_dx, need_dw, need_db and bias
-
-
-def plan_owned_backward(
-    n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = True, needs=(True, True, True),
-    budget_bytes: int | None = None, cfg: LaunchConfig | None = None,
-) -> OwnedPlan:
-    """The owned backward's chunking for N rows, hidden H, vocab V: its scratch fits ``budget_bytes`` (default
-    BUDGET_FRACTION × :func:`inputs_and_grads_bytes`) unless even one tile-wide chunk does not.
-
-    One pass (3 GEMMs) when dx's fp32 (N, H) accumulator fits beside vocab chunks of ≥ ONE_PASS_MIN_COLS columns,
-    else two passes (4 GEMMs: the row pass recomputes the logits for dx). Chunks are evened out and rounded to
-    whole tiles (block_n columns, block_m rows)."""
-    cfg = cfg or _launch_config(n, dtype)
-    need_dx, need_dw, need_db = _needs(needs, bias)
-    if budget_bytes is None:
-        budget_bytes = int(BUDGET_FRACTION * inputs_and_grads_bytes(n, h, v, dtype, bias))
-    e = dtype.itemsize
-    avail = max(0, budget_bytes - _fixed_bytes(n))
-    per_col = max(1, n * e + (4 * (_cdiv(n, cfg.block_m) + 1) if need_db else 0))  # scratch + db partials per column
-    pad = n * e * (SCRATCH_ALIGN - 1)  # at most this much padding on the scratch's rows
-    vocab_chunk = row_chunk = 0
-    one_pass = False
-    if need_dw or need_db:
-        left = avail - 4 * n * h - pad
-        if need_dx and left >= per_col * min(v, ONE_PASS_MIN_COLS):
-            one_pass = True
-            vocab_chunk = _balanced(v, left // per_col, cfg.block_n)
-        else:
-            vocab_chunk = _balanced(v, (avail - pad) // per_col, cfg.block_n)
-    if need_dx and not one_pass:
-        row_chunk = _balanced(max(n, 1), avail // (_padded(v) * e), cfg.block_m)
-    return OwnedPlan(vocab_chunk, row_chunk, one_pass)
-
-
-def backward_extra_bytes(
-    n: int, h: int, v: int, dtype: torch.dtype, *, bias: bool = True, needs=(True, True, True),
-    dw_mode: str = "auto", plan: OwnedPlan | None = None, cfg: LaunchConfig | None = None,
-) -> int:
-    """Peak bytes the backward allocates beyond its inputs and its returned gradients (dx, dW, db in the inputs'
-    dtype), for N rows, hidden H, vocab V of ``dtype``: the model the launchers follow allocation by allocation.
-
-    atomic: fp32 dx, dW, db buffers (for fp32 inputs they are the gradients themselves, so nothing extra).
-    owned: the larger of the vocab pass (dz scratch (N, Vc), db partials, the one-pass plan's fp32 dx) and the row
-    pass (dz scratch (Nr, V)), plus the per-row temporaries."""
-    if n == 0:
-        return 0
-    need_dx, need_dw, need_db = _needs(needs, bias)
-    fixed = _fixed_bytes(n)
-    if resolve_dw_mode(dw_mode, dtype) == "atomic":
-        if dtype == torch.float32:
-            return fixed
-        return fixed + 4 * (need_dx * n * h + need_dw * v * h + need_db * v)
-    cfg = cfg or _launch_config(n, dtype)
-    plan = plan or plan_owned_backward(n, h, v, dtype, bias=bias, needs=needs, cfg=cfg)
-    e = dtype.itemsize
-    vocab = row = 0
-    if need_dw or need_db or (need_dx and plan.dx_in_vocab_pass):
-        vc = min(plan.vocab_chunk, v)
-        vocab = n * _padded(vc) * e + (4 * (_cdiv(n, cfg.block_m) + 1) * vc if need_db else 0)
-        vocab += 4 * n * h if need_dx and plan.dx_in_vocab_pass else 0
-    if need_dx and not plan.dx_in_vocab_pass:
-        row = min(plan.row_chunk, n) * _padded(v) * e
-    return fixed + max(vocab, row)
-
-
-def backward_gemm_flops(n: int, h: int, v: int, *, dw_mode: str = "owned", plan: OwnedPlan | None = None,
-                        needs=(True, True, True)) -> int:
-    """Matmul FLOPs of the backward (multiples of one N×H×V GEMM, 2·N·H·V): atomic 3, owned one-pass 3, owned
-    two-pass 4 (the row pass recomputes the logits), fewer when a gradient is not needed."""
-    need_dx, need_dw, need_db = (bool(t) for t in needs)
-    gemm = 2 * n * h * v
-    if dw_mode == "atomic":
-        return gemm * (1 + need_dx + need_dw)
-    plan = plan or OwnedPlan(v, 0, True)
-    vocab_pass = need_dw or need_db or (need_dx and plan.dx_in_vocab_pass)
-    total = vocab_pass * (1 + need_dw + (need_dx and plan.dx_in_vocab_pass))
-    if need_dx and not plan.dx_in_vocab_pass:
-        total += 2
-    return gemm * total
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -727,118 +515,13 @@ def _backward_atomic(x, weight, targets, lse, grad_logp, bias, ignore_index, nee
     )
 
 
-def _launch_dz(x, weight, bias, targets, lse, g, dz, dbp, row0, col0, cfg: LaunchConfig, common: dict) -> None:
-    """dz (n_rows, n_cols) view of a scratch whose rows hold _padded(n_cols) elements <- g·(onehot − softmax) of
-    rows row0.., columns col0.., zeros in the padding; dbp: the (row blocks, n_cols) partial db view or None."""
-    n_rows, n_cols = dz.shape
-    n_pad = _padded(n_cols)  # ≤ dz.stride(0): the scratch's rows are padded
-    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(n_pad, cfg.block_n),)
-    _dz_kernel[grid](
-        x, weight, bias if bias is not None else x, targets, lse, g, dz, dbp if dbp is not None else g,
-        row0, n_rows, col0, n_cols, n_pad, x.shape[1], x.stride(0), weight.stride(0), dz.stride(0),
-        dbp.stride(0) if dbp is not None else 0,
-        HAS_BIAS=bias is not None, COMPUTE_DB=dbp is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **common,
-    )
-
-
-def _launch_dx(dz, weight, g, out, row0, col0, accumulate: bool, cfg: LaunchConfig, common: dict) -> None:
-    """out[row0 : row0 + n_rows] (+)= dz · W[col0 : col0 + n_cols] (see `_dx_kernel`)."""
-    n_rows, n_cols = dz.shape
-    h = weight.shape[1]
-    grid = (triton.cdiv(n_rows, cfg.block_m) * triton.cdiv(h, cfg.block_h),)
-    _dx_kernel[grid](
-        dz, weight, g, out, row0, n_rows, h, col0, n_cols, _padded(n_cols), dz.stride(0), weight.stride(0),
-        out.stride(0),
-        ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_H=cfg.block_h, BLOCK_V=cfg.block_k, GROUP_M=cfg.group_m,
-        ROUND_OUT=common["UPCAST"] and not accumulate, **common,
-    )
-
-
-def _vocab_pass(x, weight, bias, targets, lse, g, dx, dw, db, plan: OwnedPlan, cfg: LaunchConfig, common: dict,
-                x_finite: torch.Tensor | None = None):
-    """dW and db (those not None) by chunks of Vc vocabulary columns, and dx if given through an fp32 accumulator.
-    x_finite: int32 (1,), 1 when all of x is finite (see `_dw_kernel`). The scratch dies with the call (a view
-    left in a loop variable would keep it alive into the row pass)."""
-    n, h = x.shape
-    v = weight.shape[0]
-    vc = min(plan.vocab_chunk, v)
-    scratch = torch.empty((n, _padded(vc)), device=x.device, dtype=x.dtype)
-    partial = torch.empty((triton.cdiv(n, cfg.block_m), vc), device=x.device, dtype=torch.float32) if db is not None \
-        else None
-    acc = torch.zeros((n, h), device=x.device, dtype=torch.float32) if dx is not None else None
-    for c0 in range(0, v, vc):
-        nc = min(vc, v - c0)
-        dz = scratch[:, :nc]
-        dbp = partial[:, :nc] if db is not None else None
-        _launch_dz(x, weight, bias, targets, lse, g, dz, dbp, 0, c0, cfg, common)
-        if dw is not None:
-            grid = (triton.cdiv(nc, cfg.block_n) * triton.cdiv(h, cfg.block_h),)
-            _dw_kernel[grid](
-                dz, x, g, x_finite, dw, n, h, c0, nc, _padded(nc), dz.stride(0), x.stride(0), dw.stride(0),
-                BLOCK_V=cfg.block_n, BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_k, GROUP_M=cfg.group_m, **common,
-            )
-        if db is not None:
-            db[c0 : c0 + nc] = dbp.sum(0)
-        if dx is not None:
-            _launch_dx(dz, weight, g, acc, 0, c0, True, cfg, common)
-    if dx is not None:
-        dx.copy_(acc)
-
-
-def _row_pass(x, weight, bias, targets, lse, g, dx, plan: OwnedPlan, cfg: LaunchConfig, common: dict):
-    """dx by chunks of Nr rows, each chunk's dz recomputed over the whole vocabulary and contracted with W once."""
-    n = x.shape[0]
-    nr = min(plan.row_chunk, n)
-    v = weight.shape[0]
-    scratch = torch.empty((nr, _padded(v)), device=x.device, dtype=x.dtype)
-    for r0 in range(0, n, nr):
-        dz = scratch[: min(nr, n - r0), :v]
-        _launch_dz(x, weight, bias, targets, lse, g, dz, None, r0, 0, cfg, common)
-        _launch_dx(dz, weight, g, dx, r0, 0, False, cfg, common)
-
-
-def _backward_owned(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg: LaunchConfig,
-                    plan: OwnedPlan | None = None):
-    """dx, dW, db with every output tile written once (module docstring, "owned"); allocations as
-    :func:`backward_extra_bytes` models them."""
-    need_dx, need_dw, need_db = _needs(needs_input_grad, bias is not None)
-    n, h = x.shape
-    v = weight.shape[0]
-    dx = torch.empty((n, h), device=x.device, dtype=x.dtype) if need_dx else None
-    dw = torch.empty((v, h), device=x.device, dtype=weight.dtype) if need_dw else None
-    db = torch.empty((v,), device=x.device, dtype=bias.dtype) if need_db else None
-    if n == 0 or not (need_dx or need_dw or need_db):
-        for t in (dw, db):
-            if t is not None:
-                t.zero_()
-        return dx, dw, db
-    if plan is None:
-        plan = plan_owned_backward(n, h, v, x.dtype, bias=bias is not None, needs=(need_dx, need_dw, need_db),
-                                   cfg=cfg)
-    # the effective upstream grad: 0 on ignored rows, so that a kernel knows a dead row from g alone
-    g = torch.where(targets != ignore_index, grad_logp.to(torch.float32), 0.0)
-    lse = lse.to(torch.float32).contiguous()
-    common = {"DOT_PRECISION": _dot_precision(x.dtype), "UPCAST": _upcast(x.dtype), "num_warps": cfg.num_warps,
-              "num_stages": cfg.num_stages}
-    dx_in_vocab_pass = need_dx and plan.dx_in_vocab_pass
-    with _device_guard(x):
-        if need_dw or need_db or dx_in_vocab_pass:
-            # one read of x, no host sync: the dW kernel masks dead tokens' x only when some of x is not finite
-            x_finite = torch.isfinite(torch.linalg.vector_norm(x, float("inf"))).to(torch.int32).reshape(1) \
-                if need_dw else None
-            _vocab_pass(x, weight, bias, targets, lse, g, dx if dx_in_vocab_pass else None, dw, db, plan, cfg, common,
-                        x_finite)
-        if need_dx and not dx_in_vocab_pass:
-            _row_pass(x, weight, bias, targets, lse, g, dx, plan, cfg, common)
-    return dx, dw, db
-
-
 def _backward(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg: LaunchConfig,
               dw_mode: str = "auto", plan: OwnedPlan | None = None):
     if resolve_dw_mode(dw_mode, x.dtype) == "atomic":
         return _backward_atomic(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg)
-    return _backward_owned(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg, plan)
+    from .linear_logprobs_owned import backward_owned
+
+    return backward_owned(x, weight, targets, lse, grad_logp, bias, ignore_index, needs_input_grad, cfg, plan)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
