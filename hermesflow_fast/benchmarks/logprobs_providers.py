@@ -159,8 +159,21 @@ def _naive(inp: Inputs) -> Forward:
     return lambda: reference.fused_linear_dpo(inp.w, inp.x, inp.y, inp.b, inp.xr, rw, rb, beta=BETA)[0]
 
 
-def _trl(inp: Inputs) -> Forward:
+def _dpo_of(seq_logps: Callable, inp: Inputs, rw: torch.Tensor, rb: torch.Tensor | None) -> Forward:
+    """The DPO step of a provider that computes per-sequence log-probs ``seq_logps(hidden, weight, bias)``: the
+    policy's with grad, the reference's without, chosen rows first."""
     n = inp.x.shape[0] // 2
+
+    def run():
+        lp = seq_logps(inp.x, inp.w, inp.b)
+        with torch.no_grad():
+            ref = seq_logps(inp.xr, rw, rb)
+        return dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta=BETA)[0]
+
+    return run
+
+
+def _trl(inp: Inputs) -> Forward:
     keep = inp.y != IGNORE_INDEX
     safe = inp.y.masked_fill(~keep, 0)  # TRL: labels[~loss_mask] = 0, then mask the per-token log-probs
     rw, rb = _detached(inp)
@@ -170,13 +183,7 @@ def _trl(inp: Inputs) -> Forward:
         tok = reference.selective_logprobs(logits, safe)  # (2B, T), one logsumexp per sequence
         return (tok * keep).sum(-1)
 
-    def run():
-        lp = seq_logps(inp.x, inp.w, inp.b)
-        with torch.no_grad():
-            ref = seq_logps(inp.xr, rw, rb)
-        return dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta=BETA)[0]
-
-    return run
+    return _dpo_of(seq_logps, inp, rw, rb)
 
 
 def _liger(compiled: bool) -> Callable[[Inputs], Forward]:
@@ -203,13 +210,7 @@ def _torch_lce(inp: Inputs) -> Forward:
         )  # (N,), 0 at ignored rows
         return -nll.float().view(s, t).sum(-1)
 
-    def run():
-        lp = seq_logps(inp.x, inp.w, inp.b)
-        with torch.no_grad():
-            ref = seq_logps(inp.xr, rw, rb)
-        return dpo_loss(lp[: s // 2], lp[s // 2 :], ref[: s // 2], ref[s // 2 :], beta=BETA)[0]
-
-    return run
+    return _dpo_of(seq_logps, inp, rw, rb)
 
 
 def _ours(inp: Inputs) -> Forward:
@@ -229,19 +230,12 @@ def _ours_twopass_atomic(inp: Inputs) -> Forward:
     """ours_twopass with the Triton backward's former default, dw_mode="atomic" (fp32 dx / dW buffers filled by
     atomics), for comparison with the owned backward that ours_twopass runs for 16-bit inputs. On CPU (the torch
     path, which has no dw_mode) it is ours_twopass."""
-    n = inp.x.shape[0] // 2
     rw, rb = _detached(inp)
 
     def seq_logps(hidden, weight, bias):
         return linear_logprobs(hidden, weight, inp.y, bias, IGNORE_INDEX, dw_mode="atomic").sum(-1)
 
-    def run():
-        lp = seq_logps(inp.x, inp.w, inp.b)
-        with torch.no_grad():
-            ref = seq_logps(inp.xr, rw, rb)
-        return dpo_loss(lp[:n], lp[n:], ref[:n], ref[n:], beta=BETA)[0]
-
-    return run
+    return _dpo_of(seq_logps, inp, rw, rb)
 
 
 PROVIDERS: dict[str, Callable[[Inputs], Forward]] = {
