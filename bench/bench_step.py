@@ -188,7 +188,7 @@ def measure(p: Problem, provider: str, reps: int, warmup: int = 1, world: World 
     """Warm up, time ``reps`` steps; the first timed step also measures the peak memory above the level at entry."""
     w = world or build_world(p)
     if provider == "+compile":
-        warmup = max(warmup, 2)  # the first steps compile (and recompile once for a new micro-batch shape)
+        warmup = max(warmup, 3)  # the first steps compile: the first shapes, the dynamic recompile, a one-row batch
     times, losses, pm = _time_steps(w, provider, reps, warmup)
     gc.collect()
     if p.device == "cuda":
