@@ -86,7 +86,8 @@ model(torch.ones(2, 4)).sum().backward()
 del model
 shutdown()
 threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-print(f"rank {info.rank} threads {threads}", flush=True)
+with open(f"threads-{info.rank}.txt", "w") as f:  # a file per rank: the ranks' stdout lines can interleave
+    f.write(f"rank {info.rank} threads {threads}")
 """
 
 
@@ -101,5 +102,5 @@ def test_shutdown_leaves_no_backend_threads(tmp_path, strategy):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    lines = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("rank "))
+    lines = [(tmp_path / f"threads-{rank}.txt").read_text() for rank in (0, 1)]
     assert lines == ["rank 0 threads ['python']", "rank 1 threads ['python']"], proc.stdout
