@@ -140,6 +140,15 @@ def test_autograd_expanded_grad_and_partial_requires_grad():
     assert_close(x.grad, ref_dx, **FP32_TOL)
 
 
+def assert_needed_grads(needs, got, ref) -> None:
+    """Each needed gradient close to the reference's (fp32 tolerance); each one not needed is None."""
+    for need, grad, want in zip(needs, got, ref, strict=True):
+        if need:
+            assert_close(grad, want, **FP32_TOL)
+        else:
+            assert grad is None
+
+
 @interpret
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True), (False,) * 3])
 def test_needs_input_grad(needs):
@@ -150,11 +159,7 @@ def test_needs_input_grad(needs):
     _, *ref = reference_grads(x, w, b, y, g, -100)
     _, lse = K.linear_logprobs_forward(x, w, y, b)
     got = K.linear_logprobs_backward(x, w, y, lse, g, b, needs_input_grad=needs)
-    for need, grad, want in zip(needs, got, ref, strict=True):
-        if need:
-            assert_close(grad, want, **FP32_TOL)
-        else:
-            assert grad is None
+    assert_needed_grads(needs, got, ref)
 
 
 @interpret

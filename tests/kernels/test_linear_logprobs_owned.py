@@ -19,6 +19,7 @@ from hermesflow_fast.kernels import linear_logprobs as K
 from test_linear_logprobs import (
     FP32_TOL,
     assert_close,
+    assert_needed_grads,
     assert_within_twice_torch_error,
     make_inputs,
     reference_grads,
@@ -142,11 +143,7 @@ def test_owned_needs_input_grad(needs, plan):
     g = torch.randn(n)
     _, *ref = reference_grads(x, w, b, y, g, -100)
     got = owned(x, w, y, g, b, PLANS[plan], needs=needs)
-    for need, grad, want in zip(needs, got, ref, strict=True):
-        if need:
-            assert_close(grad, want, **FP32_TOL)
-        else:
-            assert grad is None
+    assert_needed_grads(needs, got, ref)
 
 
 @interpret
