@@ -6,18 +6,24 @@ cosine schedule (optim), what a run folder allows on start and resume (resume), 
     Trainer(load_config("configs/tiny.yaml", ["train.lr=1e-4"]), run_dir="runs/x").setup().train()
 """
 
-from hermesflow_fast.train.checkpoint import CheckpointManager, LoadedCheckpoint, is_nan_free
-from hermesflow_fast.train.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
-from hermesflow_fast.train.objective import PairDPOObjective
-from hermesflow_fast.train.optim import (
-    build_optimizer,
-    param_groups,
-    resolve_total_steps,
-    resolve_warmup,
-    warmup_cosine,
-)
-from hermesflow_fast.train.resume import ResumeError, plan_run_dir
-from hermesflow_fast.train.trainer import NonFiniteError, Trainer
+import importlib
+
+# name → submodule; imported on first use, so that reading a config (hermesflow_fast.train.config, which the command
+# line imports to build its options) does not import the trainer, torch and transformers
+_EXPORTS = {
+    "CheckpointManager": "checkpoint", "LoadedCheckpoint": "checkpoint", "is_nan_free": "checkpoint",
+    "ConfigError": "config", "TrainConfig": "config", "config_to_dict": "config", "load_config": "config",
+    "save_config": "config", "PairDPOObjective": "objective", "build_optimizer": "optim", "param_groups": "optim",
+    "resolve_total_steps": "optim", "resolve_warmup": "optim", "warmup_cosine": "optim", "ResumeError": "resume",
+    "plan_run_dir": "resume", "NonFiniteError": "trainer", "Trainer": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"hermesflow_fast.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'hermesflow_fast.train' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointManager",

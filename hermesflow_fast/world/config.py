@@ -9,10 +9,12 @@ options from them (hermesflow_fast/config.py's ``knob_options``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from hermesflow_fast.config import ConfigError, knob, validate
-from hermesflow_fast.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from hermesflow_fast.model.config import ModelConfig
 
 __all__ = ["WORLDS", "EvalSection", "PretrainConfig", "SamplerSection", "WorldSection"]
 
@@ -96,6 +98,9 @@ class PretrainConfig:
             raise ConfigError(f"{where('coeffs')}: 'coeffs' = {self.coeffs} must be three weights (t2i, caption, vqa)")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
+        """The transformer's ModelConfig for a vocabulary of ``vocab_size`` ids."""
+        from hermesflow_fast.model.config import ModelConfig
+
         return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
                            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                            num_attention_heads=self.num_heads, max_position_embeddings=256)
