@@ -46,12 +46,11 @@ class RecordSource:
 
 
 def world_curation_records(bundle, records) -> list[CurationRecord]:
-    """World records → curation records: the rendered image encoded once by the bundle's image tokenizer."""
-    from hermesflow_fast.world import render
+    """World records → curation records: each rendered image encoded once by the bundle's image tokenizer
+    (``world.evaluate.encode_records``, what the evaluation encodes the held-out records with)."""
+    from hermesflow_fast.world.evaluate import encode_records
 
-    imgs = torch.stack([torch.from_numpy(render(r.scene)).permute(2, 0, 1).float() / 127.5 - 1 for r in records])
-    with torch.no_grad():
-        codes = bundle.image_tokenizer.encode(imgs.to(bundle.image_tokenizer.device)).cpu()
+    codes = encode_records(bundle, records)
     return [CurationRecord(r.id, r.prompt, c, list(r.questions), r.scene) for r, c in zip(records, codes)]
 
 
