@@ -98,11 +98,9 @@ def recipe_path(name: str | Path) -> Path:
     raise ConfigError(f"config file {path}: cannot read it (no such file, and not a shipped recipe: {names})")
 
 
-def _say_renamed(old: str, new: str, where: str) -> None:
-    print(f"warning: {where}: '{old}' is now '{new}' (read as '{new}')", file=sys.stderr)
-
-
 def _renamed(key: str, schema: type, where: str | None) -> str:
+    """``key``'s new name when it was renamed (``RENAMED_KEYS``) and the new one is in ``schema``, else ``key``;
+    ``where`` (the file and line or override): say so on stderr."""
     new = RENAMED_KEYS.get(key)
     if new is None:
         return key
@@ -111,7 +109,7 @@ def _renamed(key: str, schema: type, where: str | None) -> str:
     except KeyError:
         return key
     if where is not None:
-        _say_renamed(key, new, where)
+        print(f"warning: {where}: '{key}' is now '{new}' (read as '{new}')", file=sys.stderr)
     return new
 
 
@@ -330,10 +328,9 @@ def _apply_mapping(obj: Any, data: Any, prefix: str, source: str, nodes: dict, s
     for raw_key, value in data.items():
         key = f"{prefix}{raw_key}"
         key_node = nodes.get(key, (None, None))[0]
-        new = RENAMED_KEYS.get(key)
-        if new is not None and new.rpartition(".")[0] == prefix.rstrip(".") and new.rpartition(".")[2] in hints:
-            _say_renamed(key, new, f"{source}{_line_of(key_node)}")
-            raw_key, key = new.rpartition(".")[2], new
+        if isinstance(raw_key, str):  # a renamed key is read under its new name (a key of the same section)
+            key = _renamed(key, schema, f"{source}{_line_of(key_node)}")
+            raw_key = key.rpartition(".")[2]
         if not isinstance(raw_key, str) or raw_key not in hints:
             raise ConfigError(f"unknown key '{key}' in {source}{_line_of(key_node)}{_suggest(key, schema)}")
         tp = hints[raw_key]
@@ -369,56 +366,49 @@ def _apply_override(cfg: Any, override: str, schema: type) -> None:
     setattr(target, name, value)
 
 
-def _check_bounds(obj: Any, prefix: str, origins: dict[str, str]) -> None:
+def _check_bounds(obj: Any, prefix: str, where: Callable[[str], str]) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = prefix + f.name
         if dataclasses.is_dataclass(value):
-            _check_bounds(value, key + ".", origins)
+            _check_bounds(value, key + ".", where)
             continue
         numbers = value if isinstance(value, list) else [value]
         for x in numbers:
             if isinstance(x, float) and not math.isfinite(x):
-                where = origins.get(key, "the schema default")
-                raise ConfigError(f"{where}: '{key}' = {value!r} must be a finite number")
+                raise ConfigError(f"{where(key)}: '{key}' = {value!r} must be a finite number")
         if value is None or isinstance(value, (bool, str, list)):
             continue
         for bound, ok, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="),
                                 ("lt", operator.lt, "<")):
             if bound in f.metadata and not ok(value, f.metadata[bound]):
-                where = origins.get(key, "the schema default")
-                raise ConfigError(f"{where}: '{key}' = {value!r} must be {word} {f.metadata[bound]}")
+                raise ConfigError(f"{where(key)}: '{key}' = {value!r} must be {word} {f.metadata[bound]}")
 
 
-def _check_sections(obj: Any, prefix: str, origins: dict[str, str]) -> None:
+def _check_sections(obj: Any, prefix: str, where: Callable[[str], str]) -> None:
     """Cross-field rules a single field's type cannot say: a section may define ``check(where)``, raising
     ConfigError; ``where(key)`` names where the leaf ``key`` of that section was set."""
     check = getattr(obj, "check", None)
     if callable(check):
-        check(lambda key: origins.get(prefix + key, "the schema default"))
+        check(lambda key: where(prefix + key))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _check_sections(value, prefix + f.name + ".", origins)
+            _check_sections(value, prefix + f.name + ".", where)
 
 
 def validate(cfg: Any, origins: dict[str, str] | None = None, default_origin: str = "the schema default") -> Any:
     """Check a config built in code as ``load_config`` checks a loaded one (bounds, finite floats, each section's
     ``check``); returns it. ConfigError names the key and where it was set (``origins``: dotted key → source; any
     other key: ``default_origin``)."""
-    origins = _Origins(origins or {}, default_origin)
-    _check_bounds(cfg, "", origins)
-    _check_sections(cfg, "", origins)
+    known = origins or {}
+
+    def where(key: str) -> str:
+        return known.get(key, default_origin)
+
+    _check_bounds(cfg, "", where)
+    _check_sections(cfg, "", where)
     return cfg
-
-
-class _Origins(dict):
-    def __init__(self, known: dict[str, str], default: str) -> None:
-        super().__init__(known)
-        self.default = default
-
-    def get(self, key: str, default: str | None = None) -> str:  # type: ignore[override]
-        return super().get(key, self.default)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, schema: type[T]) -> T:
